@@ -1,0 +1,5 @@
+"""fastvar: fast, lossless kernels and a streaming sampler for VAR (Visual AutoRegressive modeling)."""
+from ._version import __version__
+from .models import VAR, VQVAE, build_vae_var, load_vae_var
+
+__all__ = ["__version__", "VAR", "VQVAE", "build_vae_var", "load_vae_var"]

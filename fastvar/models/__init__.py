@@ -1,0 +1,4 @@
+"""VAR and its VQVAE with the official names, composed of fastvar's modules."""
+from .build import build_vae_var, load_vae_var, vae_var_from_state_dicts
+from .var import VAR
+from .vqvae import AttnBlock, Decoder, Encoder, ResnetBlock, VQVAE

@@ -1,0 +1,304 @@
+"""VAR, the next-scale prediction transformer (official ``VAR``), composed of fastvar's modules.
+
+State-dict keys and public methods equal the official ones (VAR_SPEC.md section 2). This file is
+composition only: the attention, quantizer and sampling work happens in ``fastvar.nn`` / ``fastvar.ops``.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from fastvar.ops._checks import check_finite_scalar
+from fastvar.ops.sampling import check_top_k_top_p
+from fastvar.reference import attention as ref_attn
+from fastvar.reference import sampling as ref_sampling
+from fastvar.reference.quantize import scale_ratio
+from fastvar.schedule import ScaleSpec, begin_ends, canonical, scale_hws, scale_lens
+
+
+class VAR(nn.Module):
+    """Class-conditional next-scale prediction transformer.
+
+    Args (official): ``vae_local`` (a VQVAE; kept by reference, not as a submodule), ``num_classes``,
+    ``depth``, ``embed_dim``, ``num_heads``, ``mlp_ratio``, ``drop_rate``, ``attn_drop_rate``,
+    ``drop_path_rate``, ``norm_eps``, ``shared_aln``, ``cond_drop_rate``, ``attn_l2_norm``,
+    ``patch_nums`` (the schedule; must equal the VQVAE's), ``flash_if_available`` and
+    ``fused_if_available`` (accepted for compatibility; fastvar always uses its own kernels).
+    """
+
+    def __init__(self, vae_local, num_classes: int = 1000, depth: int = 16, embed_dim: int = 1024,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = False,
+                 cond_drop_rate: float = 0.1, attn_l2_norm: bool = False,
+                 patch_nums: Sequence[ScaleSpec] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                 flash_if_available: bool = True, fused_if_available: bool = True):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        quant = vae_local.quantize
+        if scale_hws(patch_nums) != quant.patch_hws:
+            raise ValueError(f"patch_nums {canonical(patch_nums)} must equal the VQVAE's schedule "
+                             f"v_patch_nums {canonical(quant.patch_hws)}")
+        self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
+        self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
+        self.cond_drop_rate = cond_drop_rate
+        self.prog_si = -1
+        self.patch_nums = canonical(patch_nums)
+        self.patch_hws = scale_hws(patch_nums)
+        self.scale_lens = scale_lens(patch_nums)
+        self.L = sum(self.scale_lens)
+        self.first_l = self.scale_lens[0]
+        self.begin_ends = list(begin_ends(patch_nums))
+        self.num_stages_minus_1 = len(self.patch_hws) - 1
+        self.rng: Optional[torch.Generator] = None   # made on the model's device at the first seeded sample
+
+        self.vae_proxy = (vae_local,)
+        self.vae_quant_proxy = (quant,)
+        self.word_embed = nn.Linear(self.Cvae, self.C)
+
+        init_std = math.sqrt(1 / self.C / 3)
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, self.C)
+        nn.init.trunc_normal_(self.class_emb.weight.data, mean=0, std=init_std)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, self.C))
+        nn.init.trunc_normal_(self.pos_start.data, mean=0, std=init_std)
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
+        nn.init.trunc_normal_(self.pos_1LC.data, mean=0, std=init_std)
+        self.lvl_embed = nn.Embedding(len(self.patch_hws), self.C)
+        nn.init.trunc_normal_(self.lvl_embed.weight.data, mean=0, std=init_std)
+
+        self.shared_ada_lin = (nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C))
+                               if shared_aln else nn.Identity())
+        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        self.drop_path_rate = drop_path_rate
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.ModuleList([
+            AdaLNSelfAttn(cond_dim=self.D, shared_aln=shared_aln, block_idx=i, embed_dim=self.C,
+                          norm_layer=norm_layer, num_heads=num_heads, mlp_ratio=mlp_ratio, drop=drop_rate,
+                          attn_drop=attn_drop_rate, drop_path=dpr[i], last_drop_p=0 if i == 0 else dpr[i - 1],
+                          attn_l2_norm=attn_l2_norm)
+            for i in range(depth)
+        ])
+        for b in self.blocks:
+            b.attn.cache_capacity = self.L
+        self.using_fused_add_norm_fn = False
+
+        self.register_buffer("lvl_1L", torch.empty(1, self.L, dtype=torch.long))
+        self.register_buffer("attn_bias_for_masking", torch.empty(1, 1, self.L, self.L))
+        self.reset_buffers()
+        self.head_nm = AdaLNBeforeHead(self.C, self.D, norm_layer=norm_layer)
+        self.head = nn.Linear(self.C, self.V)
+
+    def reset_buffers(self) -> None:
+        """(Re)compute ``lvl_1L`` and ``attn_bias_for_masking`` from the schedule (after ``to_empty``)."""
+        dev = self.lvl_1L.device
+        self.lvl_1L.copy_(ref_attn.scale_index(self.scale_lens, dev)[None])
+        self.attn_bias_for_masking.copy_(ref_attn.block_causal_bias(self.scale_lens, dev)[None, None])
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
+                     init_std: float = 0.02, conv_std_or_gain: float = 0.02, fast: bool = False) -> None:
+        """The official initialisation (truncated normals, scaled AdaLN and head).
+
+        ``fast=True`` draws uniform values with the same standard deviations instead: the truncated
+        normal costs ~5x more on CPU (5.0 s vs 1.2 s per 500M values on 2 cores), which matters for
+        random-weight models at the released sizes (2B parameters) used in benchmarks.
+        """
+        if init_std < 0:
+            init_std = (1 / self.C / 3) ** 0.5
+
+        def draw(t: torch.Tensor, std: float) -> None:
+            if fast:
+                t.uniform_(-std * 3 ** 0.5, std * 3 ** 0.5)
+            else:
+                nn.init.trunc_normal_(t, std=std)
+
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                draw(m.weight.data, init_std)
+                if m.bias is not None:
+                    m.bias.data.zero_()
+            elif isinstance(m, nn.Embedding):
+                draw(m.weight.data, init_std)
+                if m.padding_idx is not None:
+                    m.weight.data[m.padding_idx].zero_()
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)):
+                if m.weight is not None:
+                    m.weight.data.fill_(1.0)
+                if m.bias is not None:
+                    m.bias.data.zero_()
+        for p in (self.pos_start, self.pos_1LC):
+            draw(p.data, (1 / self.C / 3) ** 0.5)
+        if init_head >= 0:
+            self.head.weight.data.mul_(init_head)
+            self.head.bias.data.zero_()
+        self.head_nm.ada_lin[-1].weight.data.mul_(init_adaln)
+        self.head_nm.ada_lin[-1].bias.data.zero_()
+        depth = len(self.blocks)
+        for sab in self.blocks:
+            sab.attn.proj.weight.data.div_(math.sqrt(2 * depth))
+            sab.ffn.fc2.weight.data.div_(math.sqrt(2 * depth))
+            sab.attn.q_bias.data.zero_()
+            sab.attn.v_bias.data.zero_()
+            sab.attn.zero_k_bias.zero_()
+            if sab.attn.attn_l2_norm:
+                sab.attn.scale_mul_1H11.data.fill_(math.log(4.0))
+            if hasattr(sab, "ada_lin"):
+                sab.ada_lin[-1].weight.data[2 * self.C:].mul_(init_adaln)
+                sab.ada_lin[-1].weight.data[:2 * self.C].mul_(init_adaln_gamma)
+                sab.ada_lin[-1].bias.data.zero_()
+            else:
+                draw(sab.ada_gss.data, 1 / self.C ** 0.5)
+                sab.ada_gss.data[:, :, 2:].mul_(init_adaln)
+                sab.ada_gss.data[:, :, :2].mul_(init_adaln_gamma)
+
+    # ------------------------------------------------------------------ helpers
+    def get_logits(self, h: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Head: ``(B, L, C)`` hidden states -> ``(B, L, V)`` float32 logits."""
+        if not isinstance(h, torch.Tensor):   # the official fused-add-norm form (h, residual)
+            h, resi = h
+            h = resi + self.blocks[-1].drop_path(h)
+        dtype = self.head.weight.dtype
+        return self.head(self.head_nm(h.to(dtype), cond_BD.to(dtype))).float()
+
+    def _check_labels(self, label_B: torch.Tensor, name: str, B: Optional[int] = None) -> torch.Tensor:
+        if not isinstance(label_B, torch.Tensor) or label_B.dim() != 1 or label_B.is_floating_point() \
+                or label_B.is_complex() or label_B.dtype == torch.bool:
+            what = f"{label_B.dtype} tensor of shape {tuple(label_B.shape)}" if isinstance(label_B, torch.Tensor) \
+                else type(label_B).__name__
+            raise TypeError(f"{name} must be a 1-D integer tensor of class ids, got {what}")
+        if B is not None and label_B.shape[0] != B:
+            raise ValueError(f"{name} must hold B={B} labels, got {label_B.shape[0]}")
+        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
+            raise ValueError(f"{name} must be class ids in [0, {self.num_classes}] ({self.num_classes} = no class), "
+                             f"got values in [{int(label_B.min())}, {int(label_B.max())}]")
+        return label_B.to(device=self.lvl_1L.device, dtype=torch.long)
+
+    # ------------------------------------------------------------------ teacher forcing
+    def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing. ``label_B`` ``(B,)``; ``x_BLCv_wo_first_l`` ``(B, L - first_l, Cvae)`` (the
+        output of ``quantize.idxBl_to_var_input``). Returns ``(B, L, V)`` float32 logits.
+
+        As in the official code, each label is replaced by the no-class id with probability
+        ``cond_drop_rate`` (drawn from the global RNG, also in eval mode): set it to 0 for deterministic logits.
+        """
+        B = x_BLCv_wo_first_l.shape[0]
+        expected = (B, self.L - self.first_l, self.Cvae)
+        if x_BLCv_wo_first_l.dim() != 3 or tuple(x_BLCv_wo_first_l.shape[1:]) != expected[1:]:
+            raise ValueError(f"x_BLCv_wo_first_l must have shape (B, L - first_l = {expected[1]}, Cvae = {self.Cvae}), "
+                             f"got {tuple(x_BLCv_wo_first_l.shape)}")
+        label_B = self._check_labels(label_B, "label_B", B)
+        dtype = self.class_emb.weight.dtype
+        with torch.autocast(device_type=label_B.device.type, enabled=False):
+            label_B = torch.where(torch.rand(B, device=label_B.device) < self.cond_drop_rate, self.num_classes, label_B)
+            sos = cond_BD = self.class_emb(label_B)
+            sos = sos.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, self.first_l, -1)
+            x_BLC = torch.cat((sos, self.word_embed(x_BLCv_wo_first_l.to(dtype))), dim=1)
+            x_BLC += self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
+        cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+        # the compute dtype: float16/bfloat16 under autocast, else the weights' dtype
+        main_type = torch.matmul(x_BLC.new_ones(8, 8), x_BLC.new_ones(8, 8)).dtype
+        x_BLC, cond_BD_or_gss = x_BLC.to(main_type), cond_BD_or_gss.to(main_type)
+        for b in self.blocks:
+            x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=self.attn_bias_for_masking)
+        return self.get_logits(x_BLC, cond_BD)
+
+    # ------------------------------------------------------------------ sampling
+    def _sampling_labels(self, B: int, label_B, rng: Optional[torch.Generator]) -> torch.Tensor:
+        device = self.lvl_1L.device
+        if isinstance(B, bool) or not isinstance(B, int) or B < 1:
+            raise ValueError(f"B must be a positive int (images to sample), got {B!r}")
+        if label_B is None:
+            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
+            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        if isinstance(label_B, bool):
+            raise TypeError(f"label_B must be None, an int or a tensor of class ids, got {label_B!r}")
+        if isinstance(label_B, int):
+            if label_B > self.num_classes:
+                raise ValueError(f"label_B must be a class id in [0, {self.num_classes}] or negative (no class), "
+                                 f"got {label_B}")
+            return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device, dtype=torch.long)
+        return self._check_labels(label_B, "label_B", B)
+
+    def _generator(self, g_seed: Optional[int]) -> Optional[torch.Generator]:
+        if g_seed is None:
+            return None
+        device = self.lvl_1L.device
+        if self.rng is None or self.rng.device != device:
+            self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(int(g_seed))
+        return self.rng
+
+    @torch.no_grad()
+    def autoregressive_infer_cfg(self, B: int, label_B: Optional[Union[int, torch.LongTensor]],
+                                 g_seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 0, top_p: float = 0.0,
+                                 more_smooth: bool = False) -> torch.Tensor:
+        """Sample ``B`` images with classifier-free guidance; returns ``(B, 3, H, W)`` in [0, 1].
+
+        ``label_B``: None (random classes from the generator), an int (all the same; negative = no
+        class) or a ``(B,)`` tensor. ``g_seed`` seeds the model's generator (None: the global RNG).
+        ``cfg`` guidance strength, ``top_k`` / ``top_p`` filtering (0 disables), ``more_smooth``:
+        Gumbel-softmax-weighted codes instead of sampled ones (for visualisation).
+        """
+        images, _ = self._infer(B, label_B, g_seed, cfg, top_k, top_p, more_smooth)
+        return images
+
+    def _infer(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, decode: bool = True,
+               generator: Optional[torch.Generator] = None):
+        """``autoregressive_infer_cfg`` returning ``(images or None, tokens per scale)``; also records
+        ``self.last_f_hat``. ``generator`` (instead of ``g_seed``) continues from a generator's state."""
+        cfg = check_finite_scalar("cfg", cfg)
+        top_k, top_p = check_top_k_top_p(top_k, top_p, self.V)
+        rng = generator if generator is not None else self._generator(g_seed)
+        label_B = self._sampling_labels(B, label_B, rng)
+        vae, quant = self.vae_proxy[0], self.vae_quant_proxy[0]
+        dtype = self.class_emb.weight.dtype
+
+        sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0))
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
+        next_token_map = (sos.unsqueeze(1).expand(2 * B, self.first_l, -1)
+                          + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l])
+        H, W = self.patch_hws[-1]
+        f_hat = torch.zeros(B, self.Cvae, H, W, dtype=torch.float32, device=sos.device)
+        S = len(self.patch_hws)
+        tokens: List[torch.Tensor] = []
+        for b in self.blocks:
+            b.attn.kv_caching(True)
+        try:
+            for si, (ph, pw) in enumerate(self.patch_hws):
+                ratio = scale_ratio(si, S)
+                bg, ed = self.begin_ends[si]
+                cond_BD_or_gss = self.shared_ada_lin(cond_BD)
+                x = next_token_map
+                for b in self.blocks:
+                    x = b(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)
+                logits_BlV = ref_sampling.cfg_mix(self.get_logits(x, cond_BD), cfg * ratio)
+                idx_Bl = ref_sampling.sample_top_k_top_p_(logits_BlV, top_k, top_p, rng, num_samples=1)[:, :, 0]
+                tokens.append(idx_Bl)
+                codebook = quant.embedding.weight
+                if not more_smooth:
+                    h_BChw = quant.embedding(idx_Bl)
+                else:
+                    tau = ref_sampling.smooth_tau(ratio)
+                    h_BChw = ref_sampling.gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng) @ codebook.unsqueeze(0)
+                h_BChw = h_BChw.transpose_(1, 2).reshape(B, self.Cvae, ph, pw).float()
+                f_hat, next_map = quant.get_next_autoregressive_input(si, S, f_hat, h_BChw)
+                if si != S - 1:
+                    nb, ne = self.begin_ends[si + 1]
+                    next_token_map = self.word_embed(next_map.view(B, self.Cvae, -1).transpose(1, 2).to(dtype))
+                    next_token_map = (next_token_map + lvl_pos[:, nb:ne]).repeat(2, 1, 1)
+        finally:
+            for b in self.blocks:
+                b.attn.kv_caching(False)
+        self.last_f_hat = f_hat
+        images = vae.fhat_to_img(f_hat.to(vae.post_quant_conv.weight.dtype)).add_(1).mul_(0.5) if decode else None
+        return images, tokens
+
+    def extra_repr(self) -> str:
+        return f"patch_nums={self.patch_nums}, L={self.L}, drop_path_rate={self.drop_path_rate:g}"

@@ -1,0 +1,134 @@
+"""Which implementation of an op runs: the CUDA extension, a Triton kernel, or the eager reference.
+
+Order of preference for CUDA tensors: ``cuda`` (fastvar's compiled extension) -> ``triton`` ->
+``eager``. CPU tensors use ``eager``: Triton compiles for GPUs only, and its CPU interpreter is for
+testing. ``FASTVAR_BACKEND=eager|triton|cuda`` forces one backend (read at every call, so tests
+can switch it); with ``TRITON_INTERPRET=1`` set before Triton is imported, ``triton`` runs on CPU
+tensors through the interpreter, which is how CI tests the kernels.
+
+A forced backend that cannot run here raises a ``RuntimeError`` that says why. An op that has no
+implementation for the chosen backend, or an automatic choice that cannot use a faster backend,
+falls back along the order above and warns once per (op, reason).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+BACKENDS = ("cuda", "triton", "eager")
+ENV_VAR = "FASTVAR_BACKEND"
+
+_warned: set = set()
+
+
+def forced_backend() -> Optional[str]:
+    """The backend named by ``FASTVAR_BACKEND``, or None; raises ``ValueError`` on an unknown name."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {', '.join(BACKENDS)} (or unset), got {name!r}")
+    return name
+
+
+def triton_interpret() -> bool:
+    """True when Triton's CPU interpreter is on (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # a broken install must not break the eager path
+        return f"importing triton failed: {type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension() -> Tuple[Optional[object], Optional[str]]:
+    try:
+        from fastvar import _C  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, f"the CUDA extension fastvar._C is not built ({e}); build it with FASTVAR_BUILD_CUDA=1 pip install -e ."
+    return _C, None
+
+
+def cuda_extension():
+    """The compiled extension module ``fastvar._C``, or None."""
+    return _cuda_extension()[0]
+
+
+def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on tensors of ``device``, else a sentence saying why not."""
+    device = torch.device(device)
+    if backend == "eager":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            return None if triton_interpret() else (
+                "Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before triton is imported "
+                "to run them on CPU through the interpreter")
+        return f"Triton does not support {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA extension needs CUDA tensors, got {device.type}"
+        return _cuda_extension()[1]
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def warn_once(key, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def select(op: str, implementations: Dict[str, Callable], device: torch.device) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``device``.
+
+    ``implementations`` maps backend names to callables; it always has ``eager``.
+    """
+    device = torch.device(device)
+    forced = forced_backend()
+    if forced is not None:
+        reason = unavailable_reason(forced, device)
+        if reason is not None:
+            raise RuntimeError(f"{ENV_VAR}={forced} but {op} cannot run on it here: {reason}")
+        for backend in BACKENDS[BACKENDS.index(forced):]:
+            if backend in implementations and unavailable_reason(backend, device) is None:
+                if backend != forced:
+                    warn_once((op, forced), f"fastvar: {ENV_VAR}={forced} but {op} has no {forced} "
+                                            f"implementation; using {backend}")
+                return implementations[backend]
+    skipped = None
+    for backend in (BACKENDS if device.type == "cuda" else ("eager",)):
+        if backend not in implementations:
+            continue
+        why = unavailable_reason(backend, device)
+        if why is None:
+            if skipped is not None:
+                warn_once(skipped, f"fastvar: {op} (and any other op in the same case) falls back from "
+                                   f"{skipped[0]} to {backend}: {skipped[1]}")
+            return implementations[backend]
+        skipped = skipped or (backend, why)
+    raise AssertionError("unreachable: eager is always available")
+
+
+def selected_backend(op: str, implementations: Dict[str, Callable], device) -> str:
+    """Name of the backend :func:`select` picks (for ``fastvar info`` and tests)."""
+    chosen = select(op, implementations, device)
+    return next(name for name, fn in implementations.items() if fn is chosen)

@@ -1,0 +1,84 @@
+"""Eager definitions of VAR's token sampling: CFG mix, top-k / top-p filtering and the draw.
+
+Shapes: logits are ``(B, l, V)`` (batch, tokens of the scale, vocabulary) or ``(N, V)``.
+
+Official semantics (VAR_SPEC.md section 3):
+- CFG: ``(1 + t) * cond - t * uncond`` with ``t = cfg * si / (S - 1)``; the batch holds the B
+  conditional rows first, then the B unconditional rows.
+- top-k (k > 0): logits below the k-th largest of their row become ``-inf``; ties at the k-th value
+  are all kept.
+- top-p (p > 0), after top-k: sort ascending, softmax, cumulative sum; entries whose cumulative sum
+  is ``<= 1 - p`` become ``-inf``, never the largest one.
+- the draw: ``torch.multinomial(softmax(logits), 1, replacement=True, generator=rng)``, which for one
+  sample is ``argmax(probs / q)`` with ``q`` an Exp(1) draw of a ``(rows, V)`` float32 tensor from
+  ``rng`` (:func:`exponential_noise`, :func:`sample_with_noise`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def cfg_mix(logits_2B: torch.Tensor, t: float) -> torch.Tensor:
+    """``(2B, ...)`` -> ``(B, ...)``: ``(1 + t) * logits[:B] - t * logits[B:]``."""
+    B = logits_2B.shape[0] // 2
+    return (1 + t) * logits_2B[:B] - t * logits_2B[B:]
+
+
+def top_k_top_p_filter_(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set the logits outside the top-k / top-p support to ``-inf``, **in place**; returns ``logits``."""
+    if top_k > 0:
+        kth = logits.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_remove[..., -1:] = False
+        logits.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
+    return logits
+
+
+def sample_top_k_top_p_(
+    logits_BlV: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    num_samples: int = 1,
+) -> torch.Tensor:
+    """Filter ``logits_BlV`` in place, then draw: ``(B, l, V)`` -> ``(B, l, num_samples)`` int64.
+
+    Exactly the official ``sample_with_top_k_top_p_``: one ``torch.multinomial`` over the flattened
+    rows (with replacement for ``num_samples >= 0``).
+    """
+    B, l, V = logits_BlV.shape
+    top_k_top_p_filter_(logits_BlV, top_k, top_p)
+    replacement = num_samples >= 0
+    n = abs(num_samples)
+    probs = logits_BlV.softmax(dim=-1).view(-1, V)
+    return torch.multinomial(probs, num_samples=n, replacement=replacement, generator=generator).view(B, l, n)
+
+
+def exponential_noise(rows: int, V: int, generator: Optional[torch.Generator], device=None) -> torch.Tensor:
+    """``(rows, V)`` float32 Exp(1) draw: the noise ``torch.multinomial`` takes for one sample per row."""
+    return torch.empty(rows, V, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def sample_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``argmax(probs / noise)`` over the last dim: a categorical draw given Exp(1) ``noise``
+    (the exponential race; the first maximum wins, as ``torch.argmax`` does)."""
+    return torch.argmax(probs / noise, dim=-1)
+
+
+def gumbel_softmax(logits: torch.Tensor, tau: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Soft Gumbel-softmax weights ``softmax((logits + g) / tau)``, ``g = -log(Exp(1) draw from generator)``
+    (the official ``gumbel_softmax_with_rng`` with ``hard=False``)."""
+    if generator is None:
+        return torch.nn.functional.gumbel_softmax(logits, tau=tau, hard=False, dim=-1)
+    noise = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=generator)
+    return ((logits + (-noise.log())) / tau).softmax(-1)
+
+
+def smooth_tau(ratio: float) -> float:
+    """Temperature of ``more_smooth`` sampling at scale position ``ratio`` in [0, 1]."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)

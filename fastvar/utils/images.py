@@ -1,0 +1,77 @@
+"""Image grids and PNG files, with no imaging dependency (PNG = zlib + CRC chunks)."""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import tempfile
+import zlib
+from typing import Optional
+
+import torch
+
+
+def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
+    """``(N, 3, H, W)`` in [0, 1] -> one ``(3, H', W')`` image, ``ncol`` images per row (default ~sqrt(N))."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must have shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    N, C, H, W = images.shape
+    ncol = max(1, min(N, ncol or math.ceil(math.sqrt(N))))
+    nrow = math.ceil(N / ncol)
+    grid = images.new_full((C, pad + nrow * (H + pad), pad + ncol * (W + pad)), pad_value)
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (H + pad), pad + c * (W + pad)
+        grid[:, y:y + H, x:x + W] = images[i]
+    return grid
+
+
+def to_uint8_hwc(image: torch.Tensor) -> bytes:
+    """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major."""
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy().tobytes()
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """``(3, H, W)`` float image in [0, 1] -> PNG file bytes (8-bit RGB)."""
+    _, H, W = image.shape
+    raw = to_uint8_hwc(image)
+    stride = 3 * W
+    rows = b"".join(b"\x00" + raw[y * stride:(y + 1) * stride] for y in range(H))   # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
+
+
+def check_writable(path: str, name: str = "--out") -> str:
+    """Absolute ``path`` if a file can be created there, else ``ValueError`` naming ``name``."""
+    path = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{name} must be a file path, got a directory: {path}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{name}: the folder {parent} is not writable")
+    return path
+
+
+def save_png(image: torch.Tensor, path: str) -> str:
+    """Write ``image`` ``(3, H, W)`` in [0, 1] to ``path`` atomically (a temporary file renamed into
+    place: an interrupted write leaves no half-written PNG). Returns the absolute path."""
+    path = check_writable(path)
+    data = encode_png(image)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fastvar-", suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
