@@ -139,3 +139,8 @@ def scale_lens_from_bias(attn_bias: torch.Tensor) -> Tuple[int, ...]:
         raise ValueError("attn_bias is not a block-causal multi-scale mask (0 where scale(key) <= "
                          "scale(query), -inf elsewhere)")
     return tuple(lens)
+
+
+# Implementations by backend, per op: `fastvar info` reports them and the tests sweep them.
+OPS = {"block_causal_attention": BLOCK_CAUSAL_IMPLS, "kv_cached_attention": KV_CACHED_IMPLS}
+__all__ = ["block_causal_attention", "kv_cached_attention", "scale_lens_from_bias"]

@@ -40,3 +40,8 @@ def rq_lookup(z: torch.Tensor, codebook: torch.Tensor, return_codes: bool = Fals
         raise ValueError("z must be finite; it holds NaN or inf")
     idx = select("rq_lookup", RQ_LOOKUP_IMPLS, z.device)(z, codebook)
     return (idx, F.embedding(idx, codebook)) if return_codes else idx
+
+
+# Implementations by backend, per op: `fastvar info` reports them and the tests sweep them.
+OPS = {"rq_lookup": RQ_LOOKUP_IMPLS}
+__all__ = ["rq_lookup"]

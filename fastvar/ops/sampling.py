@@ -69,3 +69,8 @@ def sample_top_k_top_p(
     top_k, top_p = check_top_k_top_p(top_k, top_p, logits.shape[-1])
     check_logits(logits)
     return select("sample_top_k_top_p", SAMPLE_IMPLS, logits.device)(logits, top_k, top_p, generator)
+
+
+# Implementations by backend, per op: `fastvar info` reports them and the tests sweep them.
+OPS = {"sample_top_k_top_p": SAMPLE_IMPLS}
+__all__ = ["sample_top_k_top_p", "check_top_k_top_p", "check_logits"]
