@@ -122,9 +122,10 @@ def cmd_sample(args) -> str:
     vae, var = load_models(args)
     labels = parse_labels(args.labels, var.num_classes)
     label_B = torch.tensor([lab for lab in labels for _ in range(args.num_per_class)], device=var.lvl_1L.device)
+    top_k = min(900, var.V) if args.top_k is None else args.top_k
     try:
         images = var.autoregressive_infer_cfg(B=len(label_B), label_B=label_B, g_seed=args.seed, cfg=args.cfg,
-                                              top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+                                              top_k=top_k, top_p=args.top_p, more_smooth=args.more_smooth)
     except (TypeError, ValueError) as e:
         raise CliError(str(e)) from None
     path = save_png(make_grid(images.float(), ncol=args.num_per_class if args.num_per_class > 1 else None), out)
@@ -144,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-per-class", type=int, default=1, help="images per label (one grid row per label)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength")
-    s.add_argument("--top-k", type=int, default=900, help="top-k filtering (0: off)")
+    s.add_argument("--top-k", type=int, default=None,
+                   help="top-k filtering (0: off; default 900, the official setting, capped at the vocabulary size)")
     s.add_argument("--top-p", type=float, default=0.96, help="top-p filtering (0: off)")
     s.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes (visualisation)")
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")

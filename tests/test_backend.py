@@ -1,0 +1,96 @@
+"""Backend choice: CUDA extension -> Triton -> eager by device and availability, FASTVAR_BACKEND forcing,
+one warning per fallback that says why."""
+import warnings
+
+import pytest
+import torch
+
+from fastvar import ops
+from fastvar.ops import _backend
+
+
+def _impls():
+    return {"eager": lambda: "eager", "triton": lambda: "triton", "cuda": lambda: "cuda"}
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("FASTVAR_BACKEND", raising=False)
+
+
+def test_cpu_tensors_use_eager_by_default():
+    assert _backend.select("op", _impls(), torch.device("cpu"))() == "eager"
+    for name, impls in ops.OPS.items():
+        assert "eager" in impls, f"{name} has no eager implementation"
+        assert _backend.selected_backend(name, impls, "cpu") == "eager"
+
+
+def test_forcing_eager_and_unknown_names(backend):
+    backend("eager")
+    assert _backend.select("op", _impls(), torch.device("cpu"))() == "eager"
+    backend("fast")
+    with pytest.raises(ValueError, match=r"FASTVAR_BACKEND must be one of cuda, triton, eager .*got 'fast'"):
+        _backend.select("op", _impls(), torch.device("cpu"))
+
+
+def test_forced_backend_that_cannot_run_says_why(backend, monkeypatch):
+    backend("cuda")
+    with pytest.raises(RuntimeError, match=r"FASTVAR_BACKEND=cuda but op cannot run on it here: the CUDA extension needs CUDA tensors, got cpu"):
+        _backend.select("op", _impls(), torch.device("cpu"))
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1"):
+        _backend.select("op", _impls(), torch.device("cpu"))
+
+
+def test_forced_triton_runs_in_the_interpreter(backend, monkeypatch):
+    if _backend._triton_import_error():
+        pytest.skip(f"triton unavailable: {_backend._triton_import_error()}")
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.select("op", _impls(), torch.device("cpu"))() == "triton"
+
+
+def test_op_without_the_forced_implementation_falls_back_once_with_a_warning(backend, monkeypatch):
+    if _backend._triton_import_error():
+        pytest.skip(f"triton unavailable: {_backend._triton_import_error()}")
+    backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    eager_only = {"eager": lambda: "eager"}
+    with pytest.warns(RuntimeWarning, match="FASTVAR_BACKEND=triton but op has no triton implementation; using eager"):
+        assert _backend.select("op", eager_only, torch.device("cpu"))() == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.select("op", eager_only, torch.device("cpu"))() == "eager"   # no second warning
+
+
+def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
+    """On a CUDA tensor without the extension, auto picks Triton and warns once saying why."""
+    monkeypatch.setattr(_backend, "_cuda_extension", lambda: (None, "the CUDA extension fastvar._C is not built"))
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: None)
+    dev = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="falls back from cuda to triton: the CUDA extension fastvar._C is not built"):
+        assert _backend.select("op", _impls(), dev)() == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.select("other_op", _impls(), dev)() == "triton"   # same reason: warned once
+    # an op that has no cuda implementation is not a fallback: no warning
+    monkeypatch.setattr(_backend, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.select("op", {"eager": lambda: "e", "triton": lambda: "t"}, dev)() == "t"
+
+
+def test_auto_on_cuda_without_triton_uses_eager_and_says_why(monkeypatch):
+    monkeypatch.setattr(_backend, "_cuda_extension", lambda: (None, "not built"))
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: "the triton package is not installed")
+    with pytest.warns(RuntimeWarning, match="falls back from triton to eager: the triton package is not installed"):
+        assert _backend.select("op", {"eager": lambda: "e", "triton": lambda: "t"}, torch.device("cuda"))() == "e"
+
+
+def test_unavailable_reasons_are_sentences():
+    assert _backend.unavailable_reason("eager", "cpu") is None
+    assert "CUDA tensors" in _backend.unavailable_reason("cuda", "cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backend.unavailable_reason("metal", "cpu")

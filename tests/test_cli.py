@@ -1,0 +1,98 @@
+"""The ``fastvar`` command as a new user runs it."""
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+import fastvar
+from fastvar.cli import main
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastvar.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def read_png(path):
+    """(width, height, RGB bytes) of an 8-bit RGB PNG, checking every chunk's CRC."""
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, size = 8, b"", None
+    while pos < len(data):
+        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])[0] == zlib.crc32(kind + body) & 0xFFFFFFFF
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+            assert body[8:10] == b"\x08\x02"
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    w, h = size
+    raw = zlib.decompress(idat)
+    assert len(raw) == h * (1 + 3 * w)
+    return w, h, raw
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Checkpoints a user would make with torch.save of a small random model's state dicts."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, 4), num_classes=10,
+                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    torch.save(var.state_dict(), folder / "var.pth")
+    torch.save(vae.state_dict(), folder / "vae.pth")
+    return str(folder / "var.pth"), str(folder / "vae.pth")
+
+
+def test_info_lists_versions_and_backends():
+    r = run_cli("info")
+    assert r.returncode == 0, r.stderr
+    assert f"fastvar {fastvar.__version__}" in r.stdout and f"torch {torch.__version__}" in r.stdout
+    for word in ("backends:", "eager", "triton", "cuda", "block_causal_attention", "rq_lookup"):
+        assert word in r.stdout
+    if not torch.cuda.is_available():
+        assert "no GPU" in r.stdout
+
+
+def test_sample_writes_a_png_grid(tmp_path, checkpoints):
+    var_ckpt, vae_ckpt = checkpoints
+    out = tmp_path / "grid.png"
+    r = run_cli("sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--labels", "3,7,1", "--seed", "0",
+                "--top-k", "20", "--top-p", "0.9", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert str(out) in r.stdout
+    w, h, raw = read_png(out)
+    assert (w, h) == (2 + 2 * 18, 2 + 2 * 18)        # 3 images of 16x16 in a 2x2 grid with 2-px padding
+    again = tmp_path / "again.png"
+    assert main(["sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--labels", "3,7,1", "--seed", "0",
+                 "--top-k", "20", "--top-p", "0.9", "--out", str(again)]) == 0
+    assert read_png(again)[2] == raw, "the same seed must give the same picture"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--labels", "3,10"], "--labels: class 10 is out of range; this model has classes 0..9"),
+    (["--labels", "3,x"], "--labels must be comma-separated class ids"),
+    (["--labels", "1", "--top-k", "-2"], "top_k must be >= 0"),
+    (["--labels", "1", "--top-p", "2"], "top_p must be in [0.0, 1.0]"),
+    (["--labels", "1", "--cfg", "nan"], "cfg must be finite"),
+])
+def test_sample_bad_arguments(tmp_path, checkpoints, capsys, args, message):
+    var_ckpt, vae_ckpt = checkpoints
+    out = tmp_path / "x.png"
+    assert main(["sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_sample_unwritable_output_fails_before_sampling(tmp_path, checkpoints, capsys):
+    var_ckpt, vae_ckpt = checkpoints
+    assert main(["sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--labels", "1",
+                 "--out", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["sample", "--var-ckpt", var_ckpt, "--labels", "1", "--out", str(tmp_path / "y.png")]) == 2
+    assert "pass both --var-ckpt and --vae-ckpt" in capsys.readouterr().err
