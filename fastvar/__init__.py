@@ -3,3 +3,6 @@ from ._version import __version__
 from .models import VAR, VQVAE, build_vae_var, load_vae_var
 
 __all__ = ["__version__", "VAR", "VQVAE", "build_vae_var", "load_vae_var"]
+from .patch import patch
+
+__all__.append("patch")

@@ -1,0 +1,94 @@
+"""fastvar.patch on an official-architecture model (tests/official_arch.py, checked against the golden
+outputs first): swapped modules, same weights, golden logits and tokens afterwards."""
+import pytest
+import torch
+
+import fastvar
+import golden
+import official_arch
+from fastvar.nn import AdaLNSelfAttn, SelfAttention, VectorQuantizer2
+from tolerances import GOLDEN_FHAT_ABS, GOLDEN_LOGITS_REL, assert_rel
+
+NAME = "var_d2_256.pt"
+SETTINGS = ("cfg1.5_k900_p0.96", "cfg1.5_k900_p0.96_smooth")
+
+
+def official_model():
+    g = golden.load(NAME)
+    conv_vae, _ = golden.models(NAME)
+    return g, official_arch.from_golden(g, conv_vae)
+
+
+def check_golden(g, var, what):
+    tf = g["teacher_forcing"]
+    with torch.no_grad():
+        logits = var(tf["label_B"], tf["x_BLCv_wo_first_l"])
+    assert_rel(logits[:, tf["logit_rows"]], tf["logits_BLV_rows"], GOLDEN_LOGITS_REL, f"{what}: logits")
+    for setting in SETTINGS:
+        s = g["samples"][setting]
+        var.autoregressive_infer_cfg(2, s["label_B"], g_seed=s["g_seed"], **s["kwargs"])
+        for si, (a, b) in enumerate(zip(var.sampled, s["tokens"])):
+            assert torch.equal(a, b), f"{what} {setting}: tokens differ at scale {si}"
+        assert (var.f_hat - s["f_hat"]).abs().max() <= GOLDEN_FHAT_ABS, f"{what} {setting}: f_hat"
+
+
+def test_the_test_double_reproduces_the_official_outputs():
+    g, var = official_model()
+    check_golden(g, var, "official-architecture double")
+
+
+def test_patch_swaps_modules_keeps_weights_and_reproduces_golden():
+    g, var = official_model()
+    params_before = {n: p for n, p in var.named_parameters()}
+    quant_before = var.vae_quant_proxy[0]
+    emb_before = quant_before.embedding.weight
+    out = fastvar.patch(var)
+    assert out is var
+    assert all(isinstance(b, AdaLNSelfAttn) and isinstance(b.attn, SelfAttention) for b in var.blocks)
+    assert isinstance(var.vae_quant_proxy[0], VectorQuantizer2) and var.vae_quant_proxy[0] is var.vae_proxy[0].quantize
+    assert var.vae_quant_proxy[0].embedding.weight is emb_before
+    after = dict(var.named_parameters())
+    assert after.keys() == params_before.keys()
+    assert all(after[n] is params_before[n] for n in after), "patch must keep the same Parameter objects"
+    assert all(b.attn.cache_capacity == var.L for b in var.blocks)
+    check_golden(g, var, "patched")
+
+
+def test_patching_twice_is_harmless():
+    g, var = official_model()
+    fastvar.patch(var)
+    blocks = list(var.blocks)
+    fastvar.patch(var)
+    assert all(a is b for a, b in zip(blocks, var.blocks))
+    check_golden(g, var, "patched twice")
+
+
+def test_patch_keeps_training_mode_and_gradients():
+    _, var = official_model()
+    var.train()
+    fastvar.patch(var)
+    assert all(m.training for m in var.blocks.modules())
+    logits = var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, var.Cvae))
+    logits.square().mean().backward()
+    assert var.blocks[0].attn.mat_qkv.weight.grad is not None
+    assert var.blocks[1].attn.scale_mul_1H11.grad is not None
+
+
+def test_patch_rejects_what_it_does_not_recognise():
+    with pytest.raises(ValueError, match="holds no official VAR/VQVAE module that fastvar recognises"):
+        fastvar.patch(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        fastvar.patch("var_d16.pth")
+    _, var = official_model()
+    with pytest.raises(ValueError, match="pass the model that contains the SelfAttention"):
+        fastvar.patch(var.blocks[0].attn)
+
+
+def test_patched_attention_checks_the_official_mask():
+    _, var = official_model()
+    fastvar.patch(var)
+    bad = var.attn_bias_for_masking.clone()
+    bad[..., 0, 1] = 0.0      # the first token may now see the second scale: not block-causal
+    x = torch.randn(1, var.L, var.C)
+    with pytest.raises(ValueError, match="not a block-causal multi-scale mask"):
+        var.blocks[0].attn(x, attn_bias=bad)
