@@ -58,7 +58,7 @@ def _cuda_extension() -> Tuple[Optional[object], Optional[str]]:
     try:
         from fastvar import _C  # type: ignore[attr-defined]
     except ImportError as e:
-        return None, f"the CUDA extension fastvar._C is not built ({e}); build it with FASTVAR_BUILD_CUDA=1 pip install -e ."
+        return None, f"the CUDA extension fastvar._C is not built ({e}); this release ships Triton kernels only"
     return _C, None
 
 

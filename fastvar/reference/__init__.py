@@ -30,3 +30,4 @@ from .sampling import (
     smooth_tau,
     top_k_top_p_filter_,
 )
+from .adaln import adaln_modulate, gated_residual_adaln
