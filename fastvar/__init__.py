@@ -6,3 +6,6 @@ __all__ = ["__version__", "VAR", "VQVAE", "build_vae_var", "load_vae_var"]
 from .patch import patch
 
 __all__.append("patch")
+from .sampler import Sampler
+
+__all__.append("Sampler")

@@ -12,12 +12,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from fastvar.labels import check_labels, sampling_labels
 from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
-from fastvar.ops._checks import check_finite_scalar
-from fastvar.ops.sampling import check_top_k_top_p
 from fastvar.reference import attention as ref_attn
-from fastvar.reference import sampling as ref_sampling
-from fastvar.reference.quantize import scale_ratio
 from fastvar.schedule import ScaleSpec, begin_ends, canonical, scale_hws, scale_lens
 
 
@@ -173,17 +170,7 @@ class VAR(nn.Module):
         return self.head(self.head_nm(h.to(dtype), cond_BD.to(dtype))).float()
 
     def _check_labels(self, label_B: torch.Tensor, name: str, B: Optional[int] = None) -> torch.Tensor:
-        if not isinstance(label_B, torch.Tensor) or label_B.dim() != 1 or label_B.is_floating_point() \
-                or label_B.is_complex() or label_B.dtype == torch.bool:
-            what = f"{label_B.dtype} tensor of shape {tuple(label_B.shape)}" if isinstance(label_B, torch.Tensor) \
-                else type(label_B).__name__
-            raise TypeError(f"{name} must be a 1-D integer tensor of class ids, got {what}")
-        if B is not None and label_B.shape[0] != B:
-            raise ValueError(f"{name} must hold B={B} labels, got {label_B.shape[0]}")
-        if label_B.numel() and (int(label_B.min()) < 0 or int(label_B.max()) > self.num_classes):
-            raise ValueError(f"{name} must be class ids in [0, {self.num_classes}] ({self.num_classes} = no class), "
-                             f"got values in [{int(label_B.min())}, {int(label_B.max())}]")
-        return label_B.to(device=self.lvl_1L.device, dtype=torch.long)
+        return check_labels(label_B, self.num_classes, name, B, self.lvl_1L.device)
 
     # ------------------------------------------------------------------ teacher forcing
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor) -> torch.Tensor:
@@ -215,21 +202,8 @@ class VAR(nn.Module):
         return self.get_logits(x_BLC, cond_BD)
 
     # ------------------------------------------------------------------ sampling
-    def _sampling_labels(self, B: int, label_B, rng: Optional[torch.Generator]) -> torch.Tensor:
-        device = self.lvl_1L.device
-        if isinstance(B, bool) or not isinstance(B, int) or B < 1:
-            raise ValueError(f"B must be a positive int (images to sample), got {B!r}")
-        if label_B is None:
-            uniform = torch.full((1, self.num_classes), 1.0 / self.num_classes, device=device)
-            return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
-        if isinstance(label_B, bool):
-            raise TypeError(f"label_B must be None, an int or a tensor of class ids, got {label_B!r}")
-        if isinstance(label_B, int):
-            if label_B > self.num_classes:
-                raise ValueError(f"label_B must be a class id in [0, {self.num_classes}] or negative (no class), "
-                                 f"got {label_B}")
-            return torch.full((B,), self.num_classes if label_B < 0 else label_B, device=device, dtype=torch.long)
-        return self._check_labels(label_B, "label_B", B)
+    def _sampling_labels(self, B: int, label_B, rng: Optional[torch.Generator], name: str = "label_B") -> torch.Tensor:
+        return sampling_labels(B, label_B, self.num_classes, rng, self.lvl_1L.device, name)
 
     def _generator(self, g_seed: Optional[int]) -> Optional[torch.Generator]:
         if g_seed is None:
@@ -256,54 +230,18 @@ class VAR(nn.Module):
 
     def _infer(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, decode: bool = True,
                generator: Optional[torch.Generator] = None):
-        """``autoregressive_infer_cfg`` returning ``(images or None, tokens per scale)``; also records
-        ``self.last_f_hat``. ``generator`` (instead of ``g_seed``) continues from a generator's state."""
-        cfg = check_finite_scalar("cfg", cfg)
-        top_k, top_p = check_top_k_top_p(top_k, top_p, self.V)
+        """``autoregressive_infer_cfg`` on fastvar's :class:`~fastvar.sampler.Sampler` (in the weights' dtype,
+        without CUDA graphs), returning ``(images or None, tokens per scale)``; records ``self.last_f_hat``.
+        ``generator`` (instead of ``g_seed``) continues from a generator's state."""
+        from fastvar.sampler import Sampler
+        sampler = Sampler(self, dtype=self.head.weight.dtype, cuda_graphs=False)
         rng = generator if generator is not None else self._generator(g_seed)
+        sampler._check(cfg, top_k, top_p)
         label_B = self._sampling_labels(B, label_B, rng)
-        vae, quant = self.vae_proxy[0], self.vae_quant_proxy[0]
-        dtype = self.class_emb.weight.dtype
-
-        sos = cond_BD = self.class_emb(torch.cat((label_B, torch.full_like(label_B, self.num_classes)), dim=0))
-        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC
-        next_token_map = (sos.unsqueeze(1).expand(2 * B, self.first_l, -1)
-                          + self.pos_start.expand(2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l])
-        H, W = self.patch_hws[-1]
-        f_hat = torch.zeros(B, self.Cvae, H, W, dtype=torch.float32, device=sos.device)
-        S = len(self.patch_hws)
-        tokens: List[torch.Tensor] = []
-        for b in self.blocks:
-            b.attn.kv_caching(True)
-        try:
-            for si, (ph, pw) in enumerate(self.patch_hws):
-                ratio = scale_ratio(si, S)
-                bg, ed = self.begin_ends[si]
-                cond_BD_or_gss = self.shared_ada_lin(cond_BD)
-                x = next_token_map
-                for b in self.blocks:
-                    x = b(x=x, cond_BD=cond_BD_or_gss, attn_bias=None)
-                logits_BlV = ref_sampling.cfg_mix(self.get_logits(x, cond_BD), cfg * ratio)
-                idx_Bl = ref_sampling.sample_top_k_top_p_(logits_BlV, top_k, top_p, rng, num_samples=1)[:, :, 0]
-                tokens.append(idx_Bl)
-                codebook = quant.embedding.weight
-                if not more_smooth:
-                    h_BChw = quant.embedding(idx_Bl)
-                else:
-                    tau = ref_sampling.smooth_tau(ratio)
-                    h_BChw = ref_sampling.gumbel_softmax(logits_BlV.mul(1 + ratio), tau, rng) @ codebook.unsqueeze(0)
-                h_BChw = h_BChw.transpose_(1, 2).reshape(B, self.Cvae, ph, pw).float()
-                f_hat, next_map = quant.get_next_autoregressive_input(si, S, f_hat, h_BChw)
-                if si != S - 1:
-                    nb, ne = self.begin_ends[si + 1]
-                    next_token_map = self.word_embed(next_map.view(B, self.Cvae, -1).transpose(1, 2).to(dtype))
-                    next_token_map = (next_token_map + lvl_pos[:, nb:ne]).repeat(2, 1, 1)
-        finally:
-            for b in self.blocks:
-                b.attn.kv_caching(False)
-        self.last_f_hat = f_hat
-        images = vae.fhat_to_img(f_hat.to(vae.post_quant_conv.weight.dtype)).add_(1).mul_(0.5) if decode else None
-        return images, tokens
+        results = list(sampler.stream(label_B, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, B=B,
+                                      generator=rng))
+        self.last_f_hat = results[-1].f_hat
+        return (results[-1].preview() if decode else None), [r.tokens for r in results]
 
     def extra_repr(self) -> str:
         return f"patch_nums={self.patch_nums}, L={self.L}, drop_path_rate={self.drop_path_rate:g}"

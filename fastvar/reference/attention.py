@@ -45,7 +45,7 @@ def scale_mul_factor(scale_mul: torch.Tensor, num_heads: int) -> torch.Tensor:
 def qk_l2_norm(q_bhld: torch.Tensor, k_bhld: torch.Tensor, scale_mul: torch.Tensor):
     """VAR's query/key normalisation on ``(B, H, L, D)`` tensors: ``(normalize(q) * exp(min(scale_mul, ln 100)),
     normalize(k))``."""
-    q = F.normalize(q_bhld, dim=-1).mul(scale_mul_factor(scale_mul, q_bhld.shape[1]))
+    q = F.normalize(q_bhld, dim=-1).mul(scale_mul_factor(scale_mul, q_bhld.shape[1]).to(q_bhld.dtype))
     k = F.normalize(k_bhld, dim=-1)
     return q, k
 

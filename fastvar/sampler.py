@@ -1,0 +1,363 @@
+"""The fast sampler: VAR's class-conditional generation, scale by scale, on fastvar's ops.
+
+Compared with the official ``autoregressive_infer_cfg`` (same algorithm, same random-number use):
+- the AdaLN modulation of every block and of the head is computed once per sample, not per scale
+  (the condition never changes across scales);
+- LayerNorm + modulation and the gated residual are one fused op (``ops.gated_residual_adaln``);
+- weights are cast once to the compute dtype at construction (no per-call casts);
+- every layer's KV cache is preallocated for the whole schedule and written in place;
+- the per-scale glue (sampling, code lookup, upsample-accumulate, next input) runs on fastvar's ops;
+- on CUDA, each scale step is captured once per (batch, settings) in a CUDA graph and replayed.
+
+This module is composition only: the kernels live in ``fastvar.ops``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from fastvar import ops
+from fastvar.labels import sampling_labels
+from fastvar.ops._checks import check_finite_scalar
+from fastvar.ops.sampling import check_top_k_top_p
+from fastvar.reference import sampling as ref_sampling
+from fastvar.reference.quantize import scale_ratio
+from fastvar.schedule import begin_ends, scale_hws
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class ScaleResult:
+    """One finished scale of :meth:`Sampler.stream`.
+
+    ``index``: the scale (0 = coarsest); ``hw``: its token map size; ``tokens``: ``(B, h*w)`` int64;
+    ``f_hat``: ``(B, Cvae, H, W)`` float32 latent accumulated so far (a copy). ``preview()`` decodes
+    ``f_hat`` into images ``(B, 3, H_img, W_img)`` in [0, 1] on first call (decoding costs more than
+    a scale of sampling, so it only happens when asked for).
+    """
+
+    index: int
+    num_scales: int
+    hw: Tuple[int, int]
+    tokens: torch.Tensor
+    f_hat: torch.Tensor
+    _decode: object = dataclasses.field(repr=False, default=None)
+    _image: Optional[torch.Tensor] = dataclasses.field(repr=False, default=None)
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_scales - 1
+
+    def preview(self) -> torch.Tensor:
+        if self._image is None:
+            self._image = self._decode(self.f_hat)
+        return self._image
+
+
+class _Weights:
+    """The model's tensors in the compute dtype, cast once (no copy when the dtype already matches)."""
+
+    def __init__(self, var, dtype: torch.dtype):
+        def cast(t):
+            return None if t is None else t.detach().to(dtype)
+
+        self.class_emb = cast(var.class_emb.weight)
+        self.pos_start = cast(var.pos_start)
+        self.pos_1LC = cast(var.pos_1LC)
+        self.lvl_embed = cast(var.lvl_embed.weight)
+        self.word_w, self.word_b = cast(var.word_embed.weight), cast(var.word_embed.bias)
+        shared = not isinstance(var.shared_ada_lin, torch.nn.Identity)
+        self.shared = (cast(var.shared_ada_lin[1].weight), cast(var.shared_ada_lin[1].bias)) if shared else None
+        self.blocks = []
+        for b in var.blocks:
+            a = b.attn
+            self.blocks.append(dict(
+                ada=(cast(b.ada_gss),) if b.shared_aln else (cast(b.ada_lin[1].weight), cast(b.ada_lin[1].bias)),
+                eps=b.ln_wo_grad.eps,
+                qkv_w=cast(a.mat_qkv.weight), qkv_b=cast(torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))),
+                scale=float(a.scale), scale_mul=a.scale_mul_1H11.detach().float() if a.attn_l2_norm else None,
+                heads=a.num_heads, head_dim=a.head_dim,
+                proj_w=cast(a.proj.weight), proj_b=cast(a.proj.bias),
+                fc1_w=cast(b.ffn.fc1.weight), fc1_b=cast(b.ffn.fc1.bias),
+                fc2_w=cast(b.ffn.fc2.weight), fc2_b=cast(b.ffn.fc2.bias)))
+        self.head_ada = (cast(var.head_nm.ada_lin[1].weight), cast(var.head_nm.ada_lin[1].bias))
+        self.head_eps = var.head_nm.ln_wo_grad.eps
+        self.head_w, self.head_b = cast(var.head.weight), cast(var.head.bias)
+
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for t in _tensors(self.__dict__):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+class _Run:
+    """Static buffers of one sampling configuration (batch size, settings): the KV caches, the
+    per-sample modulation, the per-scale inputs, noise and tokens, and f_hat. CUDA graphs read and
+    write only these, so a captured graph can be replayed for every sample of this configuration."""
+
+    def __init__(self, sampler: "Sampler", B: int):
+        s, w, dev, dt = sampler, sampler.w, sampler.device, sampler.dtype
+        var = s.var
+        self.B = B
+        C, L, V = var.C, sum(s.lens), var.V
+        self.k_cache = [torch.empty(2 * B, L, b["heads"], b["head_dim"], dtype=dt, device=dev) for b in w.blocks]
+        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
+        self.labels = torch.zeros(2 * B, dtype=torch.long, device=dev)
+        self.mods = torch.empty(len(w.blocks), 2 * B, 1, 6, C, dtype=dt, device=dev)
+        self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
+        self.lvl_pos = torch.empty(1, L, C, dtype=dt, device=dev)
+        self.x_in = [torch.empty(2 * B, n, C, dtype=dt, device=dev) for n in s.lens]
+        self.noise = [torch.empty(B * n, V, dtype=torch.float32, device=dev) for n in s.lens]
+        self.gumbel = [torch.empty(B, n, V, dtype=torch.float32, device=dev) for n in s.lens]
+        self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in s.lens]
+        self.f_hat = torch.zeros(B, var.Cvae, *s.hws[-1], dtype=torch.float32, device=dev)
+        self.graphs: Dict[tuple, List[torch.cuda.CUDAGraph]] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(
+            [self.k_cache, self.v_cache, self.mods, self.head_mod, self.lvl_pos, self.x_in, self.noise, self.gumbel,
+             self.tokens, self.f_hat]))
+
+
+class Sampler:
+    """Fast class-conditional sampling for a fastvar ``VAR`` or an official VAR patched by ``fastvar.patch``.
+
+    Args:
+        var: the transformer (its VQVAE is taken from ``var.vae_proxy`` unless ``vae`` is given).
+        vae: the VQVAE that decodes ``f_hat`` (its quantizer must be fastvar's or patched).
+        dtype: compute dtype of the transformer (float32 or bfloat16 on CPU; float32, float16 or
+            bfloat16 on CUDA); weights are cast once here. Call :meth:`refresh` after changing them.
+        cuda_graphs: capture each scale step once per (batch size, settings) and replay it (CUDA only).
+
+    ``sample`` returns images; ``stream`` yields every scale as it finishes. The random-number use is
+    the official one: the same ``seed`` gives the official model's tokens.
+    """
+
+    def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True):
+        self.var = var
+        self.vae = vae if vae is not None else var.vae_proxy[0]
+        self.quant = self.vae.quantize
+        if not hasattr(self.quant, "patch_hws"):
+            raise TypeError("the VQVAE's quantizer is not fastvar's: call fastvar.patch(model) first")
+        self.device = var.lvl_1L.device
+        self.hws = scale_hws(var.patch_nums)
+        self.lens = tuple(h * w for h, w in self.hws)
+        self.begins = begin_ends(self.hws)
+        dtype = dtype or var.head.weight.dtype
+        allowed = _CUDA_DTYPES if self.device.type == "cuda" else _CPU_DTYPES
+        if dtype not in allowed:
+            raise ValueError(f"dtype must be one of {[str(d) for d in allowed]} on {self.device.type}, got {dtype}")
+        if dtype == torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("dtype torch.bfloat16 is not supported by this GPU; use torch.float16")
+        self.dtype = dtype
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.w = _Weights(var, dtype)
+        self._runs: Dict[int, _Run] = {}
+
+    # ------------------------------------------------------------------ resources
+    def refresh(self) -> None:
+        """Re-cast the weights from the model (after training or loading new weights); drops graphs."""
+        self.w = _Weights(self.var, self.dtype)
+        self.free()
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes held: the cast weights (0 when they are the model's own), the static buffers
+        (KV caches included) and the CUDA graphs' private memory pools."""
+        own = {p.data_ptr() for p in self.var.parameters()}
+        weights = sum(t.numel() * t.element_size() for t in _tensors(self.w.__dict__) if t.data_ptr() not in own)
+        buffers = sum(r.nbytes() for r in self._runs.values())
+        graphs = sum(len(g) for r in self._runs.values() for g in r.graphs.values())
+        return {"weights": weights, "buffers": buffers, "graphs": graphs}
+
+    def free(self) -> None:
+        """Release the KV caches, buffers and CUDA graphs (they are rebuilt on the next call)."""
+        self._runs.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ inputs
+    def _generator(self, seed: Optional[int], generator: Optional[torch.Generator]):
+        if generator is not None:
+            return generator
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ the algorithm
+    def _prepare(self, run: _Run, labels: torch.Tensor) -> None:
+        """Per-sample work done once: condition, modulation of every block and of the head, positions."""
+        var, w, B = self.var, self.w, run.B
+        run.labels[:B].copy_(labels)
+        run.labels[B:].fill_(var.num_classes)
+        cond = F.embedding(run.labels, w.class_emb)                         # (2B, C)
+        if w.shared is not None:
+            shared = F.linear(F.silu(cond), *w.shared).view(-1, 1, 6, var.C)
+        for i, b in enumerate(w.blocks):
+            if w.shared is not None:
+                run.mods[i].copy_(b["ada"][0] + shared)
+            else:
+                run.mods[i].copy_(F.linear(F.silu(cond), *b["ada"]).view(-1, 1, 6, var.C))
+        run.head_mod.copy_(F.linear(F.silu(cond), *w.head_ada).view(-1, 1, 2, var.C))
+        run.lvl_pos.copy_(F.embedding(var.lvl_1L, w.lvl_embed) + w.pos_1LC)
+        first = self.lens[0]
+        run.x_in[0].copy_(cond.unsqueeze(1).expand(2 * B, first, -1) + w.pos_start.expand(2 * B, first, -1)
+                          + run.lvl_pos[:, :first])
+        run.f_hat.zero_()
+
+    def _transformer(self, run: _Run, si: int) -> torch.Tensor:
+        """All blocks and the head on scale ``si``'s tokens; returns float32 logits ``(2B, l, V)``."""
+        var, w = self.var, self.w
+        x = run.x_in[si]
+        n2, l, C = x.shape
+        cache_len = self.begins[si][0]
+        g1, g2, s1, s2, sh1, sh2 = run.mods[0].unbind(2)
+        h = ops.adaln_modulate(x, s1, sh1, w.blocks[0]["eps"])
+        for i, b in enumerate(w.blocks):
+            g1, g2, s1, s2, sh1, sh2 = run.mods[i].unbind(2)
+            q, k, v = F.linear(h, b["qkv_w"], b["qkv_b"]).view(n2, l, 3, b["heads"], b["head_dim"]).unbind(2)
+            a = ops.kv_cached_attention(q, k, v, run.k_cache[i], run.v_cache[i], cache_len, b["scale"], b["scale_mul"])
+            a = F.linear(a.reshape(n2, l, C), b["proj_w"], b["proj_b"])
+            x, h = ops.gated_residual_adaln(x, a, g1, s2, sh2, b["eps"])
+            f = F.linear(F.gelu(F.linear(h, b["fc1_w"], b["fc1_b"]), approximate="tanh"), b["fc2_w"], b["fc2_b"])
+            if i + 1 < len(w.blocks):
+                nxt = run.mods[i + 1].unbind(2)
+                x, h = ops.gated_residual_adaln(x, f, g2, nxt[2], nxt[4], w.blocks[i + 1]["eps"])
+            else:
+                hs, hsh = run.head_mod.unbind(2)
+                x, h = ops.gated_residual_adaln(x, f, g2, hs, hsh, w.head_eps)
+        return F.linear(h, w.head_w, w.head_b).float()
+
+    def _scale_step(self, run: _Run, si: int, cfg: float, top_k: int, top_p: float, more_smooth: bool) -> None:
+        """One scale on the static buffers: transformer, CFG + top-k/top-p + draw, codes, f_hat, next input."""
+        var, w, B = self.var, self.w, run.B
+        S = len(self.hws)
+        ratio = scale_ratio(si, S)
+        ph, pw = self.hws[si]
+        logits = ref_sampling.cfg_mix(self._transformer(run, si), cfg * ratio)          # (B, l, V)
+        ref_sampling.top_k_top_p_filter_(logits, top_k, top_p)
+        probs = logits.softmax(dim=-1).view(-1, var.V)
+        tokens = ref_sampling.sample_with_noise(probs, run.noise[si]).view(B, -1)
+        run.tokens[si].copy_(tokens)
+        codebook = self.quant.embedding.weight
+        if more_smooth:
+            g = (logits.mul(1 + ratio) + (-run.gumbel[si].log())) / ref_sampling.smooth_tau(ratio)
+            codes = g.softmax(-1) @ codebook.unsqueeze(0)
+        else:
+            codes = F.embedding(tokens, codebook)
+        h = codes.transpose_(1, 2).reshape(B, var.Cvae, ph, pw).float()
+        _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, h)
+        if si + 1 < S:
+            b0, b1 = self.begins[si + 1]
+            x_next = F.linear(nxt.view(B, var.Cvae, -1).transpose(1, 2).to(self.dtype), w.word_w, w.word_b)
+            x_next = x_next + run.lvl_pos[:, b0:b1]
+            run.x_in[si + 1][:B].copy_(x_next)
+            run.x_in[si + 1][B:].copy_(x_next)
+
+    def _replay_or_run(self, run: _Run, si: int, settings: tuple) -> None:
+        if not self.cuda_graphs:
+            self._scale_step(run, si, *settings)
+            return
+        graphs = run.graphs.get(settings)
+        if graphs is None:
+            graphs = run.graphs[settings] = self._capture(run, settings)
+        graphs[si].replay()
+
+    def _capture(self, run: _Run, settings: tuple) -> List["torch.cuda.CUDAGraph"]:
+        """Capture every scale step of this configuration. The capture runs the steps on the current
+        buffers, which the first sample then overwrites from the start (the steps read only what earlier
+        steps of the same sample wrote)."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        f_hat_saved = run.f_hat.clone()
+        with torch.cuda.stream(side):
+            for si in range(len(self.hws)):      # warm-up: Triton compiles, cuBLAS picks kernels
+                self._scale_step(run, si, *settings)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graphs, pool = [], None
+        for si in range(len(self.hws)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self._scale_step(run, si, *settings)
+            pool = g.pool()
+            graphs.append(g)
+        run.f_hat.copy_(f_hat_saved)
+        return graphs
+
+    # ------------------------------------------------------------------ public API
+    def _check(self, cfg, top_k, top_p):
+        cfg = check_finite_scalar("cfg", cfg)
+        top_k, top_p = check_top_k_top_p(top_k, top_p, self.var.V)
+        return cfg, top_k, top_p
+
+    @torch.no_grad()
+    def stream(self, labels: Union[torch.Tensor, Sequence[int], int, None], seed: Optional[int] = None,
+               cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, *,
+               B: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[ScaleResult]:
+        """Sample, yielding a :class:`ScaleResult` as each scale finishes (coarse to fine).
+
+        ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no class)
+        with ``B``, or None (``B`` random classes). ``seed`` seeds a fresh generator on the model's
+        device (or pass ``generator``; None and None: the global RNG). ``top_k`` must be <= V.
+        """
+        cfg, top_k, top_p = self._check(cfg, top_k, top_p)
+        rng = self._generator(seed, generator)
+        if B is None:
+            B = len(labels) if isinstance(labels, (torch.Tensor, list, tuple)) else 1
+        labels = sampling_labels(B, labels, self.var.num_classes, rng, self.device, name="labels")
+        run = self._runs.get(B)
+        if run is None:
+            run = self._runs[B] = _Run(self, B)
+        self._prepare(run, labels)
+        S = len(self.hws)
+        settings = (cfg, top_k, top_p, bool(more_smooth))
+        decode = self.decode
+        for si in range(S):
+            run.noise[si].exponential_(generator=rng)          # the draw torch.multinomial makes
+            if more_smooth:
+                run.gumbel[si].exponential_(generator=rng)     # then the Gumbel noise, as the official code
+            self._replay_or_run(run, si, settings)
+            yield ScaleResult(si, S, self.hws[si], run.tokens[si].clone(), run.f_hat.clone(), decode)
+
+    @torch.no_grad()
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]."""
+        dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
+        return self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+
+    @torch.no_grad()
+    def sample(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+               more_smooth: bool = False, *, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample images ``(B, 3, H, W)`` in [0, 1]; arguments as :meth:`stream`."""
+        last = None
+        for last in self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator):
+            pass
+        return last.preview()
+
+    @torch.no_grad()
+    def tokens(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None
+               ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Sample without decoding: ``(tokens per scale, final f_hat)``."""
+        results = list(self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator))
+        return [r.tokens for r in results], results[-1].f_hat

@@ -1,0 +1,136 @@
+"""fastvar.Sampler: exact official tokens, streaming, reproducibility, patched official models, bad input."""
+import pytest
+import torch
+
+import fastvar
+import golden
+import official_arch
+from fastvar.sampler import Sampler
+from tolerances import GOLDEN_FHAT_ABS, GOLDEN_IMAGE_FP16_ABS
+
+SETTINGS = ("cfg1.5_k900_p0.96", "cfg4_k0_p0", "cfg1.5_k900_p0.96_smooth")
+
+
+@pytest.fixture(scope="module")
+def small():
+    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4),
+                                     num_classes=10, vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    return vae, var
+
+
+@pytest.mark.parametrize("name", golden.FILES)
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_exact_mode_reproduces_golden_tokens(name, setting):
+    g = golden.load(name)
+    vae, var = golden.models(name)
+    s = g["samples"][setting]
+    sampler = Sampler(var, dtype=torch.float32)
+    tokens, f_hat = sampler.tokens(s["label_B"], seed=s["g_seed"], **s["kwargs"])
+    for si, (a, b) in enumerate(zip(tokens, s["tokens"])):
+        assert torch.equal(a, b), f"{name} {setting}: tokens differ at scale {si}"
+    assert (f_hat - s["f_hat"]).abs().max() <= GOLDEN_FHAT_ABS
+
+
+def test_stream_yields_every_scale_in_order_and_ends_with_the_sample(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    steps = list(sampler.stream([3, 1, 4], seed=7, top_k=10, top_p=0.9))
+    assert [s.index for s in steps] == list(range(4)) and steps[-1].is_last
+    assert [s.hw for s in steps] == [(1, 1), (2, 2), (2, 3), (4, 4)]
+    assert [tuple(s.tokens.shape) for s in steps] == [(3, 1), (3, 4), (3, 6), (3, 16)]
+    assert all(s.f_hat.shape == (3, 8, 4, 4) for s in steps)
+    assert not torch.equal(steps[0].f_hat, steps[-1].f_hat), "each scale's f_hat is a snapshot"
+    previews = [s.preview() for s in steps]
+    assert all(p.shape == (3, 3, 16, 16) and p.min() >= 0 and p.max() <= 1 for p in previews)
+    images = sampler.sample([3, 1, 4], seed=7, top_k=10, top_p=0.9)
+    assert torch.equal(images, previews[-1])
+
+
+def test_same_seed_same_images_other_seed_other_images(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    a = sampler.sample(torch.tensor([2, 2]), seed=1, top_k=0, top_p=0.0)
+    b = sampler.sample(torch.tensor([2, 2]), seed=1, top_k=0, top_p=0.0)
+    c = sampler.sample(torch.tensor([2, 2]), seed=2, top_k=0, top_p=0.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the model's own API runs on the sampler: same tokens for the same seed
+    tokens, _ = sampler.tokens(torch.tensor([2, 2]), seed=1, top_k=0, top_p=0.0)
+    _, model_tokens = var._infer(2, torch.tensor([2, 2]), g_seed=1, top_k=0, top_p=0.0)
+    assert all(torch.equal(x, y) for x, y in zip(tokens, model_tokens))
+
+
+def test_bfloat16_on_cpu_runs_and_stays_close_in_distribution(small):
+    vae, var = small
+    images = Sampler(var, dtype=torch.bfloat16).sample([1, 2, 3], seed=0, top_k=10)
+    assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_patched_official_model_samples_golden_tokens():
+    name = "var_d2_256.pt"
+    g = golden.load(name)
+    conv_vae, _ = golden.models(name)
+    var = fastvar.patch(official_arch.from_golden(g, conv_vae))
+    s = g["samples"]["cfg1.5_k900_p0.96"]
+    sampler = Sampler(var, vae=var.vae_proxy[0], dtype=torch.float32)
+    tokens, f_hat = sampler.tokens(s["label_B"], seed=s["g_seed"], **s["kwargs"])
+    assert all(torch.equal(a, b) for a, b in zip(tokens, s["tokens"]))
+    images = sampler.decode(f_hat)
+    assert (images - g["samples"]["image_fp16"].float()).abs().max() <= GOLDEN_IMAGE_FP16_ABS
+
+
+def test_memory_report_and_free(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    assert sampler.memory()["weights"] < 4096 * 4      # float32 model: the sampler holds no weight copies
+    sampler.sample([1], seed=0, top_k=5)
+    held = sampler.memory()["buffers"]
+    L, C = var.L, var.C
+    assert held >= 2 * var.depth * (2 * 1 * L * C * 4)  # the K and V caches of every block, CFG-doubled batch
+    sampler.free()
+    assert sampler.memory()["buffers"] == 0
+    bf16 = Sampler(var, dtype=torch.bfloat16)
+    assert bf16.memory()["weights"] > 0
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(labels=[11], top_k=5), ValueError, r"labels must be class ids in \[0, 10\]"),
+    (dict(labels=None, B=0, top_k=5), ValueError, r"B must be a positive int"),
+    (dict(labels=[1], top_k=65), ValueError, r"top_k must be <= the vocabulary size V=64, got 65"),
+    (dict(labels=[1], top_k=5, top_p=-1), ValueError, r"top_p must be in \[0.0, 1.0\]"),
+    (dict(labels=[1], top_k=5, cfg=float("nan")), ValueError, r"cfg must be finite"),
+    (dict(labels=[1, 2], B=3, top_k=5), ValueError, r"labels must hold B=3 labels, got 2"),
+])
+def test_bad_input(small, kwargs, error, match):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    kwargs = dict(kwargs)
+    labels = kwargs.pop("labels")
+    with pytest.raises(error, match=match):
+        sampler.sample(labels, **kwargs)
+
+
+def test_no_class_id_is_a_valid_label(small):
+    vae, var = small
+    assert Sampler(var, dtype=torch.float32).sample([1, 10], seed=0, top_k=5).shape[0] == 2
+
+
+def test_unsupported_dtype_on_device(small):
+    vae, var = small
+    with pytest.raises(ValueError, match=r"dtype must be one of \['torch.float32', 'torch.bfloat16'\] on cpu, got torch.float16"):
+        Sampler(var, dtype=torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_give_the_same_tokens(dtype):
+    vae, var = fastvar.build_vae_var("cuda", depth=4, V=4096, ch=32, fast_init=True)
+    plain = Sampler(var, dtype=dtype, cuda_graphs=False)
+    graphed = Sampler(var, dtype=dtype, cuda_graphs=True)
+    for seed in (0, 1):     # the second call replays the captured graphs
+        a, fa = plain.tokens(torch.tensor([1, 2, 3]), seed=seed)
+        b, fb = graphed.tokens(torch.tensor([1, 2, 3]), seed=seed)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert torch.equal(fa, fb)
+    assert graphed.memory()["graphs"] == len(var.patch_nums)
+    graphed.free()
+    assert graphed.memory()["graphs"] == 0
