@@ -134,3 +134,17 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
     assert graphed.memory()["graphs"] == len(var.patch_nums)
     graphed.free()
     assert graphed.memory()["graphs"] == 0
+
+
+@pytest.mark.parametrize("name", golden.FILES)
+def test_official_loop_reference_reproduces_golden(name):
+    """The benchmarks' eager baseline (the official loop, torch.cat KV cache) is the official algorithm."""
+    from fastvar.reference.var_sampling import official_autoregressive_infer_cfg
+    g = golden.load(name)
+    _, var = golden.models(name)
+    for setting in ("cfg1.5_k900_p0.96", "cfg1.5_k900_p0.96_smooth"):
+        s = g["samples"][setting]
+        images, tokens, f_hat = official_autoregressive_infer_cfg(var, 2, s["label_B"], s["g_seed"], **s["kwargs"],
+                                                                  decode=False)
+        assert all(torch.equal(a, b) for a, b in zip(tokens, s["tokens"])), setting
+        assert (f_hat - s["f_hat"]).abs().max() <= GOLDEN_FHAT_ABS
