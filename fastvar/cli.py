@@ -132,6 +132,23 @@ def cmd_sample(args) -> str:
     return f"wrote {len(label_B)} samples ({images.shape[-2]}x{images.shape[-1]}) of classes {labels} to {path}"
 
 
+# ---------------------------------------------------------------------------- bench
+
+def cmd_bench(args) -> str:
+    from fastvar.benchmark import MODELS, run_benchmark
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise CliError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    if any(b < 1 for b in args.batches):
+        raise CliError(f"--batches must be positive, got {args.batches}")
+    try:
+        rows = run_benchmark(models=args.models, batches=args.batches, providers=args.providers,
+                             dtype=DTYPES[args.dtype], reps=args.reps, out_dir=args.out_dir, smoke=args.smoke)
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+    return f"{len(rows)} measurements"
+
+
 # ---------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="VAR compute dtype")
     s.add_argument("--out", default="grid.png", help="output PNG path")
+    b = sub.add_parser("bench", help="end-to-end sampling benchmark: official eager loop, torch.compile, fastvar")
+    b.add_argument("--models", nargs="+", default=["d16", "d20", "d24", "d30", "d36"])
+    b.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    b.add_argument("--providers", nargs="+", default=["eager", "compile", "fastvar"],
+                   choices=["eager", "compile", "fastvar"])
+    b.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    b.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
+    b.add_argument("--out-dir", default=None, help="folder for the CSV (default: print only)")
+    b.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the code path, timings mean nothing")
     return p
 
 
@@ -162,6 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(info_text())
         elif args.command == "sample":
             print(cmd_sample(args))
+        elif args.command == "bench":
+            print(cmd_bench(args))
     except CliError as e:
         print(f"fastvar {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -96,3 +96,23 @@ def test_sample_unwritable_output_fails_before_sampling(tmp_path, checkpoints, c
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--var-ckpt", var_ckpt, "--labels", "1", "--out", str(tmp_path / "y.png")]) == 2
     assert "pass both --var-ckpt and --vae-ckpt" in capsys.readouterr().err
+
+
+def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
+    """`fastvar bench --smoke`: the benchmark's code path on a tiny CPU model (timings mean nothing)."""
+    assert main(["bench", "--smoke", "--batches", "2", "--providers", "eager", "fastvar", "--dtype", "float32",
+                 "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "d2-smoke" in out and "per scale (fastvar, ms)" in out
+    csvs = list(tmp_path.glob("sampling_*.csv"))
+    assert len(csvs) == 1
+    header = csvs[0].read_text().splitlines()[0]
+    for col in ("device", "date", "commit", "model", "batch", "provider", "ms", "images_per_s", "flop_floor_ms"):
+        assert col in header.split(",")
+
+
+def test_bench_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--models", "d16", "--batches", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

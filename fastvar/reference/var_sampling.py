@@ -48,9 +48,11 @@ def _block(b, x, cond, cache):
 @torch.no_grad()
 def official_autoregressive_infer_cfg(var, B: int, label_B=None, g_seed: Optional[int] = None, cfg: float = 1.5,
                                       top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
-                                      autocast: Optional[torch.dtype] = None, decode: bool = True
+                                      autocast: Optional[torch.dtype] = None, decode: bool = True, block_fn=None
                                       ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor], torch.Tensor]:
-    """Returns ``(images in [0, 1] or None, tokens per scale, final f_hat)``."""
+    """Returns ``(images in [0, 1] or None, tokens per scale, final f_hat)``. ``block_fn`` replaces the
+    per-block function (the benchmark passes a ``torch.compile``'d one)."""
+    block_fn = block_fn or _block
     dev = var.lvl_1L.device
     rng = None if g_seed is None else torch.Generator(device=dev).manual_seed(int(g_seed))
     label_B = sampling_labels(B, label_B, var.num_classes, rng, dev)
@@ -72,7 +74,7 @@ def official_autoregressive_infer_cfg(var, B: int, label_B=None, g_seed: Optiona
             cond = var.shared_ada_lin(cond_BD)
             x = x_next
             for b, cache in zip(var.blocks, caches):
-                x = _block(b, x, cond, cache)
+                x = block_fn(b, x, cond, cache)
             logits = var.head(var.head_nm(x.float(), cond_BD).float()).float()
             logits = cfg_mix(logits, cfg * ratio)
             idx = sample_top_k_top_p_(logits, top_k, top_p, rng, num_samples=1)[:, :, 0]

@@ -1,0 +1,176 @@
+"""End-to-end sampling benchmark (``fastvar bench``, ``bench/bench_sampling.py``).
+
+Providers, side by side in one run, on random weights at the released sizes (speed does not depend
+on weight values):
+- ``eager``: the official algorithm in eager PyTorch (``fastvar.reference.var_sampling``: AdaLN
+  recomputed per scale, ``torch.cat`` KV cache, topk/sort/multinomial), float32 weights under
+  ``torch.autocast`` in the compute dtype, as the official demo runs;
+- ``compile``: the same loop with every block under ``torch.compile``;
+- ``fastvar``: :class:`fastvar.Sampler` (fused ops, preallocated caches, CUDA graphs).
+
+Reported per (model, batch, provider): ms per batch and per image, images/s, the speedup over eager,
+a per-scale breakdown (fastvar), the VAE decode timed separately, and the transformer FLOP floor
+(its FLOPs divided by the measured dense bf16 GEMM rate of this GPU). Tokens are compared across
+providers before timing (equal in float32; in bf16 rounding differs, so only shapes are checked).
+Results go to a CSV with the device name, date, commit and shapes.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from fastvar.models import build_vae_var
+from fastvar.reference import var_sampling
+from fastvar.sampler import Sampler
+from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
+
+MODELS = {  # name: (depth, shared_aln, schedule)
+    "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
+    "d30": (30, False, PATCH_NUMS_256), "d36": (36, True, PATCH_NUMS_512),
+}
+SMOKE_MODEL = ("d2-smoke", 2, False, (1, 2, 3, 4), 32, 64, 8)   # name, depth, shared, schedule, ch, V, Cvae
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in ms (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense GEMM rate (TFLOP/s) at 8192^3 (CUDA) or 2048^3 (CPU)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = timed(lambda: a @ b, device, reps=5 if device.type == "cuda" else 2)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+
+
+def transformer_flops(var, B: int) -> float:
+    """Matmul FLOPs of one CFG sample of ``B`` images (2B rows): projections, attention, head."""
+    C, V = var.C, var.V
+    flops, prefix = 0.0, 0
+    for n in var.scale_lens:
+        prefix += n
+        rows = 2 * B * n
+        flops += var.depth * (2 * rows * 12 * C * C + 4 * rows * prefix * C)
+        flops += 2 * rows * C * V
+    return flops
+
+
+def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), batches: Sequence[int] = (1, 8, 64),
+                  providers: Sequence[str] = ("eager", "compile", "fastvar"), dtype: torch.dtype = torch.bfloat16,
+                  cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, reps: int = 5,
+                  out_dir: Optional[str] = None, smoke: bool = False, log=print) -> List[Dict]:
+    """Run the benchmark; returns the rows written to the CSV. ``smoke``: a tiny model on CPU (checks the
+    code path; its timings mean nothing)."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if device.type != "cuda" and not smoke:
+        raise RuntimeError("the sampling benchmark needs a CUDA GPU (use --smoke to check the code path on CPU)")
+    dev_name, commit = device_name(device), git_commit()
+    date = datetime.date.today().isoformat()
+    floor_rate = gemm_tflops(device, dtype if device.type == "cuda" else torch.float32)
+    log(f"# {dev_name} | {date} | commit {commit} | {dtype} | dense GEMM {floor_rate:.1f} TFLOP/s measured")
+    rows: List[Dict] = []
+    specs = [SMOKE_MODEL] if smoke else [(m, *MODELS[m], 160, 4096, 32) for m in models]
+    for name, depth, shared, schedule, ch, V, Cvae in specs:
+        vae, var = build_vae_var(device, patch_nums=schedule, depth=depth, shared_aln=shared, ch=ch, V=V, Cvae=Cvae,
+                                 fast_init=True, vae_kwargs=None if not smoke else dict(ch_mult=(1, 2, 2)))
+        k = min(top_k, V)
+        fast = Sampler(var, vae, dtype=dtype, cuda_graphs=device.type == "cuda")
+        compiled = torch.compile(var_sampling._block, dynamic=True) if "compile" in providers else None
+        for B in batches:
+            labels = torch.arange(B, device=device) % var.num_classes
+            kw = dict(cfg=cfg, top_k=k, top_p=top_p)
+            autocast = dtype if dtype != torch.float32 else None
+            runs = {
+                "eager": lambda: var_sampling.official_autoregressive_infer_cfg(var, B, labels, 0, autocast=autocast,
+                                                                                decode=False, **kw),
+                "compile": lambda: var_sampling.official_autoregressive_infer_cfg(var, B, labels, 0, autocast=autocast,
+                                                                                  decode=False, block_fn=compiled, **kw),
+                "fastvar": lambda: fast.tokens(labels, seed=0, **kw),
+            }
+            # correctness before timing: every provider returns one token map per scale of the right size
+            for p in providers:
+                out = runs[p]()
+                toks = out[1] if p != "fastvar" else out[0]
+                assert [tuple(t.shape) for t in toks] == [(B, n) for n in var.scale_lens], p
+            floor_ms = transformer_flops(var, B) / (floor_rate * 1e12) * 1e3
+            f_hat = fast.tokens(labels, seed=0, **kw)[1]
+            decode_ms = timed(lambda: fast.decode(f_hat), device, reps)
+            base = None
+            for p in providers:
+                ms = timed(runs[p], device, reps)
+                base = ms if p == "eager" else base
+                row = dict(device=dev_name, date=date, commit=commit, model=name, L=var.L, batch=B, dtype=str(dtype),
+                           provider=p, ms=round(ms, 3), ms_per_image=round(ms / B, 3),
+                           images_per_s=round(1e3 * B / ms, 2), speedup_vs_eager=round(base / ms, 2) if base else "",
+                           flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3))
+                rows.append(row)
+                log(f"{name:9s} B={B:3d} {p:8s} {ms:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
+                    f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
+            if "fastvar" in providers:
+                log("  per scale (fastvar, ms): " + " ".join(f"{t:.2f}" for t in scale_breakdown(fast, labels, kw, device)))
+        del vae, var, fast
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        tag = dev_name.replace(" ", "_").replace("/", "_")
+        path = os.path.join(out_dir, f"sampling_{tag}_{date}.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        log(f"wrote {path}")
+    return rows
+
+
+def scale_breakdown(sampler: Sampler, labels, kw, device) -> List[float]:
+    """Milliseconds of every scale of one fastvar sample (CUDA events, or wall clock on CPU)."""
+    times, t0 = [], None
+    if device.type == "cuda":
+        events = [torch.cuda.Event(enable_timing=True)]
+        events[0].record()
+        for _ in sampler.stream(labels, seed=0, **kw):
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            events.append(ev)
+        torch.cuda.synchronize(device)
+        return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    t0 = time.perf_counter()
+    for _ in sampler.stream(labels, seed=0, **kw):
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e3)
+        t0 = t1
+    return times
