@@ -42,3 +42,7 @@ def assert_like_eager(out: torch.Tensor, eager: torch.Tensor, ref64: torch.Tenso
     err, err_eager = rel_err(out, ref64), rel_err(eager, ref64)
     bound = max(EAGER_RATIO * err_eager, REL[out.dtype])
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} (eager: {err_eager:.3g})"
+
+# --- stochastic kernels: a chi-square test over many draws must give p > CHI2_P_MIN for the right
+# distribution (a false alarm once in a million runs) and p < CHI2_P_MIN for every negative control
+CHI2_P_MIN = 1e-6

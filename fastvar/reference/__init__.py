@@ -31,3 +31,4 @@ from .sampling import (
     top_k_top_p_filter_,
 )
 from .adaln import adaln_modulate, gated_residual_adaln
+from .sampling import philox_uniform, sample_with_uniform
