@@ -253,11 +253,13 @@ class Sampler:
         S = len(self.hws)
         ratio = scale_ratio(si, S)
         ph, pw = self.hws[si]
-        logits = ref_sampling.cfg_mix(self._transformer(run, si), cfg * ratio)          # (B, l, V)
-        ref_sampling.top_k_top_p_filter_(logits, top_k, top_p)
-        probs = logits.softmax(dim=-1).view(-1, var.V)
-        tokens = ref_sampling.sample_with_noise(probs, run.noise[si]).view(B, -1)
+        # CFG mix, top-k, top-p and the draw (argmax(p / noise), the draw torch.multinomial makes) fused
+        drawn = ops.sample_cfg_top_k_top_p(self._transformer(run, si), cfg * ratio, top_k, top_p,
+                                           noise=run.noise[si], return_filtered=more_smooth,
+                                           validate=self.device.type != "cuda")
+        tokens, logits = drawn if more_smooth else (drawn, None)
         run.tokens[si].copy_(tokens)
+        tokens = tokens.clamp_min(0)     # a bad row drew -1 (CUDA: no sync here); stream() raises after the sample
         codebook = self.quant.embedding.weight
         if more_smooth:
             g = (logits.mul(1 + ratio) + (-run.gumbel[si].log())) / ref_sampling.smooth_tau(ratio)
@@ -336,7 +338,17 @@ class Sampler:
             if more_smooth:
                 run.gumbel[si].exponential_(generator=rng)     # then the Gumbel noise, as the official code
             self._replay_or_run(run, si, settings)
+            if si == S - 1:
+                self._check_tokens(run)
             yield ScaleResult(si, S, self.hws[si], run.tokens[si].clone(), run.f_hat.clone(), decode)
+
+    def _check_tokens(self, run: _Run) -> None:
+        """On CUDA the draw does not stop the GPU to validate logits: a row of NaN, +inf or only -inf
+        logits draws -1. One check per sample, here, turns that into a clear error."""
+        for si, t in enumerate(run.tokens):
+            if bool((t < 0).any()):
+                raise ValueError(f"the logits of scale {si} hold NaN, +inf or a row that is entirely -inf "
+                                 "(a diverged model or weights?); cannot sample")
 
     @torch.no_grad()
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:

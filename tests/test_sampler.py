@@ -148,3 +148,12 @@ def test_official_loop_reference_reproduces_golden(name):
                                                                   decode=False)
         assert all(torch.equal(a, b) for a, b in zip(tokens, s["tokens"])), setting
         assert (f_hat - s["f_hat"]).abs().max() <= GOLDEN_FHAT_ABS
+
+
+def test_nan_logits_raise_a_clear_error():
+    vae, var = fastvar.build_vae_var("cpu", depth=1, ch=32, V=32, Cvae=8, patch_nums=(1, 2, 4), num_classes=4,
+                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    with torch.no_grad():
+        var.head.bias[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Sampler(var, dtype=torch.float32).sample([1, 2], seed=0, top_k=5)

@@ -12,7 +12,6 @@ falls back along the order above and warns once per (op, reason).
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -41,25 +40,34 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Probed once per process. Plain module-level memos rather than functools.lru_cache, which
+# torch.compile cannot trace through when an op is called inside a compiled region.
+_probes: dict = {}
+
+
 def _triton_import_error() -> Optional[str]:
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed"
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # a broken install must not break the eager path
-        return f"importing triton failed: {type(e).__name__}: {e}"
-    return None
+    if "triton" not in _probes:
+        if importlib.util.find_spec("triton") is None:
+            _probes["triton"] = "the triton package is not installed"
+        else:
+            try:
+                import triton  # noqa: F401
+                import triton.language  # noqa: F401
+                _probes["triton"] = None
+            except Exception as e:  # a broken install must not break the eager path
+                _probes["triton"] = f"importing triton failed: {type(e).__name__}: {e}"
+    return _probes["triton"]
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_extension() -> Tuple[Optional[object], Optional[str]]:
-    try:
-        from fastvar import _C  # type: ignore[attr-defined]
-    except ImportError as e:
-        return None, f"the CUDA extension fastvar._C is not built ({e}); this release ships Triton kernels only"
-    return _C, None
+    if "cuda" not in _probes:
+        try:
+            from fastvar import _C  # type: ignore[attr-defined]
+            _probes["cuda"] = (_C, None)
+        except ImportError as e:
+            _probes["cuda"] = (None, f"the CUDA extension fastvar._C is not built ({e}); "
+                                     "this release ships Triton kernels only")
+    return _probes["cuda"]
 
 
 def cuda_extension():
