@@ -1,0 +1,123 @@
+"""Models shipped inside the fastvar package: sampling works with no download.
+
+``load_digits()`` returns a small class-conditional VQVAE + VAR pair trained with
+``python -m fastvar.train.digits`` on scikit-learn's 8x8 handwritten digits (16x16 RGB samples,
+10 classes "0".."9"); see ``fastvar/weights/README.md`` for the command, its runtime and the
+measured sample quality. The models are the same ``VQVAE`` / ``VAR`` classes as the released
+ImageNet checkpoints, with small hyper-parameters.
+
+    from fastvar.pretrained import load_digits, sample_digits
+    vae, var, info = load_digits()
+    images = sample_digits(var, info, labels=[0, 1, 2], num_per_class=4, seed=0)   # (12, 3, 16, 16) in [0, 1]
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from fastvar.models import VAR, VQVAE
+from fastvar.models.build import vae_var_from_state_dicts
+
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DIGITS_PATH = os.path.join(WEIGHTS_DIR, "digits.pt")
+DIGITS_FORMAT = "fastvar.digits/1"
+
+
+def _tuples(x: Any) -> Any:
+    """Lists back to tuples (schedules, ``ch_mult``), recursively: configs compare and hash as built."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_tuples(v) for v in x)
+    return x
+
+
+def read_digits_file(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str, Any]:
+    """The bundled weights file as a dict ``{"config", "vae", "var", "sampling"}`` (``torch.load`` with
+    ``weights_only=True``); ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
+    path = DIGITS_PATH if path is None else os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"digits weights not found: {path} (reinstall fastvar, or recreate them with "
+                                f"python -m fastvar.train.digits --out runs/digits --export {DIGITS_PATH})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"digits weights {path} could not be read with torch.load(weights_only=True): {e}") from e
+    if not isinstance(obj, dict) or obj.get("format") != DIGITS_FORMAT or not all(
+            isinstance(obj.get(k), dict) for k in ("config", "vae", "var", "sampling")):
+        raise ValueError(f"digits weights {path} are not a {DIGITS_FORMAT} file "
+                         f"(a dict with config, vae, var and sampling)")
+    return obj
+
+
+def load_digits(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                path: Optional[Union[str, os.PathLike]] = None) -> Tuple[VQVAE, VAR, Dict[str, Any]]:
+    """The bundled digits models, in eval mode on ``device``.
+
+    Args:
+        device: where to put both models.
+        dtype: the VAR's weights dtype (the VQVAE stays float32, like ``load_vae_var``).
+        path: another file in the same format (default: ``fastvar/weights/digits.pt``).
+    Returns:
+        ``(vae, var, info)``. ``info`` holds the recommended sampling settings ``cfg``, ``top_k``,
+        ``top_p``; ``class_names`` (``"0"`` .. ``"9"``, class id = digit); ``num_classes``;
+        ``image_size`` (16: samples are ``(B, 3, 16, 16)``); ``display_scale`` (4: a nearest-neighbour
+        upscale that makes them 64x64 on screen); ``path``; ``config`` (the training options, the
+        exact command and its runtime).
+    """
+    obj = read_digits_file(path)
+    cfg = obj["config"]
+    vae_cfg = {k: _tuples(v) for k, v in cfg["vae"].items()}
+    var_cfg = {k: _tuples(v) for k, v in cfg["var"].items()}
+    vae, var = vae_var_from_state_dicts(obj["var"], obj["vae"], device=device, dtype=dtype,
+                                        var_config=var_cfg, vae_config=vae_cfg)
+    s = obj["sampling"]
+    info = dict(cfg=float(s["cfg"]), top_k=int(s["top_k"]), top_p=float(s["top_p"]),
+                class_names=list(cfg["class_names"]), num_classes=var.num_classes,
+                image_size=int(cfg["image_size"]), display_scale=max(1, 64 // int(cfg["image_size"])),
+                path=os.path.abspath(path or DIGITS_PATH),
+                config=dict(cfg["train"], command=cfg.get("command"), train_seconds=cfg.get("train_seconds")))
+    return vae, var, info
+
+
+def digit_labels(labels: Union[int, str, Sequence[Union[int, str]]], info: Dict[str, Any]) -> List[int]:
+    """Class ids from ints or class names (``7``, ``"7"``, ``[0, "3"]``, ``"0,3,7"``);
+    ``ValueError`` naming the valid classes for anything else."""
+    names = list(info["class_names"])
+    if isinstance(labels, str):
+        labels = [t.strip() for t in labels.split(",") if t.strip()]
+    elif isinstance(labels, (int, torch.Tensor)) and not isinstance(labels, bool):
+        labels = torch.as_tensor(labels).reshape(-1).tolist()
+    out = []
+    for lab in labels:
+        if isinstance(lab, bool) or not isinstance(lab, (int, str)):
+            raise TypeError(f"labels must be class ids (ints) or class names, got {lab!r}")
+        if isinstance(lab, str):
+            if lab not in names:
+                raise ValueError(f"unknown label {lab!r}: this model's classes are {', '.join(names)}")
+            lab = names.index(lab)
+        if not 0 <= lab < len(names):
+            raise ValueError(f"label {lab} is out of range: this model has classes 0..{len(names) - 1} "
+                             f"({', '.join(names)})")
+        out.append(int(lab))
+    if not out:
+        raise ValueError("labels must name at least one class")
+    return out
+
+
+@torch.no_grad()
+def sample_digits(var: VAR, info: Dict[str, Any], labels: Union[int, str, Sequence[Union[int, str]]] = None,
+                  num_per_class: int = 1, seed: Optional[int] = 0, cfg: Optional[float] = None,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """``num_per_class`` samples of every label (default all ten digits), label-major:
+    ``(len(labels) * num_per_class, 3, 16, 16)`` float in [0, 1]. ``cfg`` / ``top_k`` / ``top_p``
+    default to the recommended ``info`` settings; ``seed`` seeds the sampler (None: the global RNG)."""
+    labels = digit_labels(list(range(info["num_classes"])) if labels is None else labels, info)
+    if isinstance(num_per_class, bool) or not isinstance(num_per_class, int) or num_per_class < 1:
+        raise ValueError(f"num_per_class must be an int >= 1, got {num_per_class!r}")
+    label_B = torch.tensor([c for c in labels for _ in range(num_per_class)], device=var.lvl_1L.device)
+    return var.autoregressive_infer_cfg(
+        B=len(label_B), label_B=label_B, g_seed=seed,
+        cfg=info["cfg"] if cfg is None else cfg,
+        top_k=info["top_k"] if top_k is None else top_k,
+        top_p=info["top_p"] if top_p is None else top_p)
