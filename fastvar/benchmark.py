@@ -143,7 +143,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
             if "fastvar" in providers:
                 log("  per scale (fastvar, ms): " + " ".join(f"{t:.2f}" for t in scale_breakdown(fast, labels, kw, device)))
-        del vae, var, fast
+        vae = var = fast = compiled = None   # free this model before building the next
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         tag = dev_name.replace(" ", "_").replace("/", "_")

@@ -112,9 +112,10 @@ def load_models(args):
 
 
 def cmd_sample(args) -> str:
-    from fastvar.utils.images import check_writable, make_grid, save_png
+    from fastvar.utils.files import check_writable
+    from fastvar.utils.images import make_grid, save_png
     try:
-        out = check_writable(args.out)
+        out = check_writable(args.out, "--out")
     except ValueError as e:
         raise CliError(str(e)) from None
     if args.num_per_class < 1:

@@ -14,7 +14,6 @@ This module is composition only: the kernels live in ``fastvar.ops``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -226,11 +225,11 @@ class Sampler:
 
     def _transformer(self, run: _Run, si: int) -> torch.Tensor:
         """All blocks and the head on scale ``si``'s tokens; returns float32 logits ``(2B, l, V)``."""
-        var, w = self.var, self.w
+        w = self.w
         x = run.x_in[si]
         n2, l, C = x.shape
         cache_len = self.begins[si][0]
-        g1, g2, s1, s2, sh1, sh2 = run.mods[0].unbind(2)
+        _, _, s1, _, sh1, _ = run.mods[0].unbind(2)
         h = ops.adaln_modulate(x, s1, sh1, w.blocks[0]["eps"])
         for i, b in enumerate(w.blocks):
             g1, g2, s1, s2, sh1, sh2 = run.mods[i].unbind(2)

@@ -5,7 +5,7 @@ the modules' eager path).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 

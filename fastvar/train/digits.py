@@ -30,7 +30,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -39,6 +38,8 @@ import torch.nn.functional as F
 
 from fastvar.models import VAR, VQVAE
 from fastvar.reference import quantize as ref_quant
+from fastvar.utils.files import atomic_write, check_writable
+from fastvar.utils.progress import Progress
 from fastvar.train.data import CLASS_NAMES, NUM_CLASSES, RESAMPLE_MODES, load_digit_images, shift_images
 
 CKPT_NAME = "last.pt"
@@ -187,60 +188,15 @@ def check_out_dir(path: str) -> str:
 
 def check_file_target(path: str, name: str) -> str:
     """``TrainError`` unless a file can be created at ``path`` (checked before training, not after)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    parent = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise TrainError(f"{name} must be a file path, got a folder: {path}")
-    if not os.path.isdir(parent):
-        raise TrainError(f"{name}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TrainError(f"{name}: the folder {parent} is not writable")
-    return path
+    try:
+        return check_writable(path, name)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to a temporary file next to ``path``, then ``os.replace``: a crash or Ctrl-C
-    never leaves a half-written ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-# ---------------------------------------------------------------------------- progress
-
-class Progress:
-    """A one-line progress bar on stderr: ``[var] epoch 3/60 |#####-----| 12/29 loss 2.1034``."""
-
-    def __init__(self, total: int, prefix: str, enabled: bool = True, width: int = 20, stream=None):
-        self.total, self.prefix, self.enabled, self.width = max(total, 1), prefix, enabled, width
-        self.stream = sys.stderr if stream is None else stream
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done: int, text: str = "") -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < 0.1 and done < self.total):
-            return
-        self.last = now
-        fill = int(self.width * done / self.total)
-        bar = "#" * fill + "-" * (self.width - fill)
-        self.stream.write(f"\r{self.prefix} |{bar}| {done}/{self.total} {text}\033[K")
-        self.stream.flush()
-
-    def close(self, text: str) -> float:
-        dt = time.perf_counter() - self.t0
-        line = f"{self.prefix} {text} ({dt:.1f}s)"
-        self.stream.write(("\r" + line + "\033[K\n") if self.enabled else line + "\n")
-        self.stream.flush()
-        return dt
+    """``torch.save(obj)`` to ``path`` without ever leaving a half-written file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------- models

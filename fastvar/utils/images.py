@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from typing import Optional
 
 import torch
+
+from fastvar.utils.files import atomic_write, check_writable
 
 
 def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 2, pad_value: float = 1.0) -> torch.Tensor:
@@ -47,31 +47,8 @@ def encode_png(image: torch.Tensor) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 6)) + chunk(b"IEND", b"")
 
 
-def check_writable(path: str, name: str = "--out") -> str:
-    """Absolute ``path`` if a file can be created there, else ``ValueError`` naming ``name``."""
-    path = os.path.abspath(os.path.expanduser(path))
-    parent = os.path.dirname(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{name} must be a file path, got a directory: {path}")
-    if not os.path.isdir(parent):
-        raise ValueError(f"{name}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{name}: the folder {parent} is not writable")
-    return path
-
-
 def save_png(image: torch.Tensor, path: str) -> str:
     """Write ``image`` ``(3, H, W)`` in [0, 1] to ``path`` atomically (a temporary file renamed into
     place: an interrupted write leaves no half-written PNG). Returns the absolute path."""
-    path = check_writable(path)
     data = encode_png(image)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fastvar-", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(check_writable(path, "out"), lambda f: f.write(data))

@@ -1,0 +1,38 @@
+"""Output files that are never half-written, and paths checked before the work that fills them."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import BinaryIO, Callable
+
+
+def check_writable(path: str, name: str) -> str:
+    """Absolute ``path`` if a file can be created there, else ``ValueError`` naming the argument ``name``."""
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    parent = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{name} must be a file path, got a folder: {path}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{name}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: the folder {parent} is not writable")
+    return path
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> str:
+    """Run ``write(file)`` on a temporary file beside ``path``, then rename it into place: a crash or
+    Ctrl-C never leaves a half-written ``path``. Returns the absolute path."""
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
