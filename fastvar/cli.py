@@ -97,40 +97,83 @@ def _device(name: str) -> torch.device:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# the official sampling settings of the released checkpoints (the bundled model brings its own)
+RELEASED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
+
 
 def load_models(args):
+    """``(vae, var, info)``: the checkpoints given, or the bundled digits model."""
     from fastvar.models import load_vae_var
+    from fastvar.pretrained import load_digits
     if bool(args.var_ckpt) != bool(args.vae_ckpt):
-        raise CliError("pass both --var-ckpt and --vae-ckpt, or neither")
-    if not args.var_ckpt:
-        raise CliError("fastvar sample needs --var-ckpt and --vae-ckpt (released VAR checkpoints, or ones saved "
-                       "with torch.save(model.state_dict()))")
+        raise CliError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
+    device, dtype = _device(args.device), DTYPES[args.dtype]
     try:
-        return load_vae_var(args.var_ckpt, args.vae_ckpt, device=_device(args.device), dtype=DTYPES[args.dtype])
+        if not args.var_ckpt:
+            return load_digits(device=device, dtype=dtype)
+        vae, var = load_vae_var(args.var_ckpt, args.vae_ckpt, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
+    k = min(RELEASED_SETTINGS["top_k"], var.V)
+    return vae, var, dict(RELEASED_SETTINGS, top_k=k, display_scale=1, class_names=None, num_per_class=1)
+
+
+def _upscale(images: torch.Tensor, factor: int) -> torch.Tensor:
+    return images if factor == 1 else torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
 
 
 def cmd_sample(args) -> str:
+    from fastvar.sampler import Sampler
     from fastvar.utils.files import check_writable
     from fastvar.utils.images import make_grid, save_png
+    from fastvar.utils.progress import Progress
     try:
         out = check_writable(args.out, "--out")
     except ValueError as e:
         raise CliError(str(e)) from None
-    if args.num_per_class < 1:
-        raise CliError(f"--num-per-class must be >= 1, got {args.num_per_class}")
-    vae, var = load_models(args)
-    labels = parse_labels(args.labels, var.num_classes)
-    label_B = torch.tensor([lab for lab in labels for _ in range(args.num_per_class)], device=var.lvl_1L.device)
-    top_k = min(900, var.V) if args.top_k is None else args.top_k
+    for name in ("num_per_class", "batch_size", "display_scale"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    vae, var, info = load_models(args)
+    if args.labels is None and info["class_names"] is None:
+        raise CliError("--labels is required with checkpoints (comma-separated class ids, e.g. 207,360)")
+    labels = parse_labels(args.labels, var.num_classes) if args.labels is not None else list(range(var.num_classes))
+    per_class = args.num_per_class or info.get("num_per_class", 8)
+    settings = dict(cfg=info["cfg"] if args.cfg is None else args.cfg,
+                    top_k=info["top_k"] if args.top_k is None else args.top_k,
+                    top_p=info["top_p"] if args.top_p is None else args.top_p, more_smooth=args.more_smooth)
+    scale = args.display_scale or info["display_scale"]
+    all_labels = torch.tensor([lab for lab in labels for _ in range(per_class)], device=var.lvl_1L.device)
+    sampler = Sampler(var, vae, dtype=var.head.weight.dtype, cuda_graphs=var.lvl_1L.device.type == "cuda")
+    rng = torch.Generator(device=var.lvl_1L.device).manual_seed(args.seed)
+    batches = torch.split(all_labels, args.batch_size)
+    prog = Progress(len(all_labels), "[sample]", enabled=len(batches) > 1 and not args.quiet)
+    finals, per_scale = [], None
     try:
-        images = var.autoregressive_infer_cfg(B=len(label_B), label_B=label_B, g_seed=args.seed, cfg=args.cfg,
-                                              top_k=top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+        for batch in batches:
+            steps = list(sampler.stream(batch, generator=rng, **settings))
+            if args.stream:
+                previews = [_upscale(st.preview().float().cpu(), scale) for st in steps]
+                per_scale = previews if per_scale is None else [torch.cat(x) for x in zip(per_scale, previews)]
+                finals.append(previews[-1])
+            else:
+                finals.append(_upscale(steps[-1].preview().float().cpu(), scale))
+            prog.update(sum(len(f) for f in finals))
     except (TypeError, ValueError) as e:
         raise CliError(str(e)) from None
-    path = save_png(make_grid(images.float(), ncol=args.num_per_class if args.num_per_class > 1 else None), out)
-    return f"wrote {len(label_B)} samples ({images.shape[-2]}x{images.shape[-1]}) of classes {labels} to {path}"
+    images = torch.cat(finals)
+    ncol = per_class if per_class > 1 else None
+    path = save_png(make_grid(images, ncol=ncol), out)
+    if len(batches) > 1 and not args.quiet:
+        prog.close(f"{len(images)} images")
+    lines = [f"wrote {len(images)} samples ({images.shape[-2] // scale}x{images.shape[-1] // scale} px"
+             + (f", shown x{scale}" if scale > 1 else "") + f") of classes {labels} to {path}"]
+    if args.stream:
+        stem, ext = os.path.splitext(path)
+        for si, imgs in enumerate(per_scale):
+            lines.append(f"scale {si} preview: {save_png(make_grid(imgs, ncol=ncol), f'{stem}_scale{si}{ext}')}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- bench
@@ -157,15 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, usable backends and why not")
     s = sub.add_parser("sample", help="sample class-conditional images into a PNG grid")
-    s.add_argument("--var-ckpt", help="VAR checkpoint (state dict, e.g. var_d16.pth)")
+    s.add_argument("--var-ckpt", help="VAR checkpoint (state dict, e.g. var_d16.pth); default: the bundled digits model")
     s.add_argument("--vae-ckpt", help="VQVAE checkpoint (state dict, e.g. vae_ch160v4096z32.pth)")
-    s.add_argument("--labels", required=True, help="comma-separated class ids, e.g. 207,360")
-    s.add_argument("--num-per-class", type=int, default=1, help="images per label (one grid row per label)")
+    s.add_argument("--labels", default=None,
+                   help="comma-separated class ids, e.g. 207,360 (default with the bundled model: all ten digits)")
+    s.add_argument("--num-per-class", type=int, default=None,
+                   help="images per label, one grid row per label (default: 8 for the bundled model, else 1)")
+    s.add_argument("--batch-size", type=int, default=64, help="images sampled at once (a progress bar shows batches)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance strength")
+    s.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance strength (default: the model's; 1.5 for released checkpoints)")
     s.add_argument("--top-k", type=int, default=None,
-                   help="top-k filtering (0: off; default 900, the official setting, capped at the vocabulary size)")
-    s.add_argument("--top-p", type=float, default=0.96, help="top-p filtering (0: off)")
+                   help="top-k filtering, 0 = off (default: the model's; 900 for released checkpoints)")
+    s.add_argument("--top-p", type=float, default=None,
+                   help="top-p filtering, 0 = off (default: the model's; 0.96 for released checkpoints)")
+    s.add_argument("--stream", action="store_true",
+                   help="also save the preview after every scale (OUT_scale0.png ...): the coarse-to-fine pyramid")
+    s.add_argument("--display-scale", type=int, default=None,
+                   help="nearest-neighbour upscaling of the saved images (default: 4 for 16-px digits, else 1)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes (visualisation)")
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="VAR compute dtype")

@@ -96,6 +96,9 @@ def test_sample_unwritable_output_fails_before_sampling(tmp_path, checkpoints, c
     assert "does not exist" in capsys.readouterr().err
     assert main(["sample", "--var-ckpt", var_ckpt, "--labels", "1", "--out", str(tmp_path / "y.png")]) == 2
     assert "pass both --var-ckpt and --vae-ckpt" in capsys.readouterr().err
+    assert main(["sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--out", str(tmp_path / "z.png")]) == 2
+    assert "--labels is required with checkpoints" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
@@ -116,3 +119,34 @@ def test_bench_without_gpu_says_so(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["bench", "--models", "d16", "--batches", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_sample_with_the_bundled_model_as_the_readme_says(tmp_path):
+    out = tmp_path / "digits.png"
+    r = run_cli("sample", "--labels", "0,1,2,3", "--seed", "0", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"to {out}" in r.stdout
+    w, h, _ = read_png(out)
+    assert (w, h) == (2 + 8 * 66, 2 + 4 * 66)        # 8 per class (default), 16 px shown x4, one row per digit
+
+
+def test_sample_stream_and_progress(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--labels", "7", "--num-per-class", "5", "--batch-size", "2", "--stream", "--seed", "1",
+                 "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "[sample]" in captured.err and "5 images" in captured.err          # the progress bar, 3 batches
+    for si in range(4):
+        assert f"scale {si} preview: {tmp_path / f'grid_scale{si}.png'}" in captured.out
+        assert read_png(tmp_path / f"grid_scale{si}.png")[:2] == read_png(out)[:2]
+    # the last scale's preview is the final picture
+    assert read_png(tmp_path / "grid_scale3.png")[2] == read_png(out)[2]
+
+
+@pytest.mark.parametrize("labels,message", [("3,12", "--labels: class 12 is out of range; this model has classes 0..9"),
+                                            ("seven", "--labels must be comma-separated class ids")])
+def test_sample_bundled_bad_labels(tmp_path, capsys, labels, message):
+    out = tmp_path / "x.png"
+    assert main(["sample", "--labels", labels, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
