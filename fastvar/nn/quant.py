@@ -119,6 +119,15 @@ class VectorQuantizer2(nn.Module):
         S = len(self.patch_hws) if num_scales is None else num_scales
         return self.quant_resi[ref.scale_ratio(si, S)](h)
 
+    def phi_params(self, si: int, num_scales: Optional[int] = None) -> ref.PhiParams:
+        """Phi of scale ``si`` as ``(weight, bias, resi_ratio)`` for ``fastvar.ops``, or None (identity)."""
+        S = len(self.patch_hws) if num_scales is None else num_scales
+        mod = self.quant_resi[ref.scale_ratio(si, S)]
+        return (mod.weight, mod.bias, mod.resi_ratio) if isinstance(mod, Phi) else None
+
+    def _phis(self, num_scales: int) -> List[ref.PhiParams]:
+        return [self.phi_params(si, num_scales) for si in range(num_scales)]
+
     def _hws(self, v_patch_nums) -> Tuple[Tuple[int, int], ...]:
         return self.patch_hws if v_patch_nums is None else scale_hws(v_patch_nums, "v_patch_nums")
 
@@ -188,13 +197,16 @@ class VectorQuantizer2(nn.Module):
         """Encode a latent ``(B, Cvae, H, W)`` into per-scale indices ``(B, h*w)`` (or f_hat after each scale)."""
         hws = self._hws(v_patch_nums)
         self._check_latent(f_BChw, hws)
-        return ref.encode_multiscale(f_BChw.float(), self.embedding.weight.detach().float(), hws,
-                                     lambda si, h: self.phi(si, h, len(hws)), to_fhat, lookup=self.lookup)
+        codebook = self.embedding.weight.detach().float()
+        if self.using_znorm:   # cosine lookup: the eager loop (the fused path implements the L2 lookup)
+            return ref.encode_multiscale(f_BChw.float(), codebook, hws, lambda si, h: self.phi(si, h, len(hws)),
+                                         to_fhat, lookup=self.lookup)
+        return ops.rq_encode(f_BChw.float(), codebook, hws, self._phis(len(hws)), to_fhat=to_fhat)
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """Teacher-forcing input ``(B, L - first_l, Cvae)`` float32 from per-scale indices."""
         self._check_idx_list(gt_ms_idx_Bl)
-        return ref.idx_to_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self.phi)
+        return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self._phis(len(self.patch_hws)))
 
     def _check_idx_list(self, idx_list) -> None:
         if not isinstance(idx_list, (list, tuple)) or len(idx_list) != len(self.patch_hws):
@@ -210,8 +222,31 @@ class VectorQuantizer2(nn.Module):
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
                                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sampling step: ``f_hat += Phi(upsample(h))`` in place; returns ``(f_hat, next-scale input map)``."""
-        return ref.upsample_accumulate(f_hat, h_BChw, si, self.patch_hws, lambda s, x: self.phi(s, x, SN))
+        """Sampling step: ``f_hat += Phi(upsample(h))`` in place; returns ``(f_hat, next-scale input map)``.
+
+        ``f_hat`` ``(B, Cvae, H, W)`` float32 contiguous; ``h_BChw`` ``(B, Cvae, h, w)`` float32 code map of scale
+        ``si`` (of ``SN``, which picks Phi); the next map is ``(B, Cvae, h', w')``, or ``f_hat`` at the last scale.
+        """
+        return f_hat, ops.upsample_accumulate_(f_hat, h_BChw, *self._step_args(si, SN))
+
+    def get_next_autoregressive_input_from_idx(self, si: int, SN: int, f_hat: torch.Tensor, idx_Bl: torch.Tensor
+                                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`get_next_autoregressive_input` from the scale's token indices ``(B, h*w)`` int64: the codes are
+        gathered inside the upsample kernel (no ``(B, Cvae, h, w)`` map in memory); same values as
+        ``get_next_autoregressive_input(si, SN, f_hat, embedding(idx).transpose(1, 2).reshape(B, Cvae, h, w))``."""
+        h, w = self.patch_hws[si]
+        if not isinstance(idx_Bl, torch.Tensor) or idx_Bl.dim() != 2 or idx_Bl.shape[1] != h * w:
+            shape = tuple(idx_Bl.shape) if isinstance(idx_Bl, torch.Tensor) else type(idx_Bl).__name__
+            raise ValueError(f"idx_Bl must be (B, {h * w}) token indices of scale {si} ({h}x{w}), got {shape}")
+        codes = idx_Bl.view(idx_Bl.shape[0], h, w)
+        return f_hat, ops.upsample_accumulate_(f_hat, codes, *self._step_args(si, SN),
+                                               codebook=self.embedding.weight)
+
+    def _step_args(self, si: int, SN: int):
+        p = self.phi_params(si, SN)
+        weight, bias, ratio = p if p is not None else (None, None, 0.0)
+        next_hw = self.patch_hws[si + 1] if si != len(self.patch_hws) - 1 else None
+        return weight, bias, ratio, next_hw
 
     def embed_to_fhat(self, ms_h_BChw: List[torch.Tensor], all_to_max_scale: bool = True, last_one: bool = False
                       ) -> Union[List[torch.Tensor], torch.Tensor]:
@@ -223,10 +258,8 @@ class VectorQuantizer2(nn.Module):
         if all_to_max_scale:
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, H, W, dtype=torch.float32)
             for si in range(S):
-                h = ms_h_BChw[si]
-                if si < S - 1:
-                    h = ref.bicubic_upsample(h, (H, W))
-                f_hat.add_(self.phi(si, h))
+                weight, bias, ratio, _ = self._step_args(si, S)
+                ops.upsample_accumulate_(f_hat, ms_h_BChw[si].float(), weight, bias, ratio)
                 out.append(f_hat.clone())
         else:   # the official experimental path: grow f_hat scale by scale
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, *self.patch_hws[0], dtype=torch.float32)

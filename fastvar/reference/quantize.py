@@ -9,6 +9,8 @@ Shapes: latents are ``(B, C, H, W)`` (``C = Cvae`` = 32 for VAR); a scale's toke
 - :func:`phi_index`: which Phi a scale uses (the official float64 tick rule).
 - :func:`upsample_accumulate`: the sampling step between scales (``get_next_autoregressive_input``).
 - :func:`encode_multiscale`: the per-scale encode loop (``f_to_idxBl_or_fhat``).
+- :func:`phi_fn_from_params` / :func:`upsample_accumulate_step`: the same with Phi given by its parameters
+  (what ``fastvar.ops`` takes), and the sampling step from token indices or a code map.
 """
 from __future__ import annotations
 
@@ -74,6 +76,45 @@ def phi_index(si: int, num_scales: int, num_phis: int) -> int:
 
 
 PhiFn = Callable[[int, torch.Tensor], torch.Tensor]   # (scale index, h) -> Phi_si(h)
+PhiParams = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]   # (weight, bias, resi_ratio) or None
+
+
+def phi_fn_from_params(phis: Sequence[PhiParams]) -> PhiFn:
+    """A :data:`PhiFn` from per-scale Phi parameters: ``phis[si]`` is ``(weight, bias, resi_ratio)``
+    (:func:`phi`) or None (identity)."""
+    def phi_fn(si: int, h: torch.Tensor) -> torch.Tensor:
+        p = phis[si]
+        return h if p is None else phi(h, p[0], p[1], p[2])
+    return phi_fn
+
+
+def upsample_accumulate_step(
+    f_hat: torch.Tensor,
+    codes: torch.Tensor,
+    phi_weight: Optional[torch.Tensor],
+    phi_bias: Optional[torch.Tensor],
+    resi_ratio: float,
+    next_hw: Optional[Tuple[int, int]],
+    codebook: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One sampling step with explicit Phi parameters (the definition of ``fastvar.ops.upsample_accumulate_``).
+
+    Args:
+        f_hat: ``(B, C, H, W)`` float32, updated **in place**.
+        codes: a ``(B, C, h, w)`` code map, or ``(B, h, w)`` int64 indices into ``codebook`` ``(V, C)``
+            (gathered as the official sampler does: embedding, then a channels-last ``(B, C, h, w)`` view).
+        phi_weight, phi_bias, resi_ratio: Phi (:func:`phi`; identity when ``phi_weight`` is None).
+        next_hw: the next scale's size, or None at the last scale.
+    Returns:
+        ``area_downsample(f_hat, next_hw)`` after ``f_hat += Phi(bicubic(h -> H x W))`` (no upsample when
+        ``h`` already is ``H x W``), or ``f_hat`` when ``next_hw`` is None.
+    """
+    h = F.embedding(codes, codebook).permute(0, 3, 1, 2) if codes.dtype == torch.int64 else codes
+    H, W = f_hat.shape[-2:]
+    if tuple(h.shape[-2:]) != (H, W):
+        h = bicubic_upsample(h, (H, W))
+    f_hat.add_(phi(h, phi_weight, phi_bias, resi_ratio))
+    return f_hat if next_hw is None else area_downsample(f_hat, next_hw)
 
 
 def upsample_accumulate(

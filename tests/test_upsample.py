@@ -1,0 +1,346 @@
+"""Interpolations (``fastvar.ops.bicubic_upsample`` / ``area_downsample``) against ``F.interpolate`` and the
+sampling step between scales (``fastvar.ops.upsample_accumulate_``, ``VectorQuantizer2.get_next_autoregressive_input``)
+against the golden-verified eager reference.
+
+On x86-64 CPUs the Triton kernels (interpreter) must equal PyTorch bit for bit: their rounding sequence is
+ATen's CPU build's (see ``triton_kernels/upsample.py``). Elsewhere they are held to ``REL[float32]``."""
+import os
+import platform
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvar import ops
+from fastvar.nn import VectorQuantizer2
+from fastvar.reference import quantize as ref
+from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, scale_hws
+from tolerances import REL, assert_rel
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _bit_exact_expected() -> bool:
+    """Eager is exact by definition; the interpreter when it rounds ``tl.fma`` once (Triton >= 3.7) on x86-64,
+    where the kernels' rounding sequence is ATen's CPU build's."""
+    if os.environ.get("FASTVAR_BACKEND") == "eager":
+        return True
+    from fastvar.triton_kernels.upsample import interpreter_fma_is_exact
+    return X86 and (torch.cuda.is_available() or interpreter_fma_is_exact())
+NON_SQUARE = ((1, 2), (2, 3), (3, 5), (4, 4), (5, 7))
+
+
+@pytest.fixture
+def gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
+def assert_same(out: torch.Tensor, expected: torch.Tensor, what: str, exact: Optional[bool] = None) -> None:
+    """Bit-identical where the rounding sequence is known to be ATen's (see ``_bit_exact_expected``), else
+    REL[float32]."""
+    assert out.shape == expected.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(expected.shape)}"
+    if _bit_exact_expected() if exact is None else exact:
+        n = int((out != expected).sum())
+        assert n == 0, f"{what}: {n} of {out.numel()} values differ (max {(out - expected).abs().max().item():.3g})"
+    else:
+        assert_rel(out, expected, REL[torch.float32], what)
+
+
+# ------------------------------------------------------------------------------------ interpolations
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512], ids=["256px", "512px"])
+def test_interpolations_every_pair_of_scales(cpu_backend, gen, patch_nums):
+    g, seed = gen
+    hws = scale_hws(patch_nums)
+    for i, small in enumerate(hws):
+        for big in hws[i + 1:]:
+            x = torch.randn(2, 3, *small, generator=g)
+            assert_same(ops.bicubic_upsample(x, big), F.interpolate(x, size=big, mode="bicubic"),
+                        f"seed {seed}: bicubic {small} -> {big}")
+            y = torch.randn(2, 3, *big, generator=g)
+            assert_same(ops.area_downsample(y, small), F.interpolate(y, size=small, mode="area"),
+                        f"seed {seed}: area {big} -> {small}")
+
+
+@pytest.mark.parametrize("src,dst", [((3, 4), (7, 9)), ((7, 3), (5, 11)), ((2, 5), (32, 20)), ((16, 17), (16, 18)),
+                                     ((1, 1), (13, 6)), ((5, 5), (3, 2)), ((9, 13), (32, 21))])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_interpolations_non_square_any_layout(cpu_backend, gen, src, dst, layout):
+    g, seed = gen
+    x = torch.randn(2, 6, *src, generator=g)
+    y = torch.randn(2, 6, *dst, generator=g)
+    if layout == "channels_last":
+        x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x, y = x[:, ::2], y[:, 1::2]
+    up, up_ref = ops.bicubic_upsample(x, dst), F.interpolate(x, size=dst, mode="bicubic")
+    assert_same(up, up_ref, f"seed {seed}: bicubic {src} -> {dst} ({layout})")
+    assert up.stride() == up_ref.stride(), "bicubic output must have the memory format F.interpolate picks"
+    down, down_ref = ops.area_downsample(y, src), F.interpolate(y, size=src, mode="area")
+    assert_same(down, down_ref, f"seed {seed}: area {dst} -> {src} ({layout})")
+    assert down.stride() == down_ref.stride()
+
+
+@pytest.mark.interpreter
+def test_kernels_write_every_output_element(gen):
+    """Outputs poisoned with NaN before the call come back finite and equal to the reference."""
+    from fastvar.triton_kernels import upsample as kernels
+    g, seed = gen
+    B, C, V = 2, 5, 40
+    x = torch.randn(B, C, 3, 5, generator=g)
+    out = torch.full((B, C, 11, 7), float("nan"))
+    kernels.bicubic_upsample(x, (11, 7), out=out)
+    assert_same(out, F.interpolate(x, size=(11, 7), mode="bicubic"), f"seed {seed}: bicubic")
+    codebook = torch.randn(V, C, generator=g)
+    idx = torch.randint(0, V, (B, 3, 5), generator=g)
+    out.fill_(float("nan"))
+    kernels.bicubic_upsample(None, (11, 7), idx=idx, codebook=codebook, out=out)
+    assert_same(out, F.interpolate(codebook[idx].permute(0, 3, 1, 2), size=(11, 7), mode="bicubic"), "from idx")
+    small = torch.full((B, C, 3, 5), float("nan"))
+    kernels.area_downsample(out, (3, 5), out=small)
+    assert_same(small, F.interpolate(out, size=(3, 5), mode="area"), "area")
+    # the accumulate step writes f_hat (from f_in), f_rest and the next map entirely
+    u, cv = torch.randn(B, C, 11, 7, generator=g), torch.randn(B, C, 11, 7, generator=g)
+    f_in, f_rest = torch.randn(B, C, 11, 7, generator=g), torch.randn(B, C, 11, 7, generator=g)
+    f_out = torch.full_like(f_in, float("nan"))
+    nxt = torch.full((B, C, 4, 3), float("nan"))
+    rest0 = f_rest.clone()
+    kernels.phi_accumulate(u, cv, 0.3, f_out=f_out, f_in=f_in, f_rest=f_rest, next_size=(4, 3), next_out=nxt)
+    h = u.mul(1 - 0.3) + cv.mul(0.3)
+    assert_same(f_out, f_in + h, "f_hat")
+    assert_same(f_rest, rest0 - h, "f_rest")
+    assert_same(nxt, F.interpolate(f_rest, size=(4, 3), mode="area"), "next")
+
+
+# ------------------------------------------------------------------------------------ sampling step
+def _quantizer(patch_nums, share_quant_resi=4, quant_resi=0.5, C=8, V=64, seed=0):
+    q = VectorQuantizer2(V, C, v_patch_nums=patch_nums, share_quant_resi=share_quant_resi, quant_resi=quant_resi)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in q.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return q.eval()
+
+
+def _reference_walk(q, codes_per_scale):
+    """The golden-verified eager step (``ref.upsample_accumulate``) scale by scale: f_hat and every next map."""
+    hws = q.patch_hws
+    S = len(hws)
+    f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1])
+    nexts = []
+    for si, h in enumerate(codes_per_scale):
+        f_hat, nxt = ref.upsample_accumulate(f_hat, h, si, hws, lambda s, x: q.phi(s, x, S))
+        nexts.append(nxt.clone())
+    return f_hat, nexts
+
+
+def _code_map(q, idx, h, w):
+    """What VAR's sampler hands the quantizer: embedding -> (B, C, h, w) channels-last view."""
+    B = idx.shape[0]
+    return q.embedding(idx).transpose_(1, 2).reshape(B, q.Cvae, h, w)
+
+
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512, NON_SQUARE], ids=["256px", "512px", "non-square"])
+def test_sampling_step_every_scale(cpu_backend, gen, patch_nums):
+    g, seed = gen
+    q = _quantizer(patch_nums, seed=seed)
+    B, S = 2, len(q.patch_hws)
+    idx = [torch.randint(0, q.vocab_size, (B, h * w), generator=g) for h, w in q.patch_hws]
+    with torch.no_grad():
+        maps = [_code_map(q, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)]
+        f_ref, nexts_ref = _reference_walk(q, maps)
+        f_hat = torch.zeros_like(f_ref)
+        f_idx = torch.zeros_like(f_ref) if patch_nums != PATCH_NUMS_512 else None
+        for si in range(S):
+            out, nxt = q.get_next_autoregressive_input(si, S, f_hat, maps[si])
+            assert out is f_hat, "f_hat must be updated in place"
+            assert_same(nxt, nexts_ref[si], f"seed {seed}: next map after scale {si}")
+            if f_idx is not None:   # tokens straight into the kernel: the same values as the code-map path
+                _, nxt_i = q.get_next_autoregressive_input_from_idx(si, S, f_idx, idx[si])
+                assert_same(nxt_i, nexts_ref[si], f"seed {seed}: next map from indices after scale {si}")
+    assert_same(f_hat, f_ref, f"seed {seed}: final f_hat")
+    if f_idx is not None:
+        assert_same(f_idx, f_ref, f"seed {seed}: final f_hat from indices")
+
+
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, NON_SQUARE], ids=["256px", "non-square"])
+def test_sampling_step_more_smooth_soft_codes(cpu_backend, gen, patch_nums):
+    """``more_smooth``: softmax-weighted code vectors (a dense code map, not tokens)."""
+    g, seed = gen
+    q = _quantizer(patch_nums, seed=seed)
+    B, S = 2, len(q.patch_hws)
+    with torch.no_grad():
+        soft = []
+        for h, w in q.patch_hws:
+            probs = (torch.randn(B, h * w, q.vocab_size, generator=g) * 3).softmax(-1)
+            soft.append((probs @ q.embedding.weight.unsqueeze(0)).transpose_(1, 2).reshape(B, q.Cvae, h, w))
+        f_ref, nexts_ref = _reference_walk(q, soft)
+        f_hat = torch.zeros_like(f_ref)
+        for si in range(S):
+            _, nxt = q.get_next_autoregressive_input(si, S, f_hat, soft[si])
+            assert_same(nxt, nexts_ref[si], f"seed {seed}: next map after scale {si}")
+    assert_same(f_hat, f_ref, f"seed {seed}: final f_hat")
+
+
+@pytest.mark.parametrize("share_quant_resi,quant_resi", [(0, 0.5), (1, 0.5), (4, 0.0), (3, -0.37)])
+def test_sampling_step_phi_variants(cpu_backend, gen, share_quant_resi, quant_resi):
+    """One Phi per scale, one shared, Phi = identity (quant_resi 0), and another ratio."""
+    g, seed = gen
+    q = _quantizer(NON_SQUARE, share_quant_resi, quant_resi, seed=seed)
+    B, S = 3, len(q.patch_hws)
+    with torch.no_grad():
+        maps = [torch.randn(B, q.Cvae, h, w, generator=g) for h, w in q.patch_hws]
+        f_ref, nexts_ref = _reference_walk(q, maps)
+        f_hat = torch.zeros_like(f_ref)
+        for si in range(S):
+            _, nxt = q.get_next_autoregressive_input(si, S, f_hat, maps[si])
+            assert_same(nxt, nexts_ref[si], f"seed {seed}: next after scale {si}")
+        assert_same(f_hat, f_ref, f"seed {seed}: f_hat")
+        # embed_to_fhat replays the same accumulation
+        fh = q.embed_to_fhat(maps, all_to_max_scale=True)
+        assert_same(fh[-1], f_ref, f"seed {seed}: embed_to_fhat")
+
+
+def test_upsample_accumulate_op_against_its_definition(cpu_backend, gen):
+    """The functional op on non-contiguous codes and indices, against ``ref.upsample_accumulate_step``."""
+    g, seed = gen
+    B, C, V = 2, 6, 30
+    w, b = torch.randn(C, C, 3, 3, generator=g) * 0.2, torch.randn(C, generator=g)
+    codebook = torch.randn(V, C, generator=g)
+    f0 = torch.randn(B, C, 9, 7, generator=g)
+    for codes, cb in [(torch.randn(B, 2 * C, 3, 4, generator=g)[:, ::2], None),
+                      (torch.randint(0, V, (B, 4, 3), generator=g), codebook),
+                      (torch.randn(B, C, 9, 7, generator=g).transpose(2, 3).contiguous().transpose(2, 3), None)]:
+        for next_hw in [(4, 5), (1, 1), None]:
+            f_hat, f_exp = f0.clone(), f0.clone()
+            out = ops.upsample_accumulate_(f_hat, codes, w, b, 0.4, next_hw, codebook=cb)
+            exp = ref.upsample_accumulate_step(f_exp, codes, w, b, 0.4, next_hw, cb)
+            assert (out is f_hat) == (next_hw is None)
+            assert_same(f_hat, f_exp, f"seed {seed}: f_hat ({tuple(codes.shape)}, next {next_hw})")
+            assert_same(out, exp, f"seed {seed}: returned map")
+
+
+@pytest.mark.interpreter
+def test_upsample_accumulate_is_one_custom_op(gen):
+    """``fastvar::upsample_accumulate_`` passes torch.library's checks (schema, fake tensor, mutation)."""
+    g, _ = gen
+    B, C = 2, 4
+    f_hat = torch.randn(B, C, 6, 6, generator=g)
+    codes = torch.randn(B, C, 2, 3, generator=g)
+    w, b = torch.randn(C, C, 3, 3, generator=g), torch.randn(C, generator=g)
+    torch.library.opcheck(torch.ops.fastvar.upsample_accumulate_.default, (f_hat, codes, w, b, 0.5, [3, 2], None),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fastvar.rq_lookup.default, (torch.randn(5, C), torch.randn(7, C), True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.interpreter
+def test_sampling_step_compiles_to_one_graph(gen, monkeypatch):
+    """``torch.compile(fullgraph=True)`` traces the step without a graph break (the custom op is one node)
+    and gives the same f_hat and next map."""
+    monkeypatch.setenv("FASTVAR_BACKEND", "triton")
+    g, _ = gen
+    B, C = 2, 4
+    codes = torch.randn(B, C, 2, 3, generator=g)
+    w, b = torch.randn(C, C, 3, 3, generator=g), torch.randn(C, generator=g)
+
+    def step(f_hat, codes):
+        return ops.upsample_accumulate_(f_hat, codes, w, b, 0.5, (3, 2))
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    f1, f2 = torch.zeros(B, C, 6, 6), torch.zeros(B, C, 6, 6)
+    out = compiled(f1, codes)
+    assert torch.equal(out, step(f2, codes)) and torch.equal(f1, f2)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(f_hat=torch.randn(2, 4, 6, 6).transpose(2, 3)), ValueError, r"f_hat must be contiguous"),
+    (dict(f_hat=torch.randn(2, 4, 6, 6).double()), TypeError, r"f_hat must have dtype in \['torch.float32'\]"),
+    (dict(codes=torch.randn(2, 5, 3, 3)), ValueError, r"codes \(a float32 code map\) must have shape \(B=2, C=4, h, w\), got \(2, 5, 3, 3\)"),
+    (dict(codes=torch.randint(0, 9, (2, 9))), ValueError, r"codes \(int64 token indices\) must have shape \(B=2, h, w\), got \(2, 9\)"),
+    (dict(codes=torch.randint(0, 9, (2, 3, 3))), ValueError, r"codebook is required"),
+    (dict(codes=torch.full((2, 3, 3), 9), codebook=torch.randn(9, 4)), ValueError, r"codes must hold codebook indices in \[0, 9\) \(V=9\), got values in \[9, 9\]"),
+    (dict(codes=torch.full((2, 3, 3), -1), codebook=torch.randn(9, 4)), ValueError, r"got values in \[-1, -1\]"),
+    (dict(codes=torch.randint(0, 9, (2, 3, 3)), codebook=torch.randn(9, 5)), ValueError, r"codebook must have C=4 channels"),
+    (dict(codes=torch.randint(0, 9, (2, 3, 3)), codebook=torch.randn(0, 4)), ValueError, r"codebook must have at least one row"),
+    (dict(phi_weight=torch.randn(4, 4, 1, 1)), ValueError, r"phi weight must have shape \(4, 4, 3, 3\), got \(4, 4, 1, 1\)"),
+    (dict(phi_bias=torch.randn(3)), ValueError, r"phi bias must have shape \(4\), got \(3,\)"),
+    (dict(resi_ratio=float("nan")), ValueError, r"phi resi_ratio must be finite"),
+    (dict(next_hw=(0, 2)), ValueError, r"next_hw must be a pair of positive ints"),
+    (dict(next_hw=3), TypeError, r"next_hw must be a pair of positive ints"),
+])
+def test_upsample_accumulate_bad_input(cpu_backend, kw, err, match):
+    args = dict(f_hat=torch.randn(2, 4, 6, 6), codes=torch.randn(2, 4, 3, 3), phi_weight=torch.randn(4, 4, 3, 3),
+                phi_bias=torch.randn(4), resi_ratio=0.5, next_hw=(4, 4), codebook=None)
+    args.update(kw)
+    with pytest.raises(err, match=match):
+        ops.upsample_accumulate_(**args)
+
+
+@pytest.mark.parametrize("fn,args,err,match", [
+    ("bicubic_upsample", (torch.randn(2, 3, 4), (8, 8)), ValueError, r"x must have 4 dims, got shape \(2, 3, 4\)"),
+    ("bicubic_upsample", (torch.randn(2, 3, 4, 4), (8, 0)), ValueError, r"size must be a pair of positive ints"),
+    ("area_downsample", (torch.randn(2, 3, 4, 4).half(), (2, 2)), TypeError, r"x must have dtype in \['torch.float32'\]"),
+    ("area_downsample", (torch.randn(2, 3, 4, 4), "ab"), TypeError, r"size must be a pair of positive ints"),
+])
+def test_interpolation_bad_input(cpu_backend, fn, args, err, match):
+    with pytest.raises(err, match=match):
+        getattr(ops, fn)(*args)
+
+
+# ------------------------------------------------------------------------------------------- GPU lane
+@pytest.mark.gpu
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512, NON_SQUARE], ids=["256px", "512px", "non-square"])
+def test_interpolations_gpu_against_cuda_aten(gen, patch_nums):
+    """Against ATen's CUDA kernels. Area: bit-identical (same order, IEEE division). Bicubic: bit-identical
+    if nvcc contracted ATen's polynomials as assumed (``TORCH_CPU=False`` in the kernel) — the first thing
+    to look at on a new GPU image; within REL[float32] in any case."""
+    g, seed = gen
+    hws = scale_hws(patch_nums)
+    mismatched = []
+    for i, small in enumerate(hws):
+        for big in hws[i + 1:]:
+            x = torch.randn(16, 32, *small, generator=g).cuda()
+            up, up_ref = ops.bicubic_upsample(x, big), F.interpolate(x, size=big, mode="bicubic")
+            assert_rel(up, up_ref, REL[torch.float32], f"seed {seed}: bicubic {small} -> {big}")
+            if not torch.equal(up, up_ref):
+                mismatched.append((small, big, int((up != up_ref).sum())))
+            y = torch.randn(16, 32, *big, generator=g).cuda()
+            assert_same(ops.area_downsample(y, small), F.interpolate(y, size=small, mode="area"),
+                        f"seed {seed}: area {big} -> {small}", exact=True)
+    assert not mismatched, f"bicubic differs from ATen CUDA in the last bits: {mismatched}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512], ids=["256px", "512px"])
+@pytest.mark.parametrize("B", [1, 16])
+def test_sampling_step_gpu(gen, patch_nums, B):
+    """VAR's sizes (Cvae 32, V 4096) on the GPU against the eager step, then replayed in a CUDA graph."""
+    g, seed = gen
+    q = _quantizer(patch_nums, C=32, V=4096, seed=seed).cuda()
+    S = len(q.patch_hws)
+    idx = [torch.randint(0, 4096, (B, h * w), generator=g).cuda() for h, w in q.patch_hws]
+    with torch.no_grad():
+        maps = [_code_map(q, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)]
+        f_ref, nexts_ref = _reference_walk(q, maps)
+        f_hat = torch.zeros_like(f_ref)
+        f_idx = torch.zeros_like(f_ref)
+        for si in range(S):
+            _, nxt = q.get_next_autoregressive_input(si, S, f_hat, maps[si])
+            _, nxt_i = q.get_next_autoregressive_input_from_idx(si, S, f_idx, idx[si])
+            assert_rel(nxt, nexts_ref[si], REL[torch.float32], f"seed {seed}: next after scale {si}")
+            assert torch.equal(nxt_i, nxt), "the index path must equal the code-map path"
+        assert_rel(f_hat, f_ref, REL[torch.float32], f"seed {seed}: f_hat")
+        # CUDA graph: the whole per-scale chain captured once and replayed
+        f_g = torch.zeros_like(f_ref)
+        static_idx = [i.clone() for i in idx]
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for si in range(S):
+                q.get_next_autoregressive_input_from_idx(si, S, f_g, static_idx[si])
+        f_g.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(f_g, f_idx), "CUDA-graph replay differs from the eager launches"
