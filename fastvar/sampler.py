@@ -259,14 +259,12 @@ class Sampler:
         tokens, logits = drawn if more_smooth else (drawn, None)
         run.tokens[si].copy_(tokens)
         tokens = tokens.clamp_min(0)     # a bad row drew -1 (CUDA: no sync here); stream() raises after the sample
-        codebook = self.quant.embedding.weight
         if more_smooth:
             g = (logits.mul(1 + ratio) + (-run.gumbel[si].log())) / ref_sampling.smooth_tau(ratio)
-            codes = g.softmax(-1) @ codebook.unsqueeze(0)
-        else:
-            codes = F.embedding(tokens, codebook)
-        h = codes.transpose_(1, 2).reshape(B, var.Cvae, ph, pw).float()
-        _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, h)
+            codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
+            _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, codes.reshape(B, var.Cvae, ph, pw))
+        else:   # the codes are gathered inside the upsample kernel: no (B, Cvae, h, w) map
+            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, run.f_hat, tokens)
         if si + 1 < S:
             b0, b1 = self.begins[si + 1]
             x_next = F.linear(nxt.view(B, var.Cvae, -1).transpose(1, 2).to(self.dtype), w.word_w, w.word_b)
