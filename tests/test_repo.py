@@ -1,7 +1,8 @@
 """The repository's promises: CI runs the README's test command; the package layout is as documented."""
-import importlib.util
 import os
 import re
+import subprocess
+import sys
 
 import fastvar
 
@@ -22,11 +23,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert test_cmd in ci.splitlines(), "CI must run the README's test command verbatim"
 
 
-def test_triton_kernels_install_under_fastvar():
+def test_triton_kernels_install_under_fastvar(tmp_path):
     import fastvar.triton_kernels as tk
     assert os.path.dirname(tk.__file__).endswith("triton_kernels")
-    spec = importlib.util.find_spec("triton_kernels")
-    assert spec is None or not (spec.origin or "").startswith(ROOT), "fastvar must not ship a top-level triton_kernels"
+    # from anywhere but the repository root, `import triton_kernels` must never find fastvar's folder
+    code = "import importlib.util as u; s = u.find_spec('triton_kernels'); print(s.origin if s else None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not out.stdout.strip().startswith(ROOT), f"a top-level triton_kernels resolves to fastvar's: {out.stdout}"
 
 
 def test_public_api():
