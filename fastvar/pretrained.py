@@ -19,6 +19,7 @@ import torch
 
 from fastvar.models import VAR, VQVAE
 from fastvar.models.build import vae_var_from_state_dicts
+from fastvar.utils.files import load_tensors
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DIGITS_PATH = os.path.join(WEIGHTS_DIR, "digits.pt")
@@ -36,13 +37,11 @@ def read_digits_file(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str
     """The bundled weights file as a dict ``{"config", "vae", "var", "sampling"}`` (``torch.load`` with
     ``weights_only=True``); ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
     path = DIGITS_PATH if path is None else os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"digits weights not found: {path} (reinstall fastvar, or recreate them with "
-                                f"python -m fastvar.train.digits --out runs/digits --export {DIGITS_PATH})")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"digits weights {path} could not be read with torch.load(weights_only=True): {e}") from e
+        obj = load_tensors(path, "digits weights")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (reinstall fastvar, or recreate them with python -m fastvar.train.digits "
+                                f"--out runs/digits --export {DIGITS_PATH})") from None
     if not isinstance(obj, dict) or obj.get("format") != DIGITS_FORMAT or not all(
             isinstance(obj.get(k), dict) for k in ("config", "vae", "var", "sampling")):
         raise ValueError(f"digits weights {path} are not a {DIGITS_FORMAT} file "

@@ -69,8 +69,9 @@ def test_sample_writes_a_png_grid(tmp_path, checkpoints):
     w, h, raw = read_png(out)
     assert (w, h) == (2 + 2 * 18, 2 + 2 * 18)        # 3 images of 16x16 in a 2x2 grid with 2-px padding
     again = tmp_path / "again.png"
-    assert main(["sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--labels", "3,7,1", "--seed", "0",
-                 "--top-k", "20", "--top-p", "0.9", "--out", str(again)]) == 0
+    r = run_cli("sample", "--var-ckpt", var_ckpt, "--vae-ckpt", vae_ckpt, "--labels", "3,7,1", "--seed", "0",
+                "--top-k", "20", "--top-p", "0.9", "--out", str(again))
+    assert r.returncode == 0, r.stderr
     assert read_png(again)[2] == raw, "the same seed must give the same picture"
 
 

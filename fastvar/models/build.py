@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from fastvar.models.var import VAR
 from fastvar.models.vqvae import VQVAE
+from fastvar.utils.files import load_tensors
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, ScaleSpec, scale_hws
 
 KNOWN_SCHEDULES = (PATCH_NUMS_256, PATCH_NUMS_512)
@@ -63,12 +64,7 @@ def build_vae_var(
 def load_checkpoint(path: Union[str, os.PathLike], what: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Read a checkpoint with ``torch.load(weights_only=True)``: a plain state dict, or fastvar's
     ``{"state_dict": ..., "config": {...}}``. Returns ``(state_dict, config)``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{what} checkpoint {path} could not be read with torch.load(weights_only=True): {e}") from e
+    obj = load_tensors(path, f"{what} checkpoint")
     config: Dict[str, Any] = {}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         config = dict(obj.get("config") or {})

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fastvar.models import VAR, VQVAE
 from fastvar.reference import quantize as ref_quant
-from fastvar.utils.files import atomic_write, check_writable
+from fastvar.utils.files import atomic_write, check_writable, load_tensors
 from fastvar.utils.progress import Progress
 from fastvar.train.data import CLASS_NAMES, NUM_CLASSES, RESAMPLE_MODES, load_digit_images, shift_images
 
@@ -388,9 +388,9 @@ def load_checkpoint(path: str, c: Dict[str, Any]) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise TrainError(f"--resume: no checkpoint at {path} (train without --resume first)")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TrainError(f"--resume: {path} could not be read with torch.load(weights_only=True): {e}") from None
+        ck = load_tensors(path, "--resume: checkpoint")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise TrainError(f"--resume: {path} is not a {FORMAT} checkpoint")
     old = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ck["config"].items()}
@@ -519,6 +519,7 @@ def train(c: Dict[str, Any], out: str, resume: bool = False, export: Optional[st
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    threads_before = torch.get_num_threads()     # restored: main() may run inside a larger program
     try:
         c = config_from_args(args)
         out = check_out_dir(args.out)
@@ -539,6 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nfastvar.train.digits: interrupted; the last finished epoch is in "
               f"{os.path.join(args.out, CKPT_NAME)}: continue with the same command and --resume", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads_before)
     return 0
 
 

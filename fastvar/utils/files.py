@@ -36,3 +36,16 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def load_tensors(path, what: str):
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain values only, never
+    arbitrary pickled code. ``FileNotFoundError`` / ``ValueError`` naming ``what`` and the path."""
+    import torch
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path} could not be read with torch.load(weights_only=True): {e}") from e
