@@ -1,16 +1,22 @@
 """Block-causal multi-scale attention and the KV-cached sampling step: functional API and backend choice.
 
 See :mod:`fastvar.reference.attention` for the definitions these ops must reproduce.
-"""
-from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+Backends (``BLOCK_CAUSAL_IMPLS`` / ``KV_CACHED_IMPLS``): ``eager`` (the reference, with the dense mask
+cached) and ``triton`` (``fastvar.triton_kernels.attention``: FlashAttention-style tiles, no ``L x L``
+tensor, VAR's q/k L2 norm fused in). The Triton path runs through two ``torch.library`` custom ops,
+``fastvar::block_causal_attention`` (with its backward ``fastvar::block_causal_attention_backward``,
+attached by ``register_autograd``) and ``fastvar::kv_cached_attention`` (mutates the caches), each with
+a fake implementation, so ``torch.compile`` and CUDA graphs see one node per call.
+"""
+# No ``from __future__ import annotations``: torch.library reads the custom ops' annotations as types.
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from fastvar.reference import attention as ref
 from fastvar.ops._backend import select
-from fastvar.ops._checks import check_same, check_scale_lens, check_tensor
+from fastvar.ops._checks import check_finite_scalar, check_same, check_scale_lens, check_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -27,17 +33,119 @@ def _eager_block_causal(q, k, v, scale_lens, softmax_scale, scale_mul):
     return ref.block_causal_attention(q, k, v, scale_lens, softmax_scale, scale_mul, attn_bias=bias)
 
 
-BLOCK_CAUSAL_IMPLS = {"eager": _eager_block_causal}
-KV_CACHED_IMPLS = {"eager": ref.kv_cached_attention}
+# ------------------------------------------------------------------ Triton path: custom ops
+def _kernels():
+    """``fastvar.triton_kernels.attention``, imported on first use (after ``TRITON_INTERPRET`` is set)."""
+    from fastvar.triton_kernels import attention
+    return attention
+
+
+@torch.library.custom_op("fastvar::block_causal_attention", mutates_args=())
+def _block_causal_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale_lens: List[int],
+                     softmax_scale: float, scale_mul: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: ``out`` (B, L, H, D) and the softmax statistics ``stats`` (2 or, with ``scale_mul``,
+    3, B, H, L) fp32 the backward needs (see ``fastvar.triton_kernels.attention``)."""
+    return _kernels().block_causal_attention_fwd(q, k, v, scale_lens, softmax_scale, scale_mul)
+
+
+@_block_causal_op.register_fake
+def _(q, k, v, scale_lens, softmax_scale, scale_mul):
+    B, L, H, D = q.shape
+    return q.new_empty((B, L, H, D)), q.new_empty((2 if scale_mul is None else 3, B, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvar::block_causal_attention_backward", mutates_args=())
+def _block_causal_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, stats: torch.Tensor, scale_lens: List[int], softmax_scale: float,
+                              scale_mul: Optional[torch.Tensor]
+                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: ``dq, dk, dv`` (B, L, H, D) and ``dscale_mul`` shaped as ``scale_mul`` (an empty
+    tensor without ``scale_mul``: a custom op cannot return None)."""
+    dq, dk, dv, dsm = _kernels().block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_scale,
+                                                            scale_mul)
+    dsm = q.new_empty(0) if scale_mul is None else dsm.to(scale_mul.dtype).reshape(scale_mul.shape)
+    return dq, dk, dv, dsm
+
+
+@_block_causal_backward_op.register_fake
+def _(dout, q, k, v, out, stats, scale_lens, softmax_scale, scale_mul):
+    dsm = q.new_empty(0) if scale_mul is None else scale_mul.new_empty(scale_mul.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dsm
+
+
+def _block_causal_setup_context(ctx, inputs, output):
+    q, k, v, scale_lens, softmax_scale, scale_mul = inputs
+    ctx.scale_lens, ctx.softmax_scale = scale_lens, softmax_scale
+    ctx.save_for_backward(q, k, v, output[0], output[1], scale_mul)
+
+
+def _block_causal_backward(ctx, dout, dstats):
+    # ``stats`` are internal (the public function returns ``out`` only): their gradient is ignored.
+    q, k, v, out, stats, scale_mul = ctx.saved_tensors
+    dq, dk, dv, dsm = _block_causal_backward_op(dout, q, k, v, out, stats, ctx.scale_lens, ctx.softmax_scale,
+                                                scale_mul)
+    return dq, dk, dv, None, None, (dsm if scale_mul is not None else None)
+
+
+# register_autograd builds the autograd.Function around the op, so the op stays one node for compile.
+_block_causal_op.register_autograd(_block_causal_backward, setup_context=_block_causal_setup_context)
+
+
+@torch.library.custom_op("fastvar::kv_cached_attention", mutates_args=("k_cache", "v_cache"))
+def _kv_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cache_len: int, softmax_scale: float, scale_mul: Optional[torch.Tensor]) -> torch.Tensor:
+    """Triton KV-cached step: one launch appends the scale to the caches in place and attends (no autograd)."""
+    return _kernels().kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul)
+
+
+@_kv_cached_op.register_fake
+def _(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
+    return q.new_empty(q.shape)
+
+
+def _check_triton_inputs(q: torch.Tensor) -> None:
+    """What the kernels support beyond the public checks (eager supports every D and float dtype)."""
+    kernels = _kernels()
+    D = q.shape[-1]
+    if D not in kernels.SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q, k, v: the Triton attention kernels need head dim D in {kernels.SUPPORTED_HEAD_DIMS}, "
+                         f"got D={D} (shape {tuple(q.shape)}); FASTVAR_BACKEND=eager supports any D")
+    if q.dtype not in kernels.SUPPORTED_DTYPES:
+        raise TypeError(f"q, k, v: the Triton attention kernels need dtype in "
+                        f"{[str(d) for d in kernels.SUPPORTED_DTYPES]}, got {q.dtype}; "
+                        f"FASTVAR_BACKEND=eager supports it")
+
+
+def _triton_block_causal(q, k, v, scale_lens, softmax_scale, scale_mul):
+    _check_triton_inputs(q)
+    scale = ref._softmax_scale(q.shape[-1], softmax_scale, scale_mul)
+    return _block_causal_op(q, k, v, list(scale_lens), scale, scale_mul)[0]
+
+
+def _triton_kv_cached(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
+    _check_triton_inputs(q)
+    scale = ref._softmax_scale(q.shape[-1], softmax_scale, scale_mul)
+    return _kv_cached_op(q, k, v, k_cache, v_cache, int(cache_len), scale, scale_mul)
+
+
+BLOCK_CAUSAL_IMPLS = {"eager": _eager_block_causal, "triton": _triton_block_causal}
+KV_CACHED_IMPLS = {"eager": ref.kv_cached_attention, "triton": _triton_kv_cached}
 
 
 def _check_scale_mul(scale_mul, H: int, like: torch.Tensor) -> None:
     if scale_mul is None:
         return
     check_tensor("scale_mul", scale_mul)
+    if not scale_mul.is_floating_point():
+        raise TypeError(f"scale_mul must be a floating-point tensor, got {scale_mul.dtype}")
     if scale_mul.numel() != H:
         raise ValueError(f"scale_mul must hold one value per head (H={H}), got shape {tuple(scale_mul.shape)}")
     check_same(("q", "scale_mul"), (like, scale_mul), what="device")
+
+
+def _check_softmax_scale(softmax_scale) -> None:
+    if softmax_scale is not None:
+        check_finite_scalar("softmax_scale", softmax_scale)
 
 
 def block_causal_attention(
@@ -68,6 +176,7 @@ def block_causal_attention(
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     lens = check_scale_lens(scale_lens, q.shape[1])
     _check_scale_mul(scale_mul, q.shape[2], q)
+    _check_softmax_scale(softmax_scale)
     impl = select("block_causal_attention", BLOCK_CAUSAL_IMPLS, q.device)
     return impl(q, k, v, lens, softmax_scale, scale_mul)
 
@@ -107,6 +216,14 @@ def kv_cached_attention(
     if not 0 <= int(cache_len) <= k_cache.shape[1] - l:
         raise ValueError(f"cache_len must be in [0, L_max - l] = [0, {k_cache.shape[1] - l}], got {cache_len}")
     _check_scale_mul(scale_mul, H, q)
+    _check_softmax_scale(softmax_scale)
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        for other_name, t in (("q", q), ("k", k), ("v", v)):
+            if torch.compiler.is_compiling():    # fake tensors under torch.compile have no storage
+                break
+            if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                raise ValueError(f"{name} must not share memory with {other_name}: the new keys and values are "
+                                 f"read from {other_name} while {name} is written in place")
     impl = select("kv_cached_attention", KV_CACHED_IMPLS, q.device)
     return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul)
 

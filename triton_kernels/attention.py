@@ -1,0 +1,678 @@
+"""Triton kernels of VAR's block-causal multi-scale attention and of its KV-cached sampling step.
+
+Definitions (see :mod:`fastvar.reference.attention`): ``q, k, v`` are ``(B, L, H, D)`` with any strides,
+``scale_lens`` the token count of every scale (``sum == L``), ``end(i)`` the end of the scale of token
+``i``. Query ``i`` attends to keys ``[0, end(i))``::
+
+    z_ij = softmax_scale * qt_i . kt_j        out_i = sum_{j < end(i)} softmax_j(z_ij) v_j
+
+with ``qt = q, kt = k``, or with VAR's L2 norm (``NORM``)
+``qt = exp(min(scale_mul_h, ln 100)) * q / max(|q|, eps)`` and ``kt = k / max(|k|, eps)`` per head.
+
+Tiling (FlashAttention-2, online softmax in base 2, scores never leave registers):
+
+* forward and dQ: one program per (query tile, batch*head). Every row of a query tile sees at least
+  ``[0, end(first row))`` and at most ``[0, end(last row))`` (``end`` never decreases along the sequence).
+  Key tiles below ``end(first row)`` are full: no mask arithmetic. Tiles up to ``end(last row)`` get the
+  per-row mask ``key < end(row)``. Tiles beyond are never visited.
+* dK/dV: one program per (key tile, batch*head). Queries that see any key of the tile start at
+  ``begin(scale of the first key)``; from ``begin(scale of the last key)`` on they see all of it. Query
+  tiles before that are masked, the rest are full (a ragged last query tile, and all query tiles of a
+  ragged last key tile, are masked too).
+* The bounds come from two ``(L,)`` int32 tables ``begin(i)``, ``end(i)`` built once per
+  ``(scale_lens, device)`` on the host (:func:`scale_bounds`): a program reads two scalars, no search,
+  and the tables do not depend on the tile sizes, so the tile sizes are free to be autotuned.
+* The L2 norm is fused: the scores of raw q and k tiles are scaled in fp32 per row (``c_h / |q_i|``) and
+  per column (``1 / |k_j|``), the norms taken from the registers the tiles are loaded into. No separate
+  normalisation pass, no normalised copy in memory (the KV step writes the normalised new keys, which the
+  cache must hold).
+
+Backward (gradients of ``q, k, v`` and ``scale_mul``; ``dz = p * (dp - delta)``, ``delta_i = dO_i . O_i``):
+the forward saves every row's score max and log2 softmax denominator (kept apart, see the forward kernel)
+and, with NORM, its score factor; the backward rebuilds ``p`` from them tile by tile.
+``_bwd_preprocess`` writes ``delta``; ``_bwd_dkdv`` accumulates ``dv_j = sum_i p_ij dO_i`` and
+``dkt_j = softmax_scale * sum_i dz_ij qt_i`` over the query tiles that see key tile ``j``; ``_bwd_dq``
+accumulates ``dqt_i = softmax_scale * sum_j dz_ij kt_j``. With ``NORM`` the chain rule through the
+normalisation is applied in registers at the end (``dq = (c dqt - q^ (q^ . c dqt)) / |q|`` with
+``q^ = q/|q|``) and ``dL/dscale_mul_h = c_h [scale_mul_h <= ln 100] sum_i q^_i . dqt_i`` is written per
+row and summed on the host. Both gradient kernels are deterministic (no atomics).
+
+Launchers here are plain functions on tensors: no autograd, no custom ops (``fastvar.ops.attention``).
+"""
+import functools
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from fastvar.reference.attention import MAX_SCALE_MUL
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634
+NORM_EPS = tl.constexpr(1e-12)    # F.normalize's eps
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _inv_norm(x, AXIS: tl.constexpr):
+    """``1 / max(|x|, eps)`` along ``AXIS`` in fp32, and 1.0 where ``|x| >= eps`` (the norm has a
+    gradient there, as torch's ``clamp_min``), else 0.0."""
+    xf = x.to(tl.float32)
+    nrm = tl.sqrt(tl.sum(xf * xf, AXIS))
+    return 1.0 / tl.maximum(nrm, NORM_EPS), tl.where(nrm >= NORM_EPS, 1.0, 0.0)
+
+
+@triton.jit
+def _tile(base, rows, offs_d, stride_l, stride_d):
+    """Pointers to the ``(len(rows), D)`` tile ``base[rows, :]`` of a strided ``(L, D)`` slice."""
+    return base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _head_factor(SCALE_MUL, h, max_log):
+    """``c_h = exp(min(scale_mul_h, ln 100))`` and ``dc/dscale_mul_h`` (0 above the clamp)."""
+    sm = tl.load(SCALE_MUL + h).to(tl.float32)
+    c = tl.exp(tl.minimum(sm, max_log))
+    return c, tl.where(sm <= max_log, c, 0.0)
+
+
+@triton.jit
+def _attend_tiles(acc, l_i, m_i, q, row_scale, row_end, K, V, stride_kl, stride_kd, stride_vl, stride_vd,
+                  lo, hi, offs_n, offs_d,
+                  BLOCK_N: tl.constexpr, MASK: tl.constexpr, NORM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update of one query tile over the key tiles ``[lo, hi)`` of ``K, V`` (pointers
+    to key 0 of one batch and head).
+
+    ``MASK``: 0 = every key visible to every row (no mask arithmetic, no load masks: ``hi`` is a
+    multiple of ``BLOCK_N`` inside the sequence); 1 = keys ``< hi`` visible (ragged last tile);
+    2 = key ``n`` visible to row ``m`` iff ``n < row_end[m]`` (block-causal boundary, ``row_end <= hi``).
+    ``q`` (BLOCK_M, D) raw; scores are ``(q @ k^T) * row_scale[:, None]`` in log2 units, with NORM times
+    ``1 / |k_j|`` per column: the key tile goes to the tensor cores as loaded (a normalised copy would be
+    written back to shared memory every iteration) and the scores stay unrounded fp32.
+    """
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kt_ptrs = K + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd
+        v_ptrs = _tile(V, cols, offs_d, stride_vl, stride_vd)
+        if MASK == 0:
+            kt = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kt = tl.load(kt_ptrs, mask=cols[None, :] < hi, other=0.0)
+            v = tl.load(v_ptrs, mask=cols[:, None] < hi, other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * row_scale[:, None]
+        if NORM:
+            rk, _ = _inv_norm(kt, 0)
+            s = s * rk[None, :]
+        if MASK == 1:
+            s = tl.where(cols[None, :] < hi, s, float("-inf"))
+        if MASK == 2:
+            s = tl.where(cols[None, :] < row_end[:, None], s, float("-inf"))
+        # Key 0 is visible to every row and the first tile visited holds it, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _query_tile_keys(BEGIN_END, m0, offs_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys of the query tile at row ``m0``: ``[0, n_full)`` (whole key tiles) are seen by every row,
+    ``[n_full, kv_end)`` by some rows; ``row_end`` (BLOCK_M,) is every row's end (1 past L: key 0 only)."""
+    ENDS = BEGIN_END + L
+    full_end = tl.load(ENDS + m0)                              # end(scale of the first row)
+    kv_end = tl.load(ENDS + tl.minimum(m0 + BLOCK_M, L) - 1)   # end(scale of the last row)
+    row_end = tl.load(ENDS + offs_m, mask=offs_m < L, other=1)
+    return (full_end // BLOCK_N) * BLOCK_N, kv_end, row_end
+
+
+@triton.jit
+def _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M: tl.constexpr, NORM: tl.constexpr):
+    """Per-row factor of the log2-unit scores: ``softmax_scale * log2(e)``, times ``c_h / |q_i|`` with NORM."""
+    if NORM:
+        rq, _ = _inv_norm(q, 1)
+        c, _ = _head_factor(SCALE_MUL, h, max_log)
+        return rq * (c * qk_scale)
+    else:
+        return tl.full([BLOCK_M], qk_scale, tl.float32)
+
+
+# ------------------------------------------------------------------------------------------ forward
+@triton.jit
+def _block_causal_attn_fwd_kernel(
+        Q, K, V, O, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, BEGIN_END, SCALE_MUL, qk_scale, max_log, L, H,
+        stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+        stride_vb, stride_vl, stride_vh, stride_vd, stride_ob, stride_ol, stride_oh, stride_od,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """Block-causal attention forward.
+
+    Grid ``(cdiv(L, BLOCK_M), B*H)``. ``O`` (B, L, H, D) = softmax(z) v per row. With ``s = z log2(e)``,
+    ``ROW_MAX`` (B, H, L) fp32 = ``max_j s_ij`` and ``ROW_LOG2SUM`` = ``log2 sum_j 2^(s_ij - max)``: the
+    backward rebuilds ``p = 2^((s - max) - log2sum)``. Kept apart rather than summed into one log-sum-exp:
+    at VAR's clamp ``|s|`` reaches 144, where one fp32 rounding of ``max + log2sum`` (8e-6) makes the
+    rebuilt ``p`` sum to ``1 +- 5e-6``, which a saturated head's small gradients amplify past fp32 tolerance
+    (dq error 1.7e-4 with the sum vs 2e-6 apart, CPU interpreter, c = 100). With NORM, ``ROW_SCALE``
+    (B, H, L) fp32 = every row's score factor ``qk_scale * c_h / |q_i|``: the backward loads the forward's
+    exact factor instead of re-normalising every query tile it visits (that cost registers: dQ with 128x32
+    tiles at D=64 spilled 104 B for sm_90, none with the stored factor).
+    ``BEGIN_END`` (2, L) int32: begin and end of every token's scale. ``qk_scale = softmax_scale * log2(e)``.
+    """
+    # Heaviest query tiles (the finest scale sees the most keys) are launched first.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
+                mask=row_ok[:, None], other=0.0)
+    row_scale = _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M, NORM)
+    n_full, kv_end, row_end = _query_tile_keys(BEGIN_END, m0, offs_m, L, BLOCK_M, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    K = K + b * stride_kb + h * stride_kh
+    V = V + b * stride_vb + h * stride_vh
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, row_end, K, V, stride_kl, stride_kd,
+                                  stride_vl, stride_vd, 0, n_full, offs_n, offs_d, BLOCK_N, 0, NORM, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, row_end, K, V, stride_kl, stride_kd,
+                                  stride_vl, stride_vd, n_full, kv_end, offs_n, offs_d, BLOCK_N, 2, NORM, DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(ROW_MAX + bh * L + offs_m, m_i, mask=row_ok)
+    tl.store(ROW_LOG2SUM + bh * L + offs_m, tl.math.log2(l_i), mask=row_ok)
+    if NORM:
+        tl.store(ROW_SCALE + bh * L + offs_m, row_scale, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------ backward
+@triton.jit
+def _block_causal_attn_bwd_preprocess_kernel(
+        O, DO, DELTA, L, H, stride_ob, stride_ol, stride_oh, stride_od,
+        stride_dob, stride_dol, stride_doh, stride_dod, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``DELTA`` (B, H, L) fp32 = ``sum_d O * dO``. Grid ``(cdiv(L, BLOCK_M), B*H)``."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < L
+    o = tl.load(_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
+                mask=row_ok, other=0.0)
+    do = tl.load(_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dol, stride_dod),
+                 mask=row_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, ENDS, qk_scale, L,
+                stride_ql, stride_qd, stride_dol, stride_dod, lo, hi, offs_m, offs_d,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, NORM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate one key tile's ``dv`` and ``sum_i dz_ij q_i`` (times the row factor with NORM) over the
+    query tiles ``[lo, hi)``.
+
+    Works on transposed scores ``(BLOCK_N, BLOCK_M)``. ``MASKED``: rows ``>= L`` and keys a row does not
+    see (keys ``>= L`` included) get ``p = 0``; otherwise all rows and keys are in the sequence and every
+    row sees every key of the tile.
+    """
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + offs_m
+        qt_ptrs = Q + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd
+        do_ptrs = _tile(DO, rows, offs_d, stride_dol, stride_dod)
+        if MASKED:
+            row_ok = rows < L
+            qt = tl.load(qt_ptrs, mask=row_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+            row_max = tl.load(ROW_MAX + rows, mask=row_ok, other=0.0)
+            log2sum = tl.load(ROW_LOG2SUM + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            row_end = tl.load(ENDS + rows, mask=row_ok, other=0)   # rows past L see nothing
+            if NORM:
+                row_scale = tl.load(ROW_SCALE + rows, mask=row_ok, other=0.0)
+        else:
+            qt = tl.load(qt_ptrs)
+            do = tl.load(do_ptrs)
+            row_max = tl.load(ROW_MAX + rows)
+            log2sum = tl.load(ROW_LOG2SUM + rows)
+            delta = tl.load(DELTA + rows)
+            if NORM:
+                row_scale = tl.load(ROW_SCALE + rows)
+        if not NORM:
+            row_scale = tl.full([BLOCK_M], qk_scale, tl.float32)
+        st = tl.dot(k, qt, input_precision=DOT_PREC) * row_scale[None, :]
+        if NORM:
+            st = st * rk[:, None]               # as the forward's scores, multiplied in the same order
+        if MASKED:
+            st = tl.where(cols[:, None] < row_end[None, :], st, float("-inf"))
+        pt = tl.math.exp2((st - row_max[None, :]) - log2sum[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dst = pt * (dpt - delta[None, :])
+        if NORM:
+            # dz/dkt_j = softmax_scale * qt_i = softmax_scale c q_i / |q_i| = ln(2) row_scale_i q_i
+            dst = dst * row_scale[None, :]
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _block_causal_attn_bwd_dkdv_kernel(
+        Q, K, V, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, DK, DV, BEGIN_END, qk_scale, softmax_scale, L, H,
+        stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+        stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+        stride_dkb, stride_dkl, stride_dkh, stride_dkd, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """dK, dV of block-causal attention. Grid ``(cdiv(L, BLOCK_N), B*H)``: one program per key tile
+    (``BLOCK_N`` keys) iterates the query tiles (``BLOCK_M`` rows) that see it. ``DK, DV`` (B, L, H, D)."""
+    tile = tl.program_id(0)            # key tile 0 is seen by every query: heaviest, launched first
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    n0 = tile * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols[:, None] < L
+    k = tl.load(_tile(K + b * stride_kb + h * stride_kh, cols, offs_d, stride_kl, stride_kd),
+                mask=col_ok, other=0.0)
+    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, cols, offs_d, stride_vl, stride_vd),
+                mask=col_ok, other=0.0)
+    if NORM:
+        rk, k_keep = _inv_norm(k, 1)
+    else:
+        rk = cols       # unused
+    # Query rows [lo_row, L) see some key of the tile, rows [full_row, L) see all of them.
+    lo_row = tl.load(BEGIN_END + n0)
+    full_row = tl.load(BEGIN_END + tl.minimum(n0 + BLOCK_N, L) - 1)
+    m_lo = (lo_row // BLOCK_M) * BLOCK_M
+    m_even = (L // BLOCK_M) * BLOCK_M                       # tiles below lie inside the sequence
+    m_full = tl.minimum(tl.cdiv(full_row, BLOCK_M) * BLOCK_M, m_even)
+    if n0 + BLOCK_N > L:
+        m_full = m_even         # a ragged key tile: its keys past L need the mask everywhere
+    m_hi = tl.cdiv(L, BLOCK_M) * BLOCK_M
+
+    Q = Q + b * stride_qb + h * stride_qh
+    DO = DO + b * stride_dob + h * stride_doh
+    ROW_MAX = ROW_MAX + bh * L
+    ROW_LOG2SUM = ROW_LOG2SUM + bh * L
+    ROW_SCALE = ROW_SCALE + bh * L
+    DELTA = DELTA + bh * L
+    ENDS = BEGIN_END + L
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, ENDS, qk_scale,
+                         L, stride_ql, stride_qd, stride_dol, stride_dod, m_lo, m_full, offs_m, offs_d,
+                         BLOCK_M, True, NORM, DOT_PREC)
+    dk, dv = _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, ENDS, qk_scale,
+                         L, stride_ql, stride_qd, stride_dol, stride_dod, m_full, m_even, offs_m, offs_d,
+                         BLOCK_M, False, NORM, DOT_PREC)
+    dk, dv = _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, ENDS, qk_scale,
+                         L, stride_ql, stride_qd, stride_dol, stride_dod, m_even, m_hi, offs_m, offs_d,
+                         BLOCK_M, True, NORM, DOT_PREC)
+    tl.store(_tile(DV + b * stride_dvb + h * stride_dvh, cols, offs_d, stride_dvl, stride_dvd),
+             dv.to(DV.dtype.element_ty), mask=col_ok)
+    dk = dk * (LN2 if NORM else softmax_scale)      # = dL/dkt
+    if NORM:
+        # kt = k / |k|: dk = (dkt - k^ (k^ . dkt)) / |k|, the projection only where |k| >= eps.
+        kn = k.to(tl.float32) * rk[:, None]
+        dk = rk[:, None] * (dk - kn * (tl.sum(kn * dk, 1) * k_keep)[:, None])
+    tl.store(_tile(DK + b * stride_dkb + h * stride_dkh, cols, offs_d, stride_dkl, stride_dkd),
+             dk.to(DK.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, row_max, log2sum, delta, row_scale, row_end, K, V, stride_kl, stride_kd, stride_vl,
+              stride_vd, lo, hi, offs_n, offs_d, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, NORM: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """Accumulate ``sum_j dz_ij kt_j`` of one query tile over the key tiles ``[lo, hi)`` (masks as in
+    :func:`_attend_tiles` with ``MASK`` 0 / 2)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        kt_ptrs = K + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd
+        vt_ptrs = V + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd
+        if MASKED:
+            kt = tl.load(kt_ptrs, mask=cols[None, :] < hi, other=0.0)
+            vt = tl.load(vt_ptrs, mask=cols[None, :] < hi, other=0.0)
+        else:
+            kt = tl.load(kt_ptrs)
+            vt = tl.load(vt_ptrs)
+        s = tl.dot(q, kt, input_precision=DOT_PREC) * row_scale[:, None]
+        if NORM:
+            rk, _ = _inv_norm(kt, 0)
+            s = s * rk[None, :]
+        if MASKED:
+            s = tl.where(cols[None, :] < row_end[:, None], s, float("-inf"))
+        p = tl.math.exp2((s - row_max[:, None]) - log2sum[:, None])
+        dp = tl.dot(do, vt, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if NORM:
+            ds = ds * rk[None, :]               # dz_ij kt_j = (dz_ij / |k_j|) k_j
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _block_causal_attn_bwd_dq_kernel(
+        Q, K, V, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, DQ, DSM_ROWS, BEGIN_END, SCALE_MUL, qk_scale,
+        softmax_scale, max_log, L, H,
+        stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+        stride_vb, stride_vl, stride_vh, stride_vd, stride_dob, stride_dol, stride_doh, stride_dod,
+        stride_dqb, stride_dql, stride_dqh, stride_dqd,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """dQ of block-causal attention (and, with NORM, ``DSM_ROWS`` (B, H, L) fp32: every row's share of
+    ``dL/dscale_mul_h``). Grid ``(cdiv(L, BLOCK_M), B*H)``, key tiles as in the forward."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dol, stride_dod),
+                 mask=row_ok[:, None], other=0.0)
+    row_max = tl.load(ROW_MAX + bh * L + offs_m, mask=row_ok, other=0.0)
+    log2sum = tl.load(ROW_LOG2SUM + bh * L + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh * L + offs_m, mask=row_ok, other=0.0)
+    if NORM:
+        row_scale = tl.load(ROW_SCALE + bh * L + offs_m, mask=row_ok, other=0.0)
+    else:
+        row_scale = tl.full([BLOCK_M], qk_scale, tl.float32)
+    n_full, kv_end, row_end = _query_tile_keys(BEGIN_END, m0, offs_m, L, BLOCK_M, BLOCK_N)
+
+    K = K + b * stride_kb + h * stride_kh
+    V = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = _dq_tiles(dq, q, do, row_max, log2sum, delta, row_scale, row_end, K, V, stride_kl, stride_kd,
+                   stride_vl, stride_vd, 0, n_full, offs_n, offs_d, BLOCK_N, False, NORM, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, row_max, log2sum, delta, row_scale, row_end, K, V, stride_kl, stride_kd,
+                   stride_vl, stride_vd, n_full, kv_end, offs_n, offs_d, BLOCK_N, True, NORM, DOT_PREC)
+    dq = dq * softmax_scale                     # = dL/dqt
+    if NORM:
+        # qt = c q / |q|: dL/dc = sum_i q^_i . dqt_i; dq = c (dqt - q^ (q^ . dqt)) / |q|.
+        rq, q_keep = _inv_norm(q, 1)
+        c, dc = _head_factor(SCALE_MUL, h, max_log)
+        qn = q.to(tl.float32) * rq[:, None]
+        t = tl.sum(qn * dq, 1)
+        tl.store(DSM_ROWS + bh * L + offs_m, t * dc, mask=row_ok)
+        dq = (rq * c)[:, None] * (dq - qn * (t * q_keep)[:, None])
+    tl.store(_tile(DQ + b * stride_dqb + h * stride_dqh, offs_m, offs_d, stride_dql, stride_dqd),
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------ KV-cached step
+@triton.jit
+def _kv_cached_attn_fwd_kernel(
+        Q, K, V, KC, VC, O, SCALE_MUL, cache_len, qk_scale, max_log, l, H,
+        stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
+        stride_vb, stride_vl, stride_vh, stride_vd, stride_kcb, stride_kcl, stride_kch, stride_kcd,
+        stride_vcb, stride_vcl, stride_vch, stride_vcd, stride_ob, stride_ol, stride_oh, stride_od,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+        DOT_PREC: tl.constexpr):
+    """One sampling step: ``KC[:, cache_len + r] = kt_r``, ``VC[:, cache_len + r] = v_r`` for the ``l`` new
+    rows, and ``O`` (B, l, H, D) = attention of the new queries over the ``cache_len + l`` cached keys.
+
+    Grid ``(cdiv(l, BLOCK_M), B*H)``. Race-free by construction: no program reads a cache row that this
+    launch writes. The prefix ``[0, cache_len)`` is read from the cache (written by earlier launches,
+    ordered by the stream); the new keys and values are read from ``K, V`` (their norms taken in
+    registers), never from the rows being written. Program ``t`` writes new rows
+    ``[t*BLOCK_M, (t+1)*BLOCK_M)`` of its (batch, head), so every row is written exactly once and the
+    append is spread over all programs. Reading the new rows back from the cache instead would need a
+    grid-wide barrier (or one writer program per head that the others wait for); recomputing the new
+    keys' norms per query tile costs ``l*D`` flops next to the ``BLOCK_M*(cache_len+l)*D`` of its dots.
+    """
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < l
+    K = K + b * stride_kb + h * stride_kh
+    V = V + b * stride_vb + h * stride_vh
+    KC = KC + b * stride_kcb + h * stride_kch
+    VC = VC + b * stride_vcb + h * stride_vch
+
+    # 1. this program's share of the cache append
+    k_new = tl.load(_tile(K, offs_m, offs_d, stride_kl, stride_kd), mask=row_ok, other=0.0)
+    if NORM:
+        rk, _ = _inv_norm(k_new, 1)
+        k_new = (k_new.to(tl.float32) * rk[:, None]).to(k_new.dtype)
+    dst = cache_len + offs_m
+    tl.store(_tile(KC, dst, offs_d, stride_kcl, stride_kcd), k_new.to(KC.dtype.element_ty),
+             mask=row_ok)
+    v_new = tl.load(_tile(V, offs_m, offs_d, stride_vl, stride_vd), mask=row_ok, other=0.0)
+    tl.store(_tile(VC, dst, offs_d, stride_vcl, stride_vcd), v_new.to(VC.dtype.element_ty),
+             mask=row_ok)
+
+    # 2. attention over the cached prefix, then over the new keys (from the inputs)
+    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
+                mask=row_ok, other=0.0)
+    row_scale = _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M, NORM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    c_full = (cache_len // BLOCK_N) * BLOCK_N
+    n_full = (l // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                  stride_vcl, stride_vcd, 0, c_full, offs_n, offs_d, BLOCK_N, 0, False, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                  stride_vcl, stride_vcd, c_full, cache_len, offs_n, offs_d, BLOCK_N, 1, False,
+                                  DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
+                                  stride_vl, stride_vd, 0, n_full, offs_n, offs_d, BLOCK_N, 0, NORM, DOT_PREC)
+    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
+                                  stride_vl, stride_vd, n_full, l, offs_n, offs_d, BLOCK_N, 1, NORM, DOT_PREC)
+    out = acc / l_i[:, None]
+    tl.store(_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
+             out.to(O.dtype.element_ty), mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------ configs
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is used when autotuning is off; on CUDA
+# the list is autotuned per (L, D, NORM, dtypes) unless FASTVAR_AUTOTUNE=0. Chosen without a GPU: every
+# entry compiles for sm_90 without register spills (ptxas via triton.compile for GPUTarget("cuda", 90),
+# q/k/v strided as VAR's qkv view, NORM on and off) except where noted (with NORM); e.g. dK/dV at D=64
+# with 4 warps and 128-key tiles spilled 456 bytes, with 8 warps none. fp32 uses true fp32 products (no
+# tensor cores) and small tiles; at D=128 it still spills 200-300 bytes. Timings on H100/H200 are owed.
+_HOPPER_CONFIGS = {
+    # forward: query tile x key tile (iterated)
+    ("fwd", "half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+    ("fwd", "half", 128): [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],    # the last spills 8 B
+    ("fwd", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 128): [(16, 32, 8, 2), (32, 16, 8, 2)],
+    # dK/dV: query tile (iterated) x key tile
+    ("dkdv", "half", 64): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3)],     # the last spills 96 B
+    ("dkdv", "half", 128): [(32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],     # the last two: 100-180 B
+    ("dkdv", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
+    ("dkdv", "fp32", 128): [(16, 32, 8, 2)],
+    # dQ: query tile x key tile (iterated)
+    ("dq", "half", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+    ("dq", "half", 128): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+    ("dq", "fp32", 64): [(32, 32, 8, 2)],
+    ("dq", "fp32", 128): [(16, 32, 8, 2)],
+}
+# The interpreter runs one program at a time; small tiles keep the masked/full/ragged paths all
+# exercised on the small shapes of the CPU tests.
+INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs(kind, D, dtype, device):
+    if device.type != "cuda":
+        return [INTERPRET_CONFIG]
+    return _HOPPER_CONFIGS[(kind, "fp32" if dtype == torch.float32 else "half", 128 if D > 64 else 64)]
+
+
+def _kv_config(l, D, dtype, device):
+    """The KV step is launched inside CUDA graphs by the sampler: fixed heuristics, no autotuning
+    (an autotune benchmark cannot run while a graph is being captured). The query tile follows the
+    scale's token count (1 .. 1024 for VAR); in half precision these compile for sm_90 without spills
+    (4 warps at 128 x 64 spilled 152 B at D=64); fp32 at D=128 spills 200-360 B."""
+    if device.type != "cuda":
+        return INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return (16, 32, 8 if D > 64 else 4, 2) if l <= 16 else (32, 32, 8, 2)
+    block_m = 16 if l <= 16 else 32 if l <= 32 else 64 if l <= 64 else 128
+    return block_m, 64, 8 if block_m == 128 or (D > 64 and block_m == 64) else 4, 3
+
+
+_tuned = {}
+
+
+def _launch(kernel, kind, q, config, grid, args, constexprs):
+    """Launch ``kernel`` for ``q``'s head dim, dtype and device with ``config``, else the first of its
+    configs, or autotuned over them on CUDA per (L, D, NORM, dtypes).
+
+    ``grid(block_m, block_n)`` gives the launch grid; configs are (BLOCK_M, BLOCK_N, warps, stages).
+    Every kernel here overwrites its outputs whole, so re-running it while tuning is harmless.
+    """
+    configs = [config] if config else _configs(kind, q.shape[-1], q.dtype, q.device)
+    autotune = (len(configs) > 1 and q.is_cuda and not _interpreting()
+                and os.environ.get("FASTVAR_AUTOTUNE", "1") != "0")
+    if not autotune:
+        bm, bn, warps, stages = configs[0]
+        kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        return
+    tuned = _tuned.get((kind, tuple(configs)))
+    if tuned is None:
+        tuned = _tuned[(kind, tuple(configs))] = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                     for bm, bn, w, s in configs], key=["L", "HEAD_DIM", "NORM"])(kernel)
+    tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+def _f32(x: float) -> float:
+    """A Python float rounded to fp32, the precision the kernel sees it in."""
+    return float(np.float32(x))
+
+
+def _dot_precision(dtype):
+    # fp32 inputs: true fp32 products (tf32 would cost ~1e-3 relative error on the scores).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+@functools.lru_cache(maxsize=64)
+def _scale_bounds_cached(scale_lens, device):
+    ends = np.cumsum(scale_lens)
+    begins = ends - np.asarray(scale_lens)
+    table = np.stack([np.repeat(begins, scale_lens), np.repeat(ends, scale_lens)]).astype(np.int32)
+    return torch.from_numpy(table).to(device)
+
+
+def scale_bounds(scale_lens, device) -> torch.Tensor:
+    """``(2, L)`` int32 on ``device``: row 0 the first token of every token's scale, row 1 one past its
+    last. Cached per ``(scale_lens, device)``: built once, before any CUDA-graph capture."""
+    return _scale_bounds_cached(tuple(int(n) for n in scale_lens), torch.device(device))
+
+
+def _scale_mul_arg(scale_mul, like):
+    """A (H,) fp32 pointer argument (a dummy when there is no L2 norm)."""
+    if scale_mul is None:
+        return like.new_empty(1, dtype=torch.float32)
+    return scale_mul.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def block_causal_attention_fwd(q, k, v, scale_lens, softmax_scale, scale_mul=None, config=None):
+    """Forward of block-causal attention.
+
+    Args:
+        q, k, v: ``(B, L, H, D)`` CUDA (or CPU under ``TRITON_INTERPRET=1``) tensors of one dtype,
+            any strides; ``D`` in :data:`SUPPORTED_HEAD_DIMS`.
+        scale_lens: token count of every scale, ``sum == L``.
+        softmax_scale: float; with ``scale_mul`` (``H`` values) q and k are L2-normalised and q scaled by
+            ``exp(min(scale_mul, ln 100))``.
+        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests).
+    Returns:
+        ``out`` ``(B, L, H, D)`` contiguous, dtype of q; ``stats`` ``(2, B, H, L)`` fp32 (``(3, B, H, L)``
+        with ``scale_mul``): every row's max of the log2-unit scores, ``log2`` of its softmax denominator
+        and (with ``scale_mul``) its score factor, for the backward.
+    """
+    B, L, H, D = q.shape
+    out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
+    stats = torch.empty((2 if scale_mul is None else 3, B, H, L), dtype=torch.float32, device=q.device)
+    args = (q, k, v, out, stats[0], stats[1], stats[-1], scale_bounds(scale_lens, q.device),
+            _scale_mul_arg(scale_mul, q), _f32(softmax_scale * LOG2E), _f32(MAX_SCALE_MUL), L, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out))
+    _launch(_block_causal_attn_fwd_kernel, "fwd", q, config, lambda bm, bn: (triton.cdiv(L, bm), B * H), args,
+            dict(HEAD_DIM=D, NORM=scale_mul is not None, DOT_PREC=_dot_precision(q.dtype)))
+    return out, stats
+
+
+def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_scale, scale_mul=None,
+                               config=None):
+    """Backward of :func:`block_causal_attention_fwd`.
+
+    Args: as the forward, plus ``dout`` (B, L, H, D) any strides and the forward's ``out`` and ``stats``.
+    ``config``: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for both gradient kernels.
+    Returns:
+        ``dq, dk, dv`` ``(B, L, H, D)`` contiguous in q's dtype; ``dscale_mul`` ``(H,)`` fp32 (None
+        without ``scale_mul``).
+    """
+    B, L, H, D = q.shape
+    norm = scale_mul is not None
+    bounds = scale_bounds(scale_lens, q.device)
+    sm = _scale_mul_arg(scale_mul, q)
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    dq, dk, dv = (torch.empty((B, L, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dsm_rows = torch.empty((B, H, L) if norm else (1,), dtype=torch.float32, device=q.device)
+    pre_m = 64 if q.is_cuda else INTERPRET_CONFIG[0]
+    _block_causal_attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_m), B * H)](
+        out, dout, delta, L, H, *_strides(out), *_strides(dout), HEAD_DIM=D, BLOCK_M=pre_m)
+    scales = (_f32(softmax_scale * LOG2E), _f32(softmax_scale))
+    constexprs = dict(HEAD_DIM=D, NORM=norm, DOT_PREC=_dot_precision(q.dtype))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    _launch(_block_causal_attn_bwd_dkdv_kernel, "dkdv", q, config, lambda bm, bn: (triton.cdiv(L, bn), B * H),
+            (q, k, v, dout, stats[0], stats[1], stats[-1], delta, dk, dv, bounds, *scales, L, H, *common,
+             *_strides(dk), *_strides(dv)), constexprs)
+    _launch(_block_causal_attn_bwd_dq_kernel, "dq", q, config, lambda bm, bn: (triton.cdiv(L, bm), B * H),
+            (q, k, v, dout, stats[0], stats[1], stats[-1], delta, dq, dsm_rows, bounds, sm, *scales,
+             _f32(MAX_SCALE_MUL), L, H, *common, *_strides(dq)), constexprs)
+    dsm = dsm_rows.sum(dim=(0, 2)) if norm else None
+    return dq, dk, dv, dsm
+
+
+def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul=None, config=None):
+    """One KV-cached sampling step in one launch.
+
+    Args:
+        q, k, v: ``(B, l, H, D)`` any strides; k_cache, v_cache: ``(B, L_max, H, D)`` any strides, not
+            overlapping q, k, v. ``k`` (normalised with ``scale_mul``) and ``v`` are written in place at
+            ``[cache_len, cache_len + l)``; nothing else of the caches is written.
+        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests).
+    Returns:
+        ``(B, l, H, D)`` contiguous: every new query attends to all ``cache_len + l`` keys.
+    """
+    B, l, H, D = q.shape
+    out = torch.empty((B, l, H, D), dtype=q.dtype, device=q.device)
+    bm, bn, warps, stages = config or _kv_config(l, D, q.dtype, q.device)
+    _kv_cached_attn_fwd_kernel[(triton.cdiv(l, bm), B * H)](
+        q, k, v, k_cache, v_cache, out, _scale_mul_arg(scale_mul, q), int(cache_len),
+        _f32(softmax_scale * LOG2E), _f32(MAX_SCALE_MUL), l, H,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache), *_strides(out),
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NORM=scale_mul is not None, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=warps, num_stages=stages)
+    return out
