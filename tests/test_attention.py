@@ -296,7 +296,7 @@ def test_triton_rejects_what_the_kernels_do_not_support(backend):
     with pytest.raises(ValueError, match=r"got D=24"):
         ops.kv_cached_attention(q, k, v, torch.empty(1, 9, 2, 24), torch.empty(1, 9, 2, 24), 0)
     _, (q, k, v) = make_qkv(1, 6, 2, 16, dtype=torch.float64)
-    with pytest.raises(TypeError, match="got torch.float64; FASTVAR_BACKEND=eager supports it"):
+    with pytest.raises(TypeError, match=r"got torch.float64 \(shape \(1, 6, 2, 16\)\); FASTVAR_BACKEND=eager supports it"):
         ops.block_causal_attention(q, k, v, (1, 2, 3))
 
 

@@ -94,3 +94,13 @@ def test_unavailable_reasons_are_sentences():
     assert "CUDA tensors" in _backend.unavailable_reason("cuda", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         _backend.unavailable_reason("metal", "cpu")
+
+
+def test_auto_choice_skips_a_backend_that_cannot_take_these_inputs(monkeypatch):
+    monkeypatch.setattr(_backend, "_cuda_extension", lambda: (None, "not built"))
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: None)
+    impls = {"eager": lambda: "e", "triton": lambda: "t"}
+    why = "the Triton attention kernels need head dim D in (16, 32, 64, 128), got D=24"
+    with pytest.warns(RuntimeWarning, match=r"falls back from triton to eager: the Triton attention kernels need head dim"):
+        assert _backend.select("op", impls, torch.device("cuda"), {"triton": why})() == "e"
+    assert _backend.select("op", impls, torch.device("cuda"), {"triton": None})() == "t"

@@ -105,12 +105,17 @@ def warn_once(key, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def select(op: str, implementations: Dict[str, Callable], device: torch.device) -> Callable:
+def select(op: str, implementations: Dict[str, Callable], device: torch.device,
+           unsupported: Optional[Dict[str, Optional[str]]] = None) -> Callable:
     """The implementation of ``op`` to run on tensors of ``device``.
 
-    ``implementations`` maps backend names to callables; it always has ``eager``.
+    ``implementations`` maps backend names to callables; it always has ``eager``. ``unsupported`` maps a
+    backend to the reason it cannot take these particular inputs (e.g. a head dim a kernel lacks), or
+    None: the automatic choice skips such a backend with one warning; a forced backend is used anyway,
+    and its implementation raises its own clear error.
     """
     device = torch.device(device)
+    unsupported = unsupported or {}
     forced = forced_backend()
     if forced is not None:
         reason = unavailable_reason(forced, device)
@@ -126,7 +131,7 @@ def select(op: str, implementations: Dict[str, Callable], device: torch.device) 
     for backend in (BACKENDS if device.type == "cuda" else ("eager",)):
         if backend not in implementations:
             continue
-        why = unavailable_reason(backend, device)
+        why = unavailable_reason(backend, device) or unsupported.get(backend)
         if why is None:
             if skipped is not None:
                 warn_once(skipped, f"fastvar: {op} (and any other op in the same case) falls back from "

@@ -103,27 +103,31 @@ def _(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
     return q.new_empty(q.shape)
 
 
-def _check_triton_inputs(q: torch.Tensor) -> None:
-    """What the kernels support beyond the public checks (eager supports every D and float dtype)."""
+def _triton_unsupported(q: torch.Tensor, check: bool = False) -> Optional[str]:
+    """None if the Triton kernels take ``q``'s head dim and dtype (eager takes every D and float dtype),
+    else the reason; with ``check``, raise it as a clear error instead (the Triton backend was chosen)."""
+    if not (check or q.is_cuda):
+        return None      # CPU tensors reach Triton only when it is forced, and then ``check`` runs
     kernels = _kernels()
-    D = q.shape[-1]
-    if D not in kernels.SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q, k, v: the Triton attention kernels need head dim D in {kernels.SUPPORTED_HEAD_DIMS}, "
-                         f"got D={D} (shape {tuple(q.shape)}); FASTVAR_BACKEND=eager supports any D")
-    if q.dtype not in kernels.SUPPORTED_DTYPES:
-        raise TypeError(f"q, k, v: the Triton attention kernels need dtype in "
-                        f"{[str(d) for d in kernels.SUPPORTED_DTYPES]}, got {q.dtype}; "
-                        f"FASTVAR_BACKEND=eager supports it")
+    why, error = None, ValueError
+    if q.shape[-1] not in kernels.SUPPORTED_HEAD_DIMS:
+        why = f"the Triton attention kernels need head dim D in {kernels.SUPPORTED_HEAD_DIMS}, got D={q.shape[-1]}"
+    elif q.dtype not in kernels.SUPPORTED_DTYPES:
+        why, error = (f"the Triton attention kernels need dtype in {[str(d) for d in kernels.SUPPORTED_DTYPES]}, "
+                      f"got {q.dtype}"), TypeError
+    if why is not None and check:
+        raise error(f"q, k, v: {why} (shape {tuple(q.shape)}); FASTVAR_BACKEND=eager supports it")
+    return why
 
 
 def _triton_block_causal(q, k, v, scale_lens, softmax_scale, scale_mul):
-    _check_triton_inputs(q)
+    _triton_unsupported(q, check=True)
     scale = ref._softmax_scale(q.shape[-1], softmax_scale, scale_mul)
     return _block_causal_op(q, k, v, list(scale_lens), scale, scale_mul)[0]
 
 
 def _triton_kv_cached(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
-    _check_triton_inputs(q)
+    _triton_unsupported(q, check=True)
     scale = ref._softmax_scale(q.shape[-1], softmax_scale, scale_mul)
     return _kv_cached_op(q, k, v, k_cache, v_cache, int(cache_len), scale, scale_mul)
 
@@ -177,7 +181,7 @@ def block_causal_attention(
     lens = check_scale_lens(scale_lens, q.shape[1])
     _check_scale_mul(scale_mul, q.shape[2], q)
     _check_softmax_scale(softmax_scale)
-    impl = select("block_causal_attention", BLOCK_CAUSAL_IMPLS, q.device)
+    impl = select("block_causal_attention", BLOCK_CAUSAL_IMPLS, q.device, {"triton": _triton_unsupported(q)})
     return impl(q, k, v, lens, softmax_scale, scale_mul)
 
 
@@ -224,7 +228,7 @@ def kv_cached_attention(
             if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                 raise ValueError(f"{name} must not share memory with {other_name}: the new keys and values are "
                                  f"read from {other_name} while {name} is written in place")
-    impl = select("kv_cached_attention", KV_CACHED_IMPLS, q.device)
+    impl = select("kv_cached_attention", KV_CACHED_IMPLS, q.device, {"triton": _triton_unsupported(q)})
     return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul)
 
 
