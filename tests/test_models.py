@@ -113,3 +113,27 @@ def test_labels_none_int_negative_and_tensor_behave_as_official():
     _, same = var._infer(B, 4, g_seed=seed)
     _, other = var._infer(B, 4, g_seed=seed + 1)
     assert any(not torch.equal(x, y) for x, y in zip(same, other))
+
+
+@pytest.mark.interpreter
+def test_training_step_on_triton_kernels_matches_eager(monkeypatch):
+    """Teacher forcing through the modules on the Triton attention kernels (interpreter): the eager
+    logits and parameter gradients."""
+    from tolerances import REL, assert_rel
+    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4),
+                                     vae_kwargs=dict(ch_mult=(1, 2, 2)), var_kwargs=dict(embed_dim=64, num_heads=2))
+    with torch.no_grad():
+        for b in var.blocks:
+            b.ada_lin[1].weight.normal_(0, 0.05)
+    var.cond_drop_rate = 0.0
+    labels, x = torch.tensor([1, 2, 3]), torch.randn(3, var.L - 1, 8)
+    out = {}
+    for backend in ("eager", "triton"):
+        monkeypatch.setenv("FASTVAR_BACKEND", backend)
+        var.zero_grad()
+        logits = var(labels, x)
+        logits.logsumexp(-1).mean().backward()
+        out[backend] = logits.detach(), {n: p.grad.clone() for n, p in var.named_parameters()}
+    assert_rel(out["triton"][0], out["eager"][0], REL[torch.float32], "logits")
+    for n, g in out["eager"][1].items():
+        assert_rel(out["triton"][1][n], g, REL[torch.float32], f"grad of {n}")

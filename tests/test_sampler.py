@@ -157,3 +157,24 @@ def test_nan_logits_raise_a_clear_error():
         var.head.bias[3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         Sampler(var, dtype=torch.float32).sample([1, 2], seed=0, top_k=5)
+
+
+@pytest.mark.interpreter
+def test_triton_kernels_in_the_sampler_give_the_eager_tokens(monkeypatch):
+    """Every kernel of the sampling path (AdaLN, KV-cached attention, fused sampling, upsample-accumulate)
+    composed by the Sampler, through the Triton interpreter: the eager tokens and f_hat."""
+    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4), num_classes=10,
+                                     vae_kwargs=dict(ch_mult=(1, 2, 2)), var_kwargs=dict(embed_dim=64, num_heads=2))
+    with torch.no_grad():   # gammas away from their tiny init, so every block matters
+        for b in var.blocks:
+            b.ada_lin[1].weight.normal_(0, 0.05)
+    results = {}
+    for backend in ("eager", "triton"):
+        monkeypatch.setenv("FASTVAR_BACKEND", backend)
+        for smooth in (False, True):
+            results[backend, smooth] = Sampler(var, dtype=torch.float32).tokens(
+                [3, 1, 4], seed=5, top_k=20, top_p=0.9, more_smooth=smooth)
+    for smooth in (False, True):
+        (te, fe), (tt, ft) = results["eager", smooth], results["triton", smooth]
+        assert all(torch.equal(a, b) for a, b in zip(te, tt)), f"more_smooth={smooth}: tokens differ"
+        assert (fe - ft).abs().max() <= GOLDEN_FHAT_ABS, f"more_smooth={smooth}: f_hat differs"
