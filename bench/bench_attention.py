@@ -26,14 +26,15 @@ cached prefix including them), ``scale`` the scale index of a sampling step.
 """
 import argparse
 import csv
-import datetime
 import math
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from fastvar.utils.benchmarking import (ceiling, metadata, pyplot, rel_err, require_cuda, results_path,
+                                     save_plot, timing_options)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -54,8 +55,6 @@ KV_CASES = {
     "kv256": (VAR_256, 2 * 16, 16, 64),
     "kv512": (VAR_512, 2 * 8, 36, 64),
 }
-# Dense bf16 tensor-core peaks (TFLOP/s, SXM parts) for the "% of peak" column.
-PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DEVICE = "cuda"
 PROVIDERS = ("sdpa-dense", "flex", "flash-attn", "fastvar")
 KV_PROVIDERS = ("sdpa-precat", "sdpa-cat", "flash-attn", "fastvar")
@@ -75,21 +74,6 @@ def bounds(lens):
 
 def useful_fwd_flops(lens, B, H, D):
     return 4 * B * H * D * sum(n * e for n, (_, e) in zip(lens, bounds(lens)))
-
-
-def device_peak(name):
-    return next((v for k, v in PEAK_BF16.items() if k in name), float("nan"))
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def rel_err(a, ref):
-    return ((a.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------ providers (training)
@@ -309,12 +293,8 @@ def bench_kv(name, args, writer, meta):
 
 
 def plot(csv_path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     with open(csv_path) as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] in ("fwd", "fwd+bwd")]
@@ -333,10 +313,7 @@ def plot(csv_path):
     ax.set_ylabel("useful TFLOP/s")
     ax.set_title(f"block-causal attention, {rows[0]['device']}")
     ax.legend()
-    fig.tight_layout()
-    png = csv_path[:-4] + ".png"
-    fig.savefig(png, dpi=120)
-    print(f"plot: {png}")
+    print(f"plot: {save_plot(fig, csv_path)}")
 
 
 def main(argv=None):
@@ -347,28 +324,20 @@ def main(argv=None):
                         choices=sorted(set(PROVIDERS) | set(KV_PROVIDERS)))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
-    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement")
-    parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement")
-    parser.add_argument("--out", default=None, help="CSV path (default bench/results/attention_<gpu>_<date>.csv)")
+    timing_options(parser, "attention")
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
-              "Run it on an H100/H200 (python bench/bench_attention.py).", file=sys.stderr)
+    if not require_cuda("bench_attention.py"):
         return 2
     os.environ.setdefault("FASTVAR_BACKEND", "triton")   # fastvar's provider must be the Triton kernels
-    import triton
 
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
-    meta = {"peak": device_peak(device),
-            "row": {"device": device, "date": date, "commit": git_commit(), "torch": torch.__version__,
-                    "triton": triton.__version__}}
+    row = metadata()
+    meta = {"peak": ceiling(row["device"], "bf16_tflops"), "row": row}
     os.makedirs(RESULTS, exist_ok=True)
-    path = args.out or os.path.join(RESULTS, f"attention_{device.replace(' ', '_')}_{date}.csv")
-    fields = list(meta["row"]) + ["case", "mode", "provider", "B", "q_len", "L", "H", "D", "dtype", "schedule", "scale",
-                                  "ms", "ms_p20", "ms_p80", "tflops", "speedup_vs_sdpa", "rel_err"]
-    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, commit {meta['row']['commit']}; "
+    path = args.out or results_path(RESULTS, "attention", row)
+    fields = list(row) + ["case", "mode", "provider", "B", "q_len", "L", "H", "D", "dtype", "schedule", "scale",
+                          "ms", "ms_p20", "ms_p80", "tflops", "speedup_vs_sdpa", "rel_err"]
+    print(f"{row['device']}, torch {row['torch']}, triton {row['triton']}, commit {row['commit']}; "
           f"bf16 peak {meta['peak']} TFLOP/s")
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -35,39 +35,19 @@ matplotlib is installed.
 """
 import argparse
 import csv
-import datetime
 import os
-import subprocess
 import sys
 
 import torch
 
+from fastvar.utils.benchmarking import (ceiling, metadata, pyplot, rel_err, require_cuda, results_path,
+                                     save_plot, timing_options)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 SCHEDULES = {"256": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "512": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
-HBM_TBS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}
-FP32_TFLOPS = {"H100": 67.0, "H200": 67.0, "A100": 19.5}      # non-tensor-core FMA peak (SXM)
 OPS = ("lookup", "step", "step_idx", "encode", "var_input")
 V, CVAE = 4096, 32
-
-
-def device_peak(name, table):
-    for key, val in table.items():
-        if key in name:
-            return val
-    return None
-
-
-def git_commit():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:
-        return "unknown"
-
-
-def rel_err(a, ref):
-    a, ref = a.double(), ref.double()
-    return ((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def quantizer(patch_nums, device):
@@ -195,12 +175,8 @@ CASES = {"lookup": case_lookup, "step": case_step, "step_idx": lambda q, B, a: c
 
 
 def plot(csv_path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -219,10 +195,7 @@ def plot(csv_path):
     axes[0][0].set_ylabel("ms")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{rows[0]['device']} {rows[0]['date']} {rows[0]['commit']}", fontsize=9)
-    fig.tight_layout()
-    png = csv_path[:-4] + ".png"
-    fig.savefig(png, dpi=120)
-    print(f"plot: {png}")
+    print(f"plot: {save_plot(fig, csv_path)}")
 
 
 def main(argv=None):
@@ -231,32 +204,24 @@ def main(argv=None):
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the eager lookup")
-    parser.add_argument("--warmup", type=int, default=25, help="ms of warm-up per measurement")
-    parser.add_argument("--rep", type=int, default=100, help="ms of repetitions per measurement")
-    parser.add_argument("--out", default=None, help="CSV path (default bench/results/quantizer_<gpu>_<date>.csv)")
+    timing_options(parser, "quantizer")
     args = parser.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_quantizer.py needs a CUDA GPU: torch.cuda.is_available() is False on this machine. "
-              "Run it on an H100/H200 (python bench/bench_quantizer.py).", file=sys.stderr)
+    if not require_cuda("bench_quantizer.py"):
         return 2
-    os.environ.setdefault("FASTVAR_BACKEND", "triton")    # fastvar's provider must be the Triton kernels
-    import triton
     from triton.testing import do_bench
 
     # the official float32 semantics: no TF32 in the eager GEMM / convolutions (fastvar's lookup never uses it)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    device = torch.cuda.get_device_name()
-    date = datetime.datetime.now().strftime("%Y-%m-%d")
-    hbm, fp32 = device_peak(device, HBM_TBS), device_peak(device, FP32_TFLOPS)
-    meta = {"device": device, "date": date, "commit": git_commit(), "torch": torch.__version__,
-            "triton": triton.__version__}
+    os.environ.setdefault("FASTVAR_BACKEND", "triton")    # fastvar's provider must be the Triton kernels
+    meta = metadata()
+    hbm, fp32 = ceiling(meta["device"], "hbm_tbs", None), ceiling(meta["device"], "fp32_tflops", None)
     os.makedirs(RESULTS, exist_ok=True)
-    path = args.out or os.path.join(RESULTS, f"quantizer_{device.replace(' ', '_')}_{date}.csv")
+    path = args.out or results_path(RESULTS, "quantizer", meta)
     fields = list(meta) + ["op", "schedule", "batch", "shape", "provider", "ms", "ms_p20", "ms_p80", "GB/s",
                            "pct_hbm", "TFLOP/s", "pct_fp32", "peak_MB", "speedup_vs_eager", "check"]
-    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, commit {meta['commit']}; "
+    print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; "
           f"HBM {hbm} TB/s, fp32 {fp32} TFLOP/s")
     with open(path, "w", newline="") as f, torch.no_grad():
         writer = csv.DictWriter(f, fieldnames=fields)

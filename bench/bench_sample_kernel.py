@@ -33,7 +33,6 @@ import argparse
 import csv
 import datetime
 import os
-import subprocess
 import sys
 import time
 
@@ -41,26 +40,10 @@ import torch
 
 from fastvar.ops import sampling as S
 from fastvar.reference import sampling as ref
+from fastvar.utils.benchmarking import ceiling, git_commit, metadata, pyplot, require_cuda, results_path, save_plot
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCALES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-HBM_GB_S = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0,
-            "L40S": 864.0, "L4": 300.0, "RTX 4090": 1008.0}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def hbm_ceiling(name: str) -> float:
-    for key, value in HBM_GB_S.items():
-        if key in name:
-            return value
-    return float("nan")
 
 
 def official_chain(logits_2B, t, top_k, top_p, generator):
@@ -101,15 +84,14 @@ def bench(args) -> int:
     import triton.testing
 
     dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
-    ceiling = hbm_ceiling(name)
-    date = datetime.date.today().isoformat()
-    commit = git_commit()
+    meta = metadata(dev)
+    name, commit = meta["device"], meta["commit"]
+    hbm_gb_s = 1e3 * ceiling(name, "hbm_tbs")                    # the table is in TB/s, this benchmark in GB/s
     rows_out = []
     t = args.cfg * 0.5                                           # a mid-schedule guidance strength
     compiled = None if args.no_compile else torch.compile(official_chain_noise)
     gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"{name}  HBM ceiling {ceiling:g} GB/s  commit {commit}  V={args.V} top_k={args.top_k} top_p={args.top_p}")
+    print(f"{name}  HBM ceiling {hbm_gb_s:g} GB/s  commit {commit}  V={args.V} top_k={args.top_k} top_p={args.top_p}")
     print(f"{'B':>3} {'pn':>3} {'rows':>6} {'provider':>22} {'ms':>9} {'GB/s':>8} {'%HBM':>6}")
     for B in args.batches:
         for pn in args.scales:
@@ -133,18 +115,12 @@ def bench(args) -> int:
                 ms = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
                 nbytes = kernel_bytes(B, l, V, exact=provider != "fastvar-fast")
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                rows_out.append(dict(device=name, date=date, commit=commit, torch=torch.__version__,
-                                     triton=triton.__version__, provider=provider, B=B, pn=pn, l=l, rows=B * l, V=V,
+                rows_out.append(dict(meta, provider=provider, B=B, pn=pn, l=l, rows=B * l, V=V,
                                      top_k=args.top_k, top_p=args.top_p, cfg_t=t, ms=f"{ms:.5f}", gb_s=f"{gbs:.1f}",
-                                     hbm_gb_s=ceiling, pct_hbm=f"{100 * gbs / ceiling:.1f}", bytes=nbytes, note=note))
-                print(f"{B:>3} {pn:>3} {B * l:>6} {provider:>22} {ms:>9.4f} {gbs:>8.1f} {100 * gbs / ceiling:>6.1f}")
-    write_results(rows_out, args.out or default_out("sample_kernel", name, date))
+                                     hbm_gb_s=hbm_gb_s, pct_hbm=f"{100 * gbs / hbm_gb_s:.1f}", bytes=nbytes, note=note))
+                print(f"{B:>3} {pn:>3} {B * l:>6} {provider:>22} {ms:>9.4f} {gbs:>8.1f} {100 * gbs / hbm_gb_s:>6.1f}")
+    write_results(rows_out, args.out or results_path(RESULTS, "sample_kernel", meta))
     return 0
-
-
-def default_out(prefix: str, device: str, date: str) -> str:
-    tag = "".join(c if c.isalnum() else "_" for c in device).strip("_")
-    return os.path.join(HERE, "results", f"{prefix}_{tag}_{date}.csv")
 
 
 def write_results(rows, path: str) -> None:
@@ -154,13 +130,10 @@ def write_results(rows, path: str) -> None:
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {path}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     if "provider" not in rows[0]:
+        return
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len({r["B"] for r in rows}), figsize=(5 * len({r["B"] for r in rows}), 4),
                              squeeze=False)
@@ -172,9 +145,7 @@ def write_results(rows, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"VAR sampling step, {rows[0]['device']}, {rows[0]['date']}, {rows[0]['commit']}")
-    fig.tight_layout()
-    fig.savefig(path[:-4] + ".png", dpi=120)
-    print(f"wrote {path[:-4]}.png")
+    print(f"wrote {save_plot(fig, path)}")
 
 
 def study(args) -> int:
@@ -212,7 +183,7 @@ def study(args) -> int:
                    rows_gap_below_2e_20=near, seconds=f"{time.time() - t0:.1f}")
         out.append(rec)
         print(rec)
-    write_results(out, args.out or default_out("sample_kernel_study", name, out[0]["date"]))
+    write_results(out, args.out or results_path(RESULTS, "sample_kernel_study", out[0]))
     return 0
 
 
@@ -235,10 +206,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.study:
         return study(args)
-    if not torch.cuda.is_available():
-        print("bench_sample_kernel: no CUDA GPU here; the timing benchmark needs one (nothing measured). "
-              "The exactness study runs on CPU with TRITON_INTERPRET=1 ... --study N.")
-        return 0
+    if not require_cuda("bench_sample_kernel.py"):
+        print("(The exactness study runs on CPU: TRITON_INTERPRET=1 python bench/bench_sample_kernel.py --study N.)",
+              file=sys.stderr)
+        return 2
     return bench(args)
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import platform
-import subprocess
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -30,27 +28,13 @@ from fastvar.models import build_vae_var
 from fastvar.reference import var_sampling
 from fastvar.sampler import Sampler
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
+from fastvar.utils.benchmarking import device_name, git_commit
 
 MODELS = {  # name: (depth, shared_aln, schedule)
     "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
     "d30": (30, False, PATCH_NUMS_256), "d36": (36, True, PATCH_NUMS_512),
 }
 SMOKE_MODEL = ("d2-smoke", 2, False, (1, 2, 3, 4), 32, 64, 8)   # name, depth, shared, schedule, ch, V, Cvae
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
