@@ -13,7 +13,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastvar.ops._backend import triton_interpret, unavailable_reason  # noqa: E402  (after TRITON_INTERPRET)
+from fastvar.ops._backend import unavailable_reason  # noqa: E402  (after TRITON_INTERPRET)
 
 
 def _cuda_ext_reason():

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import fastvar
+from builders import tiny_vae_var
 
 
 @pytest.fixture(scope="module")
 def pair():
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, 4), num_classes=10,
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    vae, var = tiny_vae_var()
     return vae, var
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastvar
+from builders import tiny_vae_var
 from fastvar.cli import main
 
 
@@ -42,8 +43,7 @@ def read_png(path):
 def checkpoints(tmp_path_factory):
     """Checkpoints a user would make with torch.save of a small random model's state dicts."""
     folder = tmp_path_factory.mktemp("ckpt")
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, 4), num_classes=10,
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    vae, var = tiny_vae_var()
     torch.save(var.state_dict(), folder / "var.pth")
     torch.save(vae.state_dict(), folder / "vae.pth")
     return str(folder / "var.pth"), str(folder / "vae.pth")

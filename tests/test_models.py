@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastvar
+from builders import tiny_vae_var
 import golden
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
 
@@ -95,8 +96,7 @@ def test_training_step_has_gradients_everywhere():
 
 
 def test_labels_none_int_negative_and_tensor_behave_as_official():
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, 4), num_classes=10,
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    vae, var = tiny_vae_var()
     B, seed = 3, 11
     # None: B labels drawn first from the seeded generator, uniform over the classes, with replacement
     _, tokens_none = var._infer(B, None, g_seed=seed, top_k=10)
@@ -120,8 +120,7 @@ def test_training_step_on_triton_kernels_matches_eager(monkeypatch):
     """Teacher forcing through the modules on the Triton attention kernels (interpreter): the eager
     logits and parameter gradients."""
     from tolerances import REL, assert_rel
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4),
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)), var_kwargs=dict(embed_dim=64, num_heads=2))
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4), var_kwargs=dict(embed_dim=64, num_heads=2))
     with torch.no_grad():
         for b in var.blocks:
             b.ada_lin[1].weight.normal_(0, 0.05)

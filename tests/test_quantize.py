@@ -10,8 +10,9 @@ import platform
 import pytest
 import torch
 
+from builders import random_quantizer
+
 from fastvar import ops
-from fastvar.nn import VectorQuantizer2
 from fastvar.reference import quantize as ref
 from fastvar.schedule import PATCH_NUMS_256, scale_hws
 from tolerances import GOLDEN_FHAT_ABS, REL, assert_rel
@@ -32,15 +33,6 @@ def _bit_exact_expected() -> bool:
 def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     return torch.Generator().manual_seed(seed), seed
-
-
-def _quantizer(patch_nums, share_quant_resi=4, quant_resi=0.5, C=8, V=64, seed=0):
-    q = VectorQuantizer2(V, C, v_patch_nums=patch_nums, share_quant_resi=share_quant_resi, quant_resi=quant_resi)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in q.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return q.eval()
 
 
 def _reference_encode(q, f, to_fhat, hws=None):
@@ -66,7 +58,7 @@ def _assert_maps(out, expected, what):
 ])
 def test_encode_matches_reference(cpu_backend, gen, patch_nums, share, quant_resi):
     g, seed = gen
-    q = _quantizer(patch_nums, share, quant_resi, seed=seed)
+    q = random_quantizer(patch_nums, share, quant_resi, seed=seed)
     H, W = q.patch_hws[-1]
     f = torch.randn(2, q.Cvae, H, W, generator=g)
     with torch.no_grad():
@@ -89,7 +81,7 @@ def test_encode_matches_reference(cpu_backend, gen, patch_nums, share, quant_res
 def test_encode_other_schedule_and_noncontiguous_latent(cpu_backend, gen):
     """``v_patch_nums`` overrides the schedule (Phi chosen among its scales); f may be non-contiguous."""
     g, seed = gen
-    q = _quantizer(PATCH_NUMS_256, seed=seed)
+    q = random_quantizer(PATCH_NUMS_256, seed=seed)
     hws = scale_hws((1, 3, 6, 9, 12))
     f = torch.randn(3, 12, 12, q.Cvae, generator=g).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -155,7 +147,7 @@ def test_var_input_bad_input(cpu_backend, idx_list, err, match):
 def test_training_forward_and_grad_keep_the_eager_path(gen):
     """With gradients needed the ops run the eager reference: the VQ loss trains Phi and the codebook."""
     g, seed = gen
-    q = _quantizer((1, 2, 4), seed=seed).train()
+    q = random_quantizer((1, 2, 4), seed=seed).train()
     f = torch.randn(2, q.Cvae, 4, 4, generator=g, requires_grad=True)
     f_hat, _, loss = q(f)
     loss.backward()

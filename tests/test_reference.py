@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvar import reference as ref
-from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, scale_hws, scale_lens
+from fastvar.schedule import PATCH_NUMS_256, scale_hws, scale_lens
 from tolerances import REL, assert_rel
 
 SCHEDULES = [(1,), (1, 2), (1, 2, 3), ((1, 1), (2, 3), (4, 6), (5, 7)), (2, 3, 1)]

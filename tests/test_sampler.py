@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fastvar
+from builders import tiny_vae_var
 import golden
 import official_arch
 from fastvar.sampler import Sampler
@@ -13,8 +14,7 @@ SETTINGS = ("cfg1.5_k900_p0.96", "cfg4_k0_p0", "cfg1.5_k900_p0.96_smooth")
 
 @pytest.fixture(scope="module")
 def small():
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4),
-                                     num_classes=10, vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4))
     return vae, var
 
 
@@ -151,8 +151,7 @@ def test_official_loop_reference_reproduces_golden(name):
 
 
 def test_nan_logits_raise_a_clear_error():
-    vae, var = fastvar.build_vae_var("cpu", depth=1, ch=32, V=32, Cvae=8, patch_nums=(1, 2, 4), num_classes=4,
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    vae, var = tiny_vae_var(depth=1, V=32, num_classes=4)
     with torch.no_grad():
         var.head.bias[3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -163,8 +162,7 @@ def test_nan_logits_raise_a_clear_error():
 def test_triton_kernels_in_the_sampler_give_the_eager_tokens(monkeypatch):
     """Every kernel of the sampling path (AdaLN, KV-cached attention, fused sampling, upsample-accumulate)
     composed by the Sampler, through the Triton interpreter: the eager tokens and f_hat."""
-    vae, var = fastvar.build_vae_var("cpu", depth=2, ch=32, V=64, Cvae=8, patch_nums=(1, 2, (2, 3), 4), num_classes=10,
-                                     vae_kwargs=dict(ch_mult=(1, 2, 2)), var_kwargs=dict(embed_dim=64, num_heads=2))
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4), var_kwargs=dict(embed_dim=64, num_heads=2))
     with torch.no_grad():   # gammas away from their tiny init, so every block matters
         for b in var.blocks:
             b.ada_lin[1].weight.normal_(0, 0.05)

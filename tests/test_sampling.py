@@ -12,7 +12,6 @@ it for deliberately wrong ones (negative controls: missing top-p, missing top-k,
 """
 import os
 import sys
-import types
 
 import pytest
 import torch

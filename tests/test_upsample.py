@@ -10,10 +10,11 @@ from typing import Optional
 
 import pytest
 import torch
+
+from builders import random_quantizer
 import torch.nn.functional as F
 
 from fastvar import ops
-from fastvar.nn import VectorQuantizer2
 from fastvar.reference import quantize as ref
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, scale_hws
 from tolerances import REL, assert_rel
@@ -114,15 +115,6 @@ def test_kernels_write_every_output_element(gen):
 
 
 # ------------------------------------------------------------------------------------ sampling step
-def _quantizer(patch_nums, share_quant_resi=4, quant_resi=0.5, C=8, V=64, seed=0):
-    q = VectorQuantizer2(V, C, v_patch_nums=patch_nums, share_quant_resi=share_quant_resi, quant_resi=quant_resi)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in q.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return q.eval()
-
-
 def _reference_walk(q, codes_per_scale):
     """The golden-verified eager step (``ref.upsample_accumulate``) scale by scale: f_hat and every next map."""
     hws = q.patch_hws
@@ -144,7 +136,7 @@ def _code_map(q, idx, h, w):
 @pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512, NON_SQUARE], ids=["256px", "512px", "non-square"])
 def test_sampling_step_every_scale(cpu_backend, gen, patch_nums):
     g, seed = gen
-    q = _quantizer(patch_nums, seed=seed)
+    q = random_quantizer(patch_nums, seed=seed)
     B, S = 2, len(q.patch_hws)
     idx = [torch.randint(0, q.vocab_size, (B, h * w), generator=g) for h, w in q.patch_hws]
     with torch.no_grad():
@@ -168,7 +160,7 @@ def test_sampling_step_every_scale(cpu_backend, gen, patch_nums):
 def test_sampling_step_more_smooth_soft_codes(cpu_backend, gen, patch_nums):
     """``more_smooth``: softmax-weighted code vectors (a dense code map, not tokens)."""
     g, seed = gen
-    q = _quantizer(patch_nums, seed=seed)
+    q = random_quantizer(patch_nums, seed=seed)
     B, S = 2, len(q.patch_hws)
     with torch.no_grad():
         soft = []
@@ -187,7 +179,7 @@ def test_sampling_step_more_smooth_soft_codes(cpu_backend, gen, patch_nums):
 def test_sampling_step_phi_variants(cpu_backend, gen, share_quant_resi, quant_resi):
     """One Phi per scale, one shared, Phi = identity (quant_resi 0), and another ratio."""
     g, seed = gen
-    q = _quantizer(NON_SQUARE, share_quant_resi, quant_resi, seed=seed)
+    q = random_quantizer(NON_SQUARE, share_quant_resi, quant_resi, seed=seed)
     B, S = 3, len(q.patch_hws)
     with torch.no_grad():
         maps = [torch.randn(B, q.Cvae, h, w, generator=g) for h, w in q.patch_hws]
@@ -318,7 +310,7 @@ def test_interpolations_gpu_against_cuda_aten(gen, patch_nums):
 def test_sampling_step_gpu(gen, patch_nums, B):
     """VAR's sizes (Cvae 32, V 4096) on the GPU against the eager step, then replayed in a CUDA graph."""
     g, seed = gen
-    q = _quantizer(patch_nums, C=32, V=4096, seed=seed).cuda()
+    q = random_quantizer(patch_nums, C=32, V=4096, seed=seed).cuda()
     S = len(q.patch_hws)
     idx = [torch.randint(0, 4096, (B, h * w), generator=g).cuda() for h, w in q.patch_hws]
     with torch.no_grad():

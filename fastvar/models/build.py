@@ -13,7 +13,7 @@ import torch.nn as nn
 from fastvar.models.var import VAR
 from fastvar.models.vqvae import VQVAE
 from fastvar.utils.files import load_tensors
-from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, ScaleSpec, scale_hws
+from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, ScaleSpec
 
 KNOWN_SCHEDULES = (PATCH_NUMS_256, PATCH_NUMS_512)
 

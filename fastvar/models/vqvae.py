@@ -5,7 +5,7 @@ The convolution nets are plain PyTorch (cuDNN is already fast there); the quanti
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
