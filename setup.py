@@ -25,7 +25,7 @@ setup(
     package_dir={"fastvar.triton_kernels": "triton_kernels"},
     package_data={"fastvar": ["weights/*.pt"]},
     install_requires=[
-        "torch>=2.1",   # install the CPU or CUDA build you want first; this never replaces it
+        "torch>=2.4",   # torch.library.custom_op; install the CPU or CUDA build you want first: this never replaces it
         "numpy",
         "triton>=3.0; platform_system == 'Linux'",
     ],

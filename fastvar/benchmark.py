@@ -10,8 +10,8 @@ on weight values):
 
 Reported per (model, batch, provider): ms per batch and per image, images/s, the speedup over eager,
 a per-scale breakdown (fastvar), the VAE decode timed separately, and the transformer FLOP floor
-(its FLOPs divided by the measured dense bf16 GEMM rate of this GPU). Tokens are compared across
-providers before timing (equal in float32; in bf16 rounding differs, so only shapes are checked).
+(its FLOPs divided by the measured dense bf16 GEMM rate of this GPU). Outputs are checked before timing:
+shapes always; in float32 the first scale's tokens must equal the official loop's.
 Results go to a CSV with the device name, date, commit and shapes.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
 
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense GEMM rate (TFLOP/s) at 8192^3 (CUDA) or 2048^3 (CPU)."""
+    """Measured dense GEMM rate (TFLOP/s) at 8192^3 (CUDA) or 1024^3 (CPU)."""
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -106,11 +106,18 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                                                                                   decode=False, block_fn=compiled, **kw),
                 "fastvar": lambda: fast.tokens(labels, seed=0, **kw),
             }
-            # correctness before timing: every provider returns one token map per scale of the right size
+            # correctness before timing: one token map per scale of the right size from every provider; in
+            # float32, the first scale's tokens equal the official loop's (later scales may part on a near
+            # tie of two tokens' p/q, ~1e-6 per row, then follow different f_hats: reported, not asserted)
+            tokens = {}
             for p in providers:
                 out = runs[p]()
-                toks = out[1] if p != "fastvar" else out[0]
-                assert [tuple(t.shape) for t in toks] == [(B, n) for n in var.scale_lens], p
+                tokens[p] = out[1] if p != "fastvar" else out[0]
+                assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.scale_lens], p
+            if dtype == torch.float32 and {"eager", "fastvar"} <= set(tokens):
+                assert torch.equal(tokens["eager"][0], tokens["fastvar"][0]), "fastvar's first-scale tokens differ"
+                same = sum(int((a == b).sum()) for a, b in zip(tokens["eager"], tokens["fastvar"]))
+                log(f"  tokens equal to the official loop's: {same}/{B * var.L}")
             floor_ms = transformer_flops(var, B) / (floor_rate * 1e12) * 1e3
             f_hat = fast.tokens(labels, seed=0, **kw)[1]
             decode_ms = timed(lambda: fast.decode(f_hat), device, reps)

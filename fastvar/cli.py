@@ -145,12 +145,12 @@ def cmd_sample(args) -> str:
                     top_p=info["top_p"] if args.top_p is None else args.top_p, more_smooth=args.more_smooth)
     scale = args.display_scale or info["display_scale"]
     all_labels = torch.tensor([lab for lab in labels for _ in range(per_class)], device=var.lvl_1L.device)
-    sampler = Sampler(var, vae, dtype=var.head.weight.dtype, cuda_graphs=var.lvl_1L.device.type == "cuda")
     rng = torch.Generator(device=var.lvl_1L.device).manual_seed(args.seed)
     batches = torch.split(all_labels, args.batch_size)
     prog = Progress(len(all_labels), "[sample]", enabled=len(batches) > 1 and not args.quiet)
     finals, per_scale = [], None
     try:
+        sampler = Sampler(var, vae, dtype=var.head.weight.dtype, cuda_graphs=var.lvl_1L.device.type == "cuda")
         for batch in batches:
             steps = list(sampler.stream(batch, generator=rng, **settings))
             if args.stream:

@@ -1,6 +1,7 @@
 """Class labels of VAR's sampling, with the official conventions and clear errors."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -29,6 +30,11 @@ def sampling_labels(B: int, labels, num_classes: int, rng: Optional[torch.Genera
     tensor -> checked as it is."""
     if isinstance(B, bool) or not isinstance(B, int) or B < 1:
         raise ValueError(f"B must be a positive int (images to sample), got {B!r}")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 0 and not labels.is_floating_point() \
+            and labels.dtype != torch.bool:
+        labels = int(labels)                     # a 0-d tensor is one class id, like an int
+    elif isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+        labels = int(labels)                     # numpy integers too
     if labels is None:
         uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
         return torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)

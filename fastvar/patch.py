@@ -18,9 +18,11 @@ from fastvar.nn import quant as fquant
 
 def _swap(old: nn.Module, new: nn.Module) -> nn.Module:
     """Give ``new`` the parameters and buffers of ``old`` (the same tensor objects) and its mode."""
+    frozen = {name: not p.requires_grad for name, p in old.named_parameters()}
+    # assign=True hands the old Parameter objects over but sets their requires_grad from new's (True)
     new.load_state_dict(old.state_dict(keep_vars=True), strict=True, assign=True)
-    for p_new, p_old in zip(new.parameters(), old.parameters()):
-        p_new.requires_grad_(p_old.requires_grad)
+    for name, p in new.named_parameters():
+        p.requires_grad_(not frozen[name])
     new.train(old.training)
     return new
 

@@ -13,6 +13,7 @@ This module is composition only: the kernels live in ``fastvar.ops``.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -60,16 +61,21 @@ class ScaleResult:
 
 
 class _Weights:
-    """The model's tensors in the compute dtype, cast once (no copy when the dtype already matches)."""
+    """The model's tensors for the sampler, cast once (no copy when the dtype already matches).
+
+    Matmul weights are in the compute dtype. The embeddings stay float32: the residual stream is float32,
+    as in the official sampling under ``torch.autocast`` (embeddings are not autocast, and each block's
+    low-precision output is added to the float32 stream)."""
 
     def __init__(self, var, dtype: torch.dtype):
         def cast(t):
-            return None if t is None else t.detach().to(dtype)
+            return t.detach().to(dtype)
 
-        self.class_emb = cast(var.class_emb.weight)
-        self.pos_start = cast(var.pos_start)
-        self.pos_1LC = cast(var.pos_1LC)
-        self.lvl_embed = cast(var.lvl_embed.weight)
+        def f32(t):
+            return t.detach().float()
+
+        self.class_emb, self.pos_start, self.pos_1LC = f32(var.class_emb.weight), f32(var.pos_start), f32(var.pos_1LC)
+        self.lvl_embed = f32(var.lvl_embed.weight)
         self.word_w, self.word_b = cast(var.word_embed.weight), cast(var.word_embed.bias)
         shared = not isinstance(var.shared_ada_lin, torch.nn.Identity)
         self.shared = (cast(var.shared_ada_lin[1].weight), cast(var.shared_ada_lin[1].bias)) if shared else None
@@ -80,7 +86,7 @@ class _Weights:
                 ada=(cast(b.ada_gss),) if b.shared_aln else (cast(b.ada_lin[1].weight), cast(b.ada_lin[1].bias)),
                 eps=b.ln_wo_grad.eps,
                 qkv_w=cast(a.mat_qkv.weight), qkv_b=cast(torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))),
-                scale=float(a.scale), scale_mul=a.scale_mul_1H11.detach().float() if a.attn_l2_norm else None,
+                scale=float(a.scale), scale_mul=f32(a.scale_mul_1H11) if a.attn_l2_norm else None,
                 heads=a.num_heads, head_dim=a.head_dim,
                 proj_w=cast(a.proj.weight), proj_b=cast(a.proj.bias),
                 fc1_w=cast(b.ffn.fc1.weight), fc1_b=cast(b.ffn.fc1.bias),
@@ -88,14 +94,6 @@ class _Weights:
         self.head_ada = (cast(var.head_nm.ada_lin[1].weight), cast(var.head_nm.ada_lin[1].bias))
         self.head_eps = var.head_nm.ln_wo_grad.eps
         self.head_w, self.head_b = cast(var.head.weight), cast(var.head.bias)
-
-    def nbytes(self) -> int:
-        seen, total = set(), 0
-        for t in _tensors(self.__dict__):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
 
 
 def _tensors(obj):
@@ -109,33 +107,57 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+def _nbytes(obj) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(obj))
+
+
 class _Run:
-    """Static buffers of one sampling configuration (batch size, settings): the KV caches, the
-    per-sample modulation, the per-scale inputs, noise and tokens, and f_hat. CUDA graphs read and
-    write only these, so a captured graph can be replayed for every sample of this configuration."""
+    """Static buffers of one batch size: the KV caches, the per-sample modulation, the per-scale inputs,
+    noise and tokens, and f_hat; plus the CUDA graphs captured on them, per sampling settings (the
+    graphs read and write only these buffers, so they replay for every sample of that batch size).
+
+    The residual stream (``x_in``, ``lvl_pos``) is float32; the rest is in the compute dtype. One
+    noise buffer serves every scale (each scale draws into it just before it runs): B*l*V float32
+    per scale would be 0.7 GB at B=64 and 256 px, 2.3 GB at 512 px.
+    """
+
+    MAX_GRAPH_SETTINGS = 4     # captured settings kept per batch size (each holds S graphs and their memory)
 
     def __init__(self, sampler: "Sampler", B: int):
         s, w, dev, dt = sampler, sampler.w, sampler.device, sampler.dtype
         var = s.var
-        self.B = B
+        self.B, self.busy = B, False
         C, L, V = var.C, sum(s.lens), var.V
-        self.k_cache = [torch.empty(2 * B, L, b["heads"], b["head_dim"], dtype=dt, device=dev) for b in w.blocks]
-        self.v_cache = [torch.empty_like(k) for k in self.k_cache]
-        self.labels = torch.zeros(2 * B, dtype=torch.long, device=dev)
-        self.mods = torch.empty(len(w.blocks), 2 * B, 1, 6, C, dtype=dt, device=dev)
-        self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
-        self.lvl_pos = torch.empty(1, L, C, dtype=dt, device=dev)
-        self.x_in = [torch.empty(2 * B, n, C, dtype=dt, device=dev) for n in s.lens]
-        self.noise = [torch.empty(B * n, V, dtype=torch.float32, device=dev) for n in s.lens]
-        self.gumbel = [torch.empty(B, n, V, dtype=torch.float32, device=dev) for n in s.lens]
-        self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in s.lens]
-        self.f_hat = torch.zeros(B, var.Cvae, *s.hws[-1], dtype=torch.float32, device=dev)
-        self.graphs: Dict[tuple, List[torch.cuda.CUDAGraph]] = {}
+        with torch.inference_mode(False):      # usable inside and outside inference mode alike
+            self.k_cache = [torch.empty(2 * B, L, b["heads"], b["head_dim"], dtype=dt, device=dev) for b in w.blocks]
+            self.v_cache = [torch.empty_like(k) for k in self.k_cache]
+            self.labels = torch.zeros(2 * B, dtype=torch.long, device=dev)
+            self.mods = torch.empty(len(w.blocks), 2 * B, 1, 6, C, dtype=dt, device=dev)
+            self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
+            self.lvl_pos = torch.empty(1, L, C, dtype=torch.float32, device=dev)
+            self.x_in = [torch.empty(2 * B, n, C, dtype=torch.float32, device=dev) for n in s.lens]
+            self._noise = torch.empty(B * max(s.lens) * V, dtype=torch.float32, device=dev)
+            self._gumbel: Optional[torch.Tensor] = None
+            self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in s.lens]
+            self.f_hat = torch.zeros(B, var.Cvae, *s.hws[-1], dtype=torch.float32, device=dev)
+        self.lens, self.V = s.lens, V
+        self.graphs: "collections.OrderedDict[tuple, List[torch.cuda.CUDAGraph]]" = collections.OrderedDict()
+        self.graph_bytes: Dict[tuple, int] = {}
+
+    def noise(self, si: int) -> torch.Tensor:
+        """``(B*l, V)`` view for scale ``si``: the Exp(1) draw of ``torch.multinomial``."""
+        return self._noise[: self.B * self.lens[si] * self.V].view(self.B * self.lens[si], self.V)
+
+    def gumbel(self, si: int) -> torch.Tensor:
+        """``(B, l, V)`` view for scale ``si``: the Gumbel noise of ``more_smooth`` (allocated on first use)."""
+        if self._gumbel is None:
+            with torch.inference_mode(False):
+                self._gumbel = torch.empty_like(self._noise)
+        return self._gumbel[: self.B * self.lens[si] * self.V].view(self.B, self.lens[si], self.V)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(
-            [self.k_cache, self.v_cache, self.mods, self.head_mod, self.lvl_pos, self.x_in, self.noise, self.gumbel,
-             self.tokens, self.f_hat]))
+        return _nbytes([self.k_cache, self.v_cache, self.labels, self.mods, self.head_mod, self.lvl_pos, self.x_in,
+                        self._noise, self._gumbel, self.tokens, self.f_hat])
 
 
 class Sampler:
@@ -180,12 +202,12 @@ class Sampler:
         self.free()
 
     def memory(self) -> Dict[str, int]:
-        """Bytes held: the cast weights (0 when they are the model's own), the static buffers
-        (KV caches included) and the CUDA graphs' private memory pools."""
+        """Bytes held: the cast weights (0 when they are the model's own tensors), the static buffers
+        (KV caches included) and the memory the CUDA graphs reserved when they were captured."""
         own = {p.data_ptr() for p in self.var.parameters()}
         weights = sum(t.numel() * t.element_size() for t in _tensors(self.w.__dict__) if t.data_ptr() not in own)
         buffers = sum(r.nbytes() for r in self._runs.values())
-        graphs = sum(len(g) for r in self._runs.values() for g in r.graphs.values())
+        graphs = sum(b for r in self._runs.values() for b in r.graph_bytes.values())
         return {"weights": weights, "buffers": buffers, "graphs": graphs}
 
     def free(self) -> None:
@@ -208,15 +230,16 @@ class Sampler:
         var, w, B = self.var, self.w, run.B
         run.labels[:B].copy_(labels)
         run.labels[B:].fill_(var.num_classes)
-        cond = F.embedding(run.labels, w.class_emb)                         # (2B, C)
+        cond = F.embedding(run.labels, w.class_emb)                          # (2B, C) float32
+        act = F.silu(cond).to(self.dtype)
         if w.shared is not None:
-            shared = F.linear(F.silu(cond), *w.shared).view(-1, 1, 6, var.C)
+            shared = F.linear(act, *w.shared).view(-1, 1, 6, var.C)
         for i, b in enumerate(w.blocks):
             if w.shared is not None:
                 run.mods[i].copy_(b["ada"][0] + shared)
             else:
-                run.mods[i].copy_(F.linear(F.silu(cond), *b["ada"]).view(-1, 1, 6, var.C))
-        run.head_mod.copy_(F.linear(F.silu(cond), *w.head_ada).view(-1, 1, 2, var.C))
+                run.mods[i].copy_(F.linear(act, *b["ada"]).view(-1, 1, 6, var.C))
+        run.head_mod.copy_(F.linear(act, *w.head_ada).view(-1, 1, 2, var.C))
         run.lvl_pos.copy_(F.embedding(var.lvl_1L, w.lvl_embed) + w.pos_1LC)
         first = self.lens[0]
         run.x_in[0].copy_(cond.unsqueeze(1).expand(2 * B, first, -1) + w.pos_start.expand(2 * B, first, -1)
@@ -254,17 +277,17 @@ class Sampler:
         ph, pw = self.hws[si]
         # CFG mix, top-k, top-p and the draw (argmax(p / noise), the draw torch.multinomial makes) fused
         drawn = ops.sample_cfg_top_k_top_p(self._transformer(run, si), cfg * ratio, top_k, top_p,
-                                           noise=run.noise[si], return_filtered=more_smooth,
+                                           noise=run.noise(si), return_filtered=more_smooth,
                                            validate=self.device.type != "cuda")
         tokens, logits = drawn if more_smooth else (drawn, None)
         run.tokens[si].copy_(tokens)
         tokens = tokens.clamp_min(0)     # a bad row drew -1 (CUDA: no sync here); stream() raises after the sample
         if more_smooth:
-            g = (logits.mul(1 + ratio) + (-run.gumbel[si].log())) / ref_sampling.smooth_tau(ratio)
+            g = (logits.mul(1 + ratio) + (-run.gumbel(si).log())) / ref_sampling.smooth_tau(ratio)
             codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
             _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, codes.reshape(B, var.Cvae, ph, pw))
         else:   # the codes are gathered inside the upsample kernel: no (B, Cvae, h, w) map
-            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, run.f_hat, tokens)
+            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, run.f_hat, tokens, validate=False)
         if si + 1 < S:
             b0, b1 = self.begins[si + 1]
             x_next = F.linear(nxt.view(B, var.Cvae, -1).transpose(1, 2).to(self.dtype), w.word_w, w.word_b)
@@ -273,25 +296,32 @@ class Sampler:
             run.x_in[si + 1][B:].copy_(x_next)
 
     def _replay_or_run(self, run: _Run, si: int, settings: tuple) -> None:
-        if not self.cuda_graphs:
-            self._scale_step(run, si, *settings)
-            return
-        graphs = run.graphs.get(settings)
-        if graphs is None:
-            graphs = run.graphs[settings] = self._capture(run, settings)
-        graphs[si].replay()
+        with torch.autocast(self.device.type, enabled=False):    # the dtypes are the sampler's, not autocast's
+            if not self.cuda_graphs:
+                self._scale_step(run, si, *settings)
+                return
+            graphs = run.graphs.get(settings)
+            if graphs is None:
+                if len(run.graphs) >= run.MAX_GRAPH_SETTINGS:       # least recently used settings go first
+                    old, _ = run.graphs.popitem(last=False)
+                    del run.graph_bytes[old]
+                graphs = run.graphs[settings] = self._capture(run, settings)
+            run.graphs.move_to_end(settings)
+            graphs[si].replay()
 
     def _capture(self, run: _Run, settings: tuple) -> List["torch.cuda.CUDAGraph"]:
-        """Capture every scale step of this configuration. The capture runs the steps on the current
-        buffers, which the first sample then overwrites from the start (the steps read only what earlier
-        steps of the same sample wrote)."""
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        f_hat_saved = run.f_hat.clone()
+        """Capture every scale step of these settings (called at scale 0 of a sample, after ``_prepare``).
+        The warm-up runs the steps once on the current buffers (Triton compiles, cuBLAS picks its
+        kernels); every step reads only what earlier steps of the same sample write, so the replays
+        that follow start clean once f_hat is zero again."""
+        dev = self.device
+        reserved = torch.cuda.memory_reserved(dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            for si in range(len(self.hws)):      # warm-up: Triton compiles, cuBLAS picks kernels
+            for si in range(len(self.hws)):
                 self._scale_step(run, si, *settings)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(side)
         graphs, pool = [], None
         for si in range(len(self.hws)):
             g = torch.cuda.CUDAGraph()
@@ -299,7 +329,8 @@ class Sampler:
                 self._scale_step(run, si, *settings)
             pool = g.pool()
             graphs.append(g)
-        run.f_hat.copy_(f_hat_saved)
+        run.f_hat.zero_()
+        run.graph_bytes[settings] = torch.cuda.memory_reserved(dev) - reserved
         return graphs
 
     # ------------------------------------------------------------------ public API
@@ -321,23 +352,30 @@ class Sampler:
         cfg, top_k, top_p = self._check(cfg, top_k, top_p)
         rng = self._generator(seed, generator)
         if B is None:
-            B = len(labels) if isinstance(labels, (torch.Tensor, list, tuple)) else 1
+            sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
+            B = len(labels) if sized else 1
         labels = sampling_labels(B, labels, self.var.num_classes, rng, self.device, name="labels")
         run = self._runs.get(B)
         if run is None:
             run = self._runs[B] = _Run(self, B)
-        self._prepare(run, labels)
-        S = len(self.hws)
-        settings = (cfg, top_k, top_p, bool(more_smooth))
-        decode = self.decode
-        for si in range(S):
-            run.noise[si].exponential_(generator=rng)          # the draw torch.multinomial makes
-            if more_smooth:
-                run.gumbel[si].exponential_(generator=rng)     # then the Gumbel noise, as the official code
-            self._replay_or_run(run, si, settings)
-            if si == S - 1:
-                self._check_tokens(run)
-            yield ScaleResult(si, S, self.hws[si], run.tokens[si].clone(), run.f_hat.clone(), decode)
+        elif run.busy:      # another stream of this batch size is suspended mid-sample: do not touch its buffers
+            run = _Run(self, B)
+        run.busy = True
+        try:
+            with torch.autocast(self.device.type, enabled=False):
+                self._prepare(run, labels)
+            S = len(self.hws)
+            settings = (cfg, top_k, top_p, bool(more_smooth))
+            for si in range(S):
+                run.noise(si).exponential_(generator=rng)          # the draw torch.multinomial makes
+                if more_smooth:
+                    run.gumbel(si).exponential_(generator=rng)     # then the Gumbel noise, as the official code
+                self._replay_or_run(run, si, settings)
+                if si == S - 1:
+                    self._check_tokens(run)
+                yield ScaleResult(si, S, self.hws[si], run.tokens[si].clone(), run.f_hat.clone(), self.decode)
+        finally:
+            run.busy = False
 
     def _check_tokens(self, run: _Run) -> None:
         """On CUDA the draw does not stop the GPU to validate logits: a row of NaN, +inf or only -inf

@@ -185,8 +185,12 @@ class VAR(nn.Module):
         h = torch.cat((sos, self.word_embed(x.float())), dim=1)
         h = h + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
         cond = self._adaln(cond_BD)
+        # as the official forward: a slice of the mask buffer, cast to the compute dtype, every call
+        main_type = torch.matmul(h.new_ones(8, 8), h.new_ones(8, 8)).dtype
+        attn_bias = self.attn_bias_for_masking[:, :, :self.L, :self.L].to(main_type)
+        h, cond = h.to(main_type), cond.to(main_type)
         for b in self.blocks:
-            h = b(x=h, cond_BD=cond, attn_bias=self.attn_bias_for_masking)
+            h = b(x=h, cond_BD=cond, attn_bias=attn_bias)
         return self.get_logits(h, cond_BD)
 
     @torch.no_grad()

@@ -100,9 +100,9 @@ def test_index_lists(pair):
     assert vae.quantize.idxBl_to_var_input(good).shape == (2, 20, 8)
     with pytest.raises(ValueError, match=r"a list of 3 index tensors"):
         vae.quantize.idxBl_to_var_input(good[:2])
-    with pytest.raises(ValueError, match=r"gt_ms_idx_Bl\[1\] holds indices outside \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"gt_ms_idx_Bl\[1\] must hold codebook indices in \[0, 64\) \(V=64\), got values in \[64, 64\]"):
         vae.quantize.idxBl_to_var_input([good[0], torch.full((2, 4), 64), good[2]])
-    with pytest.raises(ValueError, match=r"gt_ms_idx_Bl\[2\] must be int64 of shape \(B=2, 16\)"):
+    with pytest.raises(ValueError, match=r"gt_ms_idx_Bl\[2\] must have shape \(B=2, 16\), got \(2, 15\)"):
         vae.quantize.idxBl_to_var_input([good[0], good[1], torch.zeros(2, 15, dtype=torch.long)])
 
 

@@ -122,3 +122,24 @@ def test_checkpoint_mask_is_verified(tmp_path, small_pair):
     sd["attn_bias_for_masking"] = torch.zeros_like(sd["attn_bias_for_masking"])   # no mask at all
     with pytest.raises(ValueError, match="attn_bias_for_masking"):
         fastvar.load_vae_var(_save(tmp_path, "var.pth", sd), _save(tmp_path, "vae.pth", vae.state_dict()))
+
+
+def test_non_square_schedule_needs_patch_nums(tmp_path):
+    schedule = (1, (2, 3), (4, 6))
+    vae, var = fastvar.build_vae_var("cpu", depth=1, ch=32, V=64, Cvae=8, patch_nums=schedule,
+                                     vae_kwargs=dict(ch_mult=(1, 2, 2)))
+    var_ckpt = _save(tmp_path, "var.pth", var.state_dict())
+    vae_ckpt = _save(tmp_path, "vae.pth", vae.state_dict())
+    with pytest.raises(ValueError, match=r"not all squares; pass the schedule as load_vae_var\(\.\.\., patch_nums="):
+        fastvar.load_vae_var(var_ckpt, vae_ckpt)
+    _, var2 = fastvar.load_vae_var(var_ckpt, vae_ckpt, patch_nums=schedule)
+    assert var2.patch_nums == schedule
+    with pytest.raises(ValueError, match=r"wrong shapes: .*pos_1LC"):     # 1 + 4 + 24 tokens, not 1 + 6 + 24
+        fastvar.load_vae_var(var_ckpt, vae_ckpt, patch_nums=(1, 2, (4, 6)))
+
+
+def test_training_checkpoint_with_a_state_dict_inside(tmp_path, small_pair):
+    vae, var = small_pair
+    ckpt = _save(tmp_path, "train.pth", {"state_dict": var.state_dict(), "epoch": 3})
+    _, var2 = fastvar.load_vae_var(ckpt, _save(tmp_path, "vae.pth", vae.state_dict()))
+    assert var2.depth == var.depth

@@ -136,3 +136,16 @@ def test_training_step_on_triton_kernels_matches_eager(monkeypatch):
     assert_rel(out["triton"][0], out["eager"][0], REL[torch.float32], "logits")
     for n, g in out["eager"][1].items():
         assert_rel(out["triton"][1][n], g, REL[torch.float32], f"grad of {n}")
+
+
+def test_inference_mode_evaluation_then_training():
+    """Validation under torch.inference_mode inside a training loop, and a model loaded under it."""
+    with torch.inference_mode():
+        vae, var = tiny_vae_var()
+        var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, 8))
+    vae, var = tiny_vae_var()
+    with torch.inference_mode():
+        var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, 8))
+    var.train()
+    var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, 8)).square().mean().backward()
+    assert var.blocks[0].attn.mat_qkv.weight.grad is not None

@@ -92,3 +92,41 @@ def test_patched_attention_checks_the_official_mask():
     x = torch.randn(1, var.L, var.C)
     with pytest.raises(ValueError, match="not a block-causal multi-scale mask"):
         var.blocks[0].attn(x, attn_bias=bad)
+
+
+def test_patch_keeps_frozen_parameters_frozen():
+    _, var = official_model()
+    var.requires_grad_(False)
+    var.vae_proxy[0].requires_grad_(False)                    # the official VQVAE is frozen (test_mode)
+    var.blocks[1].ffn.fc1.weight.requires_grad_(True)          # one trainable tensor among frozen ones
+    fastvar.patch(var)
+    trainable = [n for n, p in var.named_parameters() if p.requires_grad]
+    assert trainable == ["blocks.1.ffn.fc1.weight"]
+    assert not any(p.requires_grad for p in var.vae_quant_proxy[0].parameters())
+
+
+def test_patched_model_under_autocast():
+    """The official demo runs both APIs under torch.autocast (here CPU bf16)."""
+    g, var = official_model()
+    fastvar.patch(var)
+    tf = g["teacher_forcing"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = var(tf["label_B"], tf["x_BLCv_wo_first_l"])
+        images = var.autoregressive_infer_cfg(2, tf["label_B"], g_seed=0, top_k=50, more_smooth=True)
+    assert torch.isfinite(logits).all() and torch.isfinite(images).all()
+
+
+def test_the_mask_is_verified_once_per_buffer_not_per_forward(monkeypatch):
+    """The official forward hands a fresh slice of the same mask buffer to every call."""
+    from fastvar import ops
+    from fastvar.nn import attention as fnn
+    _, var = official_model()
+    fastvar.patch(var)
+    calls = []
+    real = ops.scale_lens_from_bias
+    monkeypatch.setattr(fnn.ops, "scale_lens_from_bias", lambda bias: calls.append(1) or real(bias))
+    fnn._verified_masks.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, var.Cvae))
+    assert len(calls) == 1

@@ -127,7 +127,7 @@ def test_lookup_kernel_gpu_dot_path_in_the_interpreter(gen, C):
 
 
 @pytest.mark.parametrize("kw,err,match", [
-    (dict(z=torch.randn(4, 8), codebook=torch.randn(10, 9)), ValueError, r"same channel count C; got z \(4, 8\), codebook \(10, 9\)"),
+    (dict(z=torch.randn(4, 8), codebook=torch.randn(10, 9)), ValueError, r"codebook must have C=8 channels \(shape \(V, 8\)\), got shape \(10, 9\)"),
     (dict(z=torch.randn(4, 8), codebook=torch.randn(0, 8)), ValueError, r"codebook must have at least one row"),
     (dict(z=torch.tensor([[0.0, float("nan")]]), codebook=torch.randn(3, 2)), ValueError, r"z must be finite"),
     (dict(z=torch.tensor([[0.0, float("inf")]]), codebook=torch.randn(3, 2)), ValueError, r"z must be finite"),

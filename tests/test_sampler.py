@@ -59,10 +59,29 @@ def test_same_seed_same_images_other_seed_other_images(small):
     assert all(torch.equal(x, y) for x, y in zip(tokens, model_tokens))
 
 
-def test_bfloat16_on_cpu_runs_and_stays_close_in_distribution(small):
+def test_bfloat16_sampler_logits_stay_close_to_float32(small):
+    """bf16 compute (float32 residual stream): the first scale's logits within bf16 error of float32."""
+    from tolerances import REL, assert_rel
     vae, var = small
+    with torch.no_grad():
+        for b in var.blocks:     # gammas away from their tiny init, so every block matters
+            b.ada_lin[1].weight.normal_(0, 0.05)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        s = Sampler(var, dtype=dtype)
+        run = sampler_run(s, 3)
+        s._prepare(run, torch.tensor([1, 2, 3]))
+        logits[dtype] = s._transformer(run, 0)
+        assert run.x_in[0].dtype == torch.float32 and run.k_cache[0].dtype == dtype
+    assert logits[torch.bfloat16].dtype == torch.float32
+    assert_rel(logits[torch.bfloat16], logits[torch.float32], REL[torch.bfloat16], "bf16 vs fp32 logits")
     images = Sampler(var, dtype=torch.bfloat16).sample([1, 2, 3], seed=0, top_k=10)
     assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def sampler_run(sampler, B):
+    from fastvar.sampler import _Run
+    return _Run(sampler, B)
 
 
 def test_patched_official_model_samples_golden_tokens():
@@ -131,7 +150,7 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
         b, fb = graphed.tokens(torch.tensor([1, 2, 3]), seed=seed)
         assert all(torch.equal(x, y) for x, y in zip(a, b))
         assert torch.equal(fa, fb)
-    assert graphed.memory()["graphs"] == len(var.patch_nums)
+    assert graphed.memory()["graphs"] > 0          # bytes the captured graphs reserved
     graphed.free()
     assert graphed.memory()["graphs"] == 0
 
@@ -172,7 +191,56 @@ def test_triton_kernels_in_the_sampler_give_the_eager_tokens(monkeypatch):
         for smooth in (False, True):
             results[backend, smooth] = Sampler(var, dtype=torch.float32).tokens(
                 [3, 1, 4], seed=5, top_k=20, top_p=0.9, more_smooth=smooth)
+    from tolerances import REL, assert_rel
     for smooth in (False, True):
         (te, fe), (tt, ft) = results["eager", smooth], results["triton", smooth]
         assert all(torch.equal(a, b) for a, b in zip(te, tt)), f"more_smooth={smooth}: tokens differ"
-        assert (fe - ft).abs().max() <= GOLDEN_FHAT_ABS, f"more_smooth={smooth}: f_hat differs"
+        if smooth:   # soft codes: a softmax and a matmul computed in another order
+            assert_rel(ft, fe, REL[torch.float32], "f_hat with more_smooth")
+        else:        # the same codes through bit-compatible interpolation: the same f_hat
+            assert torch.equal(ft, fe), "f_hat differs"
+
+
+def test_interleaved_streams_do_not_share_buffers(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    alone_a = sampler.tokens([1, 2], seed=3, top_k=10)
+    alone_b = sampler.tokens([4, 5], seed=4, top_k=10)
+    a, b = sampler.stream([1, 2], seed=3, top_k=10), sampler.stream([4, 5], seed=4, top_k=10)
+    steps_a, steps_b = [], []
+    for sa, sb in zip(a, b):         # both suspended mid-sample, scale after scale
+        steps_a.append(sa)
+        steps_b.append(sb)
+    for (tokens, f_hat), steps in ((alone_a, steps_a), (alone_b, steps_b)):
+        assert all(torch.equal(x, s.tokens) for x, s in zip(tokens, steps))
+        assert torch.equal(f_hat, steps[-1].f_hat)
+
+
+def test_sampler_inside_and_outside_inference_mode(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    with torch.inference_mode():
+        a = sampler.sample([1, 2], seed=0, top_k=10)
+    b = sampler.sample([1, 2], seed=0, top_k=10)
+    assert torch.equal(a, b)
+
+
+def test_autoregressive_infer_cfg_under_autocast(small):
+    """The official demo samples under torch.autocast: the model API computes in the autocast dtype."""
+    vae, var = small
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = var.autoregressive_infer_cfg(2, 3, g_seed=0, top_k=10, more_smooth=True)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_label_forms(small):
+    import numpy as np
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    one = sampler.tokens([7], seed=2, top_k=10)[0]
+    for form in (7, torch.tensor(7), np.int64(7), torch.tensor([7])):
+        assert all(torch.equal(a, b) for a, b in zip(sampler.tokens(form, seed=2, top_k=10)[0], one)), repr(form)
+    with pytest.raises(TypeError, match="labels must be None, an int or a tensor of class ids, got 'seven'"):
+        sampler.sample("seven", top_k=10)
+    with pytest.raises(TypeError, match="labels must be a 1-D integer tensor of class ids"):
+        sampler.sample(torch.tensor([1.0]), top_k=10)

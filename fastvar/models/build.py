@@ -61,17 +61,15 @@ def build_vae_var(
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def load_checkpoint(path: Union[str, os.PathLike], what: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``: a plain state dict, or fastvar's
-    ``{"state_dict": ..., "config": {...}}``. Returns ``(state_dict, config)``."""
+def load_checkpoint(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a file, read with ``torch.load(weights_only=True)``: a plain state dict, or a
+    training checkpoint that holds one under ``"state_dict"``."""
     obj = load_tensors(path, f"{what} checkpoint")
-    config: Dict[str, Any] = {}
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        config = dict(obj.get("config") or {})
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{what} checkpoint {path} must hold a state dict (names -> tensors), got {type(obj).__name__}")
-    return dict(obj), config
+    return dict(obj)
 
 
 def check_state_dict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
@@ -110,12 +108,14 @@ def infer_schedule(sd: Mapping[str, torch.Tensor]) -> Tuple[ScaleSpec, ...]:
         pns = [math.isqrt(n) for n in counts]
         if all(p * p == n and n > 0 for p, n in zip(pns, counts)):
             return tuple(pns)
-        raise ValueError(f"VAR state dict: lvl_1L has non-square scales of {counts} tokens; pass patch_nums explicitly")
+        raise ValueError(f"VAR state dict: lvl_1L has scales of {counts} tokens, not all squares; pass the "
+                         f"schedule as load_vae_var(..., patch_nums=[(h, w), ...])")
     L = _require(sd, "pos_1LC", "VAR").shape[1]
     for pn in KNOWN_SCHEDULES:
         if sum(p * p for p in pn) == L:
             return pn
-    raise ValueError(f"VAR state dict: cannot infer the schedule of L={L} tokens; pass patch_nums explicitly")
+    raise ValueError(f"VAR state dict: cannot infer the schedule of L={L} tokens; pass it as "
+                     f"load_vae_var(..., patch_nums=...)")
 
 
 def var_config_from_state_dict(sd: Mapping[str, torch.Tensor], patch_nums=None) -> Dict[str, Any]:
@@ -217,20 +217,18 @@ def vae_var_from_state_dicts(var_sd: Mapping[str, torch.Tensor], vae_sd: Mapping
 
 
 def load_vae_var(var_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, os.PathLike], *,
-                 device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> Tuple[VQVAE, VAR]:
+                 device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                 patch_nums: Optional[Sequence[ScaleSpec]] = None) -> Tuple[VQVAE, VAR]:
     """Load released checkpoint files (``var_d16.pth`` ... ``var_d36.pth``, ``vae_ch160v4096z32.pth``).
 
-    Depth, width, heads, schedule, ``shared_aln``, ``attn_l2_norm`` and the VQVAE layout are inferred
-    from the tensors; files are read with ``torch.load(weights_only=True)``. The VAR is cast to
-    ``dtype`` (the VQVAE stays float32: the codebook lookup is defined in float32). Returns
-    ``(vae, var)`` in eval mode. A state dict that does not match raises ``ValueError`` listing the
-    missing, unexpected or wrongly shaped keys.
+    Depth, width, heads, ``shared_aln``, ``attn_l2_norm``, the VQVAE layout and the schedule are inferred
+    from the tensors (the schedule from ``lvl_1L``, which gives each scale's token count: square scales
+    are assumed, as in every released model; pass ``patch_nums`` for a non-square schedule). Files are
+    read with ``torch.load(weights_only=True)``. The VAR is cast to ``dtype`` (the VQVAE stays float32:
+    the codebook lookup is defined in float32). Returns ``(vae, var)`` in eval mode. A state dict that
+    does not match raises ``ValueError`` listing the missing, unexpected or wrongly shaped keys.
     """
-    var_sd, var_cfg = load_checkpoint(var_ckpt, "VAR")
-    vae_sd, vae_cfg = load_checkpoint(vae_ckpt, "VQVAE")
-    if var_cfg.get("patch_nums") is not None:
-        var_cfg["patch_nums"] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in var_cfg["patch_nums"])
-    if vae_cfg.get("v_patch_nums") is not None:
-        vae_cfg["v_patch_nums"] = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in vae_cfg["v_patch_nums"])
-    return vae_var_from_state_dicts(var_sd, vae_sd, device=device, dtype=dtype,
-                                    var_config=var_cfg or None, vae_config=vae_cfg or None)
+    var_sd = load_checkpoint(var_ckpt, "VAR")
+    vae_sd = load_checkpoint(vae_ckpt, "VQVAE")
+    var_cfg = var_config_from_state_dict(var_sd, patch_nums)
+    return vae_var_from_state_dicts(var_sd, vae_sd, device=device, dtype=dtype, var_config=var_cfg)

@@ -230,11 +230,15 @@ class VAR(nn.Module):
 
     def _infer(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, decode: bool = True,
                generator: Optional[torch.Generator] = None):
-        """``autoregressive_infer_cfg`` on fastvar's :class:`~fastvar.sampler.Sampler` (in the weights' dtype,
-        without CUDA graphs), returning ``(images or None, tokens per scale)``; records ``self.last_f_hat``.
+        """``autoregressive_infer_cfg`` on fastvar's :class:`~fastvar.sampler.Sampler` (in the weights' dtype, or
+        the autocast dtype under ``torch.autocast``; without CUDA graphs), returning ``(images or None, tokens per scale)``; records ``self.last_f_hat``.
         ``generator`` (instead of ``g_seed``) continues from a generator's state."""
         from fastvar.sampler import Sampler
-        sampler = Sampler(self, dtype=self.head.weight.dtype, cuda_graphs=False)
+        device_type = self.lvl_1L.device.type
+        # under torch.autocast (as the official demo runs) compute in the autocast dtype, else the weights'
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else self.head.weight.dtype
+        sampler = Sampler(self, dtype=dtype, cuda_graphs=False)
         rng = generator if generator is not None else self._generator(g_seed)
         sampler._check(cfg, top_k, top_p)
         label_B = self._sampling_labels(B, label_B, rng)

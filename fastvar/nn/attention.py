@@ -8,7 +8,6 @@ Parameter and buffer names equal the official ones, so official state dicts load
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,20 +36,25 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-# Masks already checked, by object identity: a new tensor (even at a recycled address) is checked
-# again, the same tensor passed to every block of a forward is checked once.
-_verified_masks: Dict[int, Tuple["weakref.ref[torch.Tensor]", int, Tuple[int, ...]]] = {}
+# Masks already checked, by where their values live: (address, shape, strides, dtype, device, version
+# counter). The official forward hands every block, at every step, a fresh slice of the same buffer
+# (``attn_bias_for_masking[:, :, :L, :L].to(dtype)``): that is checked once, not once per forward. A tensor
+# modified in place bumps its version and is checked again. (Inference tensors have no version counter:
+# they cannot change outside inference mode, so their key has none.) What this cannot see: a different
+# block-causal mask of the very same shape written into memory freed by an earlier one.
+_verified_masks: Dict[tuple, Tuple[int, ...]] = {}
 
 
 def schedule_of_mask(attn_bias: torch.Tensor) -> Tuple[int, ...]:
     """The scale lengths of a dense block-causal ``attn_bias``, verified (see ``ops.scale_lens_from_bias``)."""
-    hit = _verified_masks.get(id(attn_bias))
-    if hit is not None and hit[0]() is attn_bias and hit[1] == attn_bias._version:
-        return hit[2]
-    lens = ops.scale_lens_from_bias(attn_bias)
-    for key in [k for k, v in _verified_masks.items() if v[0]() is None]:
-        del _verified_masks[key]
-    _verified_masks[id(attn_bias)] = (weakref.ref(attn_bias), attn_bias._version, lens)
+    key = (attn_bias.data_ptr(), tuple(attn_bias.shape), attn_bias.stride(), attn_bias.dtype, attn_bias.device,
+           None if attn_bias.is_inference() else attn_bias._version)
+    lens = _verified_masks.get(key)
+    if lens is None:
+        lens = ops.scale_lens_from_bias(attn_bias)
+        if len(_verified_masks) >= 64:
+            _verified_masks.clear()
+        _verified_masks[key] = lens
     return lens
 
 
@@ -77,9 +81,6 @@ class KVCache:
             new = old.new_empty(old.shape[0], cap, *old.shape[2:])
             new[:, : self.length].copy_(old[:, : self.length])
             setattr(self, name, new)
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
 
 
 class SelfAttention(nn.Module):

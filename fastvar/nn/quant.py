@@ -50,7 +50,7 @@ class PhiPartiallyShared(nn.Module):
         self.ticks = ref.phi_ticks(self.num_phis)
 
     def __getitem__(self, ratio: float) -> nn.Module:
-        return self.qresi_ls[int(abs(self.ticks - ratio).argmin())]
+        return self.qresi_ls[ref.phi_index_at(ratio, self.num_phis)]
 
     def extra_repr(self) -> str:
         return f"ticks={self.ticks}"
@@ -65,7 +65,7 @@ class PhiNonShared(nn.ModuleList):
         self.ticks = ref.phi_ticks(self.num_phis)
 
     def __getitem__(self, ratio: float) -> nn.Module:
-        return super().__getitem__(int(abs(self.ticks - ratio).argmin()))
+        return super().__getitem__(ref.phi_index_at(ratio, self.num_phis))
 
 
 class VectorQuantizer2(nn.Module):
@@ -205,20 +205,8 @@ class VectorQuantizer2(nn.Module):
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """Teacher-forcing input ``(B, L - first_l, Cvae)`` float32 from per-scale indices."""
-        self._check_idx_list(gt_ms_idx_Bl)
-        return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self._phis(len(self.patch_hws)))
-
-    def _check_idx_list(self, idx_list) -> None:
-        if not isinstance(idx_list, (list, tuple)) or len(idx_list) != len(self.patch_hws):
-            n = len(idx_list) if isinstance(idx_list, (list, tuple)) else type(idx_list).__name__
-            raise ValueError(f"gt_ms_idx_Bl must be a list of {len(self.patch_hws)} index tensors (one per scale), got {n}")
-        B = idx_list[0].shape[0]
-        for si, (idx, (h, w)) in enumerate(zip(idx_list, self.patch_hws)):
-            if idx.dtype != torch.long or tuple(idx.shape) != (B, h * w):
-                raise ValueError(f"gt_ms_idx_Bl[{si}] must be int64 of shape (B={B}, {h * w}), "
-                                 f"got {idx.dtype} {tuple(idx.shape)}")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.vocab_size):
-                raise ValueError(f"gt_ms_idx_Bl[{si}] holds indices outside [0, {self.vocab_size})")
+        return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self._phis(len(self.patch_hws)),
+                                name="gt_ms_idx_Bl")
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
                                       ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -227,20 +215,22 @@ class VectorQuantizer2(nn.Module):
         ``f_hat`` ``(B, Cvae, H, W)`` float32 contiguous; ``h_BChw`` ``(B, Cvae, h, w)`` float32 code map of scale
         ``si`` (of ``SN``, which picks Phi); the next map is ``(B, Cvae, h', w')``, or ``f_hat`` at the last scale.
         """
-        return f_hat, ops.upsample_accumulate_(f_hat, h_BChw, *self._step_args(si, SN))
+        # float32 like f_hat: under autocast the official loop hands over fp16/bf16 soft codes
+        return f_hat, ops.upsample_accumulate_(f_hat, h_BChw.float(), *self._step_args(si, SN))
 
-    def get_next_autoregressive_input_from_idx(self, si: int, SN: int, f_hat: torch.Tensor, idx_Bl: torch.Tensor
-                                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_next_autoregressive_input_from_idx(self, si: int, SN: int, f_hat: torch.Tensor, idx_Bl: torch.Tensor,
+                                               validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`get_next_autoregressive_input` from the scale's token indices ``(B, h*w)`` int64: the codes are
         gathered inside the upsample kernel (no ``(B, Cvae, h, w)`` map in memory); same values as
-        ``get_next_autoregressive_input(si, SN, f_hat, embedding(idx).transpose(1, 2).reshape(B, Cvae, h, w))``."""
+        ``get_next_autoregressive_input(si, SN, f_hat, embedding(idx).transpose(1, 2).reshape(B, Cvae, h, w))``.
+        ``validate=False`` skips the range check of the indices (a host synchronisation on CUDA)."""
         h, w = self.patch_hws[si]
         if not isinstance(idx_Bl, torch.Tensor) or idx_Bl.dim() != 2 or idx_Bl.shape[1] != h * w:
             shape = tuple(idx_Bl.shape) if isinstance(idx_Bl, torch.Tensor) else type(idx_Bl).__name__
             raise ValueError(f"idx_Bl must be (B, {h * w}) token indices of scale {si} ({h}x{w}), got {shape}")
         codes = idx_Bl.view(idx_Bl.shape[0], h, w)
         return f_hat, ops.upsample_accumulate_(f_hat, codes, *self._step_args(si, SN),
-                                               codebook=self.embedding.weight)
+                                               codebook=self.embedding.weight, validate=validate)
 
     def _step_args(self, si: int, SN: int):
         p = self.phi_params(si, SN)

@@ -54,3 +54,11 @@ def check_finite_scalar(name: str, x, low: Optional[float] = None, high: Optiona
     if (low is not None and x < low) or (high is not None and x > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {x}")
     return x
+
+
+def capturing(t: torch.Tensor) -> bool:
+    """True while torch.compile traces or a CUDA graph captures work on ``t``'s device: checks that read
+    values back to the host (a synchronisation) must be skipped then."""
+    if torch.compiler.is_compiling():
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -35,14 +35,14 @@ def _adaln_modulate_triton(x: torch.Tensor, scale: torch.Tensor, shift: torch.Te
     from fastvar.triton_kernels.adaln import adaln_fwd
     xr = _rows(x)
     s, sh = _mod_rows(scale, shift)
-    h = torch.empty_like(xr)
+    h = torch.empty_like(xr, dtype=scale.dtype)
     adaln_fwd(xr, s, sh, eps, h=h)
     return h.view(x.shape)
 
 
 @_adaln_modulate_triton.register_fake
 def _(x, scale, shift, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, dtype=scale.dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastvar::gated_residual_adaln", mutates_args=())
@@ -51,7 +51,7 @@ def _gated_residual_adaln_triton(x: torch.Tensor, y: torch.Tensor, gamma: torch.
     from fastvar.triton_kernels.adaln import adaln_fwd
     xr, yr = _rows(x), _rows(y)
     g, s, sh = _mod_rows(gamma, scale, shift)
-    h, x_new = torch.empty_like(xr), torch.empty_like(xr)
+    h, x_new = torch.empty_like(xr, dtype=scale.dtype), torch.empty_like(xr)
     adaln_fwd(xr, s, sh, eps, y=yr, gamma=g, h=h, x_new=x_new)
     return x_new.view(x.shape), h.view(x.shape)
 
@@ -59,7 +59,7 @@ def _gated_residual_adaln_triton(x: torch.Tensor, y: torch.Tensor, gamma: torch.
 @_gated_residual_adaln_triton.register_fake
 def _(x, y, gamma, scale, shift, eps):
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+            torch.empty_like(x, dtype=scale.dtype, memory_format=torch.contiguous_format))
 
 
 def _triton_adaln(x, y, gamma, scale, shift, eps):
@@ -78,18 +78,23 @@ ADALN_IMPLS = {"eager": _eager_adaln, "triton": _triton_adaln}
 
 
 def _check(x, mods, names):
+    """``x``: the residual stream, float32 or the compute dtype; the modulation: the compute dtype."""
     check_tensor("x", x, ndim=3, dtypes=_DTYPES)
     N, _, C = x.shape
+    compute = mods[0].dtype
+    if x.dtype not in (torch.float32, compute):
+        raise TypeError(f"x must be float32 or the modulation's dtype {compute}, got {x.dtype}")
     for name, m in zip(names, mods):
-        check_tensor(name, m, dtypes=(x.dtype,))
+        check_tensor(name, m, dtypes=(compute,))
         if m.numel() != N * C or m.shape[0] != N or m.shape[-1] != C:
             raise ValueError(f"{name} must have shape (N={N}, 1, C={C}), got {tuple(m.shape)}")
     check_same(("x",) + tuple(names), (x,) + tuple(mods), what="device")
 
 
 def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift``. ``x`` ``(N, l, C)``; ``scale``, ``shift`` ``(N, 1, C)``
-    (e.g. views of one ``(N, 1, 6, C)`` AdaLN projection), same dtype. Returns a new ``(N, l, C)``."""
+    """``LayerNorm(x) * (1 + scale) + shift``. ``x`` ``(N, l, C)`` (float32 or the modulation's dtype);
+    ``scale``, ``shift`` ``(N, 1, C)`` (e.g. views of one ``(N, 1, 6, C)`` AdaLN projection), one dtype.
+    Returns a new ``(N, l, C)`` in the modulation's dtype."""
     _check(x, (scale, shift), ("scale", "shift"))
     return select("adaln", ADALN_IMPLS, x.device)(x, None, None, scale, shift, float(eps))[1]
 
@@ -97,9 +102,11 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
 def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor,
                          shift: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x_new = x + y * gamma`` and ``h = LayerNorm(x_new) * (1 + scale) + shift`` in one pass.
-    ``x``, ``y`` ``(N, l, C)``; ``gamma``, ``scale``, ``shift`` ``(N, 1, C)``. Returns new ``(x_new, h)``."""
+    ``x`` ``(N, l, C)``, the residual stream (float32 or the compute dtype); ``y`` ``(N, l, C)`` and
+    ``gamma``, ``scale``, ``shift`` ``(N, 1, C)`` in the compute dtype. Returns new ``(x_new, h)``:
+    ``x_new`` in ``x``'s dtype, ``h`` in the compute dtype."""
     _check(x, (gamma, scale, shift), ("gamma", "scale", "shift"))
-    check_tensor("y", y, dtypes=(x.dtype,), shape=tuple(x.shape))
+    check_tensor("y", y, dtypes=(scale.dtype,), shape=tuple(x.shape))
     check_same(("x", "y"), (x, y), what="device")
     return select("adaln", ADALN_IMPLS, x.device)(x, y, gamma, scale, shift, float(eps))
 

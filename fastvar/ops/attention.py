@@ -29,7 +29,8 @@ def _eager_block_causal(q, k, v, scale_lens, softmax_scale, scale_mul):
     if bias is None:
         if len(_bias_cache) > 16:
             _bias_cache.clear()
-        bias = _bias_cache[key] = ref.block_causal_bias(scale_lens, q.device, q.dtype)
+        with torch.inference_mode(False):     # a cached inference tensor could not be saved for backward later
+            bias = _bias_cache[key] = ref.block_causal_bias(scale_lens, q.device, q.dtype)
     return ref.block_causal_attention(q, k, v, scale_lens, softmax_scale, scale_mul, attn_bias=bias)
 
 
@@ -201,7 +202,7 @@ def kv_cached_attention(
 
     Args:
         q, k, v: ``(B, l, H, D)``.
-        k_cache, v_cache: ``(B, L_max, H, D)``, same dtype and device as q, contiguous.
+        k_cache, v_cache: ``(B, L_max, H, D)``, same dtype and device as q, any strides (not sharing memory with q, k, v).
         cache_len: tokens already cached, ``0 <= cache_len <= L_max - l``.
         softmax_scale, scale_mul: as in :func:`block_causal_attention`.
     Returns:
@@ -253,7 +254,7 @@ def scale_lens_from_bias(attn_bias: torch.Tensor) -> Tuple[int, ...]:
     ends = allowed.sum(dim=1).tolist()     # row i attends to keys [0, end of its scale)
     lens, prev = [], 0
     for e in ends:
-        if e != prev and e > prev:
+        if e > prev:
             lens.append(e - prev)
             prev = e
     if sum(lens) != len(ends) or not torch.equal(allowed, ref.block_causal_bias(lens, m.device) == 0):

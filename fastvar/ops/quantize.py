@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fastvar.reference import quantize as ref
 from fastvar.ops._backend import select
-from fastvar.ops._checks import check_finite_scalar, check_same, check_tensor
+from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_same, check_tensor
 from fastvar.schedule import scale_hws
 
 PhiParams = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]   # (weight, bias, resi_ratio) or None
@@ -38,13 +38,6 @@ PhiParams = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]   # (we
 # ------------------------------------------------------------------------------------------ checks
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    """True while torch.compile traces or a CUDA graph captures: no host synchronisation allowed."""
-    if torch.compiler.is_compiling():
-        return True
-    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _check_codebook(codebook, C: Optional[int] = None, name: str = "codebook", finite: bool = True) -> None:
@@ -171,16 +164,10 @@ def rq_lookup(z: torch.Tensor, codebook: torch.Tensor, return_codes: bool = Fals
     a few float32 ulps of each other (see ``tests/test_rq_lookup.py`` for the measured rates).
     """
     check_tensor("z", z, ndim=2, dtypes=(torch.float32,))
-    check_tensor("codebook", codebook, ndim=2, dtypes=(torch.float32,))
+    _check_codebook(codebook, z.shape[1])
     check_same(("z", "codebook"), (z, codebook), what="device")
-    if codebook.shape[0] == 0:
-        raise ValueError("codebook must have at least one row, got shape (0, C)")
-    if z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"z and codebook must have the same channel count C; got z {tuple(z.shape)}, "
-                         f"codebook {tuple(codebook.shape)}")
     if not _capturing(z) and not bool(torch.isfinite(z).all()):
         raise ValueError("z must be finite; it holds NaN or inf")
-    _check_codebook(codebook, z.shape[1])
     impl = RQ_LOOKUP_IMPLS["eager"] if _needs_grad(z, codebook) or z.shape[0] == 0 else \
         select("rq_lookup", RQ_LOOKUP_IMPLS, z.device)
     idx, codes = impl(z, codebook, return_codes)
@@ -311,6 +298,7 @@ def upsample_accumulate_(
     resi_ratio: float = 0.5,
     next_hw: Optional[Sequence[int]] = None,
     codebook: Optional[torch.Tensor] = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The sampling step between two scales (official ``get_next_autoregressive_input``), **in place** on f_hat.
 
@@ -326,6 +314,9 @@ def upsample_accumulate_(
         resi_ratio: Phi's r.
         next_hw: the next scale's ``(h', w')``, or None at the last scale.
         codebook: ``(V, C)`` float32, with int64 ``codes``.
+        validate: check that int64 ``codes`` are in ``[0, V)`` (reads them back to the host: a
+            synchronisation on CUDA; skipped anyway during CUDA-graph capture). The sampler, whose
+            tokens are in range by construction, passes False.
     Returns:
         ``(B, C, h', w')`` float32 next-scale map, or ``f_hat``.
     """
@@ -342,7 +333,8 @@ def upsample_accumulate_(
             raise ValueError("codebook is required when codes are int64 token indices")
         _check_codebook(codebook, C, finite=False)
         check_same(("f_hat", "codebook"), (f_hat, codebook), what="device")
-        _check_indices("codes", codes, codebook.shape[0])
+        if validate:
+            _check_indices("codes", codes, codebook.shape[0])
     elif codes.dim() != 4 or codes.shape[0] != B or codes.shape[1] != C:
         raise ValueError(f"codes (a float32 code map) must have shape (B={B}, C={C}, h, w), got {tuple(codes.shape)}")
     r = _check_phi("phi", phi_weight, phi_bias, resi_ratio, C, f_hat, "f_hat")
@@ -475,13 +467,14 @@ RQ_VAR_INPUT_IMPLS = {"eager": _eager_rq_var_input, "triton": _triton_rq_var_inp
 
 
 def rq_var_input(idx_list: Sequence[torch.Tensor], codebook: torch.Tensor, patch_hws,
-                 phis: Sequence[PhiParams]) -> Optional[torch.Tensor]:
+                 phis: Sequence[PhiParams], name: str = "idx_list") -> Optional[torch.Tensor]:
     """Teacher-forcing input from per-scale indices (official ``idxBl_to_var_input``).
 
     Args:
         idx_list: per scale, ``(B, h*w)`` int64 indices in ``[0, V)``.
         codebook: ``(V, C)`` float32.
         patch_hws: the schedule; phis: per scale, ``(weight, bias, resi_ratio)`` or None.
+        name: what errors call ``idx_list`` (the caller's argument name).
     Returns:
         ``(B, L - first_l, C)`` float32: for scales 1 .. S-1, the area-downsampled f_hat after the
         previous scale, flattened row-major; None for a one-scale schedule.
@@ -491,15 +484,15 @@ def rq_var_input(idx_list: Sequence[torch.Tensor], codebook: torch.Tensor, patch
     C, V = codebook.shape[1], codebook.shape[0]
     if not isinstance(idx_list, (list, tuple)) or len(idx_list) != len(hws):
         n = len(idx_list) if isinstance(idx_list, (list, tuple)) else type(idx_list).__name__
-        raise ValueError(f"idx_list must be a list of {len(hws)} index tensors (one per scale), got {n}")
+        raise ValueError(f"{name} must be a list of {len(hws)} index tensors (one per scale), got {n}")
     B = None
     for si, (idx, (h, w)) in enumerate(zip(idx_list, hws)):
-        check_tensor(f"idx_list[{si}]", idx, ndim=2, dtypes=(torch.int64,))
+        check_tensor(f"{name}[{si}]", idx, ndim=2, dtypes=(torch.int64,))
         B = idx.shape[0] if B is None else B
         if tuple(idx.shape) != (B, h * w):
-            raise ValueError(f"idx_list[{si}] must have shape (B={B}, {h * w}), got {tuple(idx.shape)}")
-        check_same(("codebook", f"idx_list[{si}]"), (codebook, idx), what="device")
-        _check_indices(f"idx_list[{si}]", idx, V)
+            raise ValueError(f"{name}[{si}] must have shape (B={B}, {h * w}), got {tuple(idx.shape)}")
+        check_same(("codebook", f"{name}[{si}]"), (codebook, idx), what="device")
+        _check_indices(f"{name}[{si}]", idx, V)
     phis = _check_phis(phis, len(hws), C, codebook, "codebook")
     params = [t for p in phis if p is not None for t in p[:2]]
     if _needs_grad(codebook, *params):

@@ -61,7 +61,7 @@ import torch
 
 from fastvar.reference import sampling as ref
 from fastvar.ops._backend import select, warn_once
-from fastvar.ops._checks import check_finite_scalar, check_tensor
+from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = ("exact", "fast")
@@ -129,13 +129,17 @@ def _eager_impl(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return_
     x = x.reshape(-1, V)
     if not x.is_contiguous():
         x = x.contiguous()
-    try:
-        check_logits(x)                                # always: the eager path syncs anyway (torch ops)
-    except ValueError as e:
-        if cfg_t is None:
-            raise
-        msg = str(e).replace("; cannot sample", " after the CFG mix; cannot sample")
-        raise ValueError(msg) from None
+    bad = None
+    if validate and not _capturing(x):
+        try:
+            check_logits(x)
+        except ValueError as e:
+            if cfg_t is None:
+                raise
+            msg = str(e).replace("; cannot sample", " after the CFG mix; cannot sample")
+            raise ValueError(msg) from None
+    else:   # no host sync (CUDA graphs): bad rows draw -1, as the Triton kernel marks them
+        bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
     ref.top_k_top_p_filter_(x, top_k, top_p, stable=True)
     probs = x.softmax(dim=-1)
     if noise is not None:
@@ -147,6 +151,8 @@ def _eager_impl(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return_
             seed, offset = seed_offset
         rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int64)
         tokens = ref.sample_with_uniform(probs, ref.philox_uniform(seed, rows + offset))
+    if bad is not None:
+        tokens = torch.where(bad, -1, tokens)
     return tokens, (x if return_filtered else None)
 
 
@@ -169,7 +175,7 @@ def _fused_sample_op(logits: torch.Tensor, noise: Optional[torch.Tensor], seed_o
         noise=noise, seed=seed, offset=offset, seed_offset=seed_offset,
         filtered=filtered if return_filtered else None, has_cfg=has_cfg, has_top_k=0 < top_k < V,
         has_top_p=top_p > 0, interpret=logits.device.type != "cuda")
-    if validate and not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if validate and not _capturing(logits):
         _raise_for_errors(err, has_cfg)
     return tokens, filtered
 
@@ -202,7 +208,6 @@ def _triton_impl(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return
 
 
 SAMPLE_IMPLS = {"eager": _eager_impl, "triton": _triton_impl}
-SAMPLE_CFG_IMPLS = {"eager": _eager_impl, "triton": _triton_impl}
 
 
 # ------------------------------------------------------------------------------ public API
@@ -367,7 +372,7 @@ def sample_cfg_top_k_top_p(
     top_k, top_p = check_top_k_top_p(top_k, top_p, logits.shape[-1])
     x = logits if logits.dim() == 3 else logits.unsqueeze(1)
     B = x.shape[0] // 2
-    tokens, filtered = _run("sample_cfg_top_k_top_p", SAMPLE_CFG_IMPLS, x, B, cfg_t, top_k, top_p, generator, mode,
+    tokens, filtered = _run("sample_cfg_top_k_top_p", SAMPLE_IMPLS, x, B, cfg_t, top_k, top_p, generator, mode,
                             seed, offset, noise, return_filtered, validate)
     out_shape = (B,) + tuple(logits.shape[1:-1])
     tokens = tokens.view(out_shape)
@@ -377,5 +382,5 @@ def sample_cfg_top_k_top_p(
 
 
 # Implementations by backend, per op: `fastvar info` reports them and the tests sweep them.
-OPS = {"sample_top_k_top_p": SAMPLE_IMPLS, "sample_cfg_top_k_top_p": SAMPLE_CFG_IMPLS}
+OPS = {"sample_top_k_top_p": SAMPLE_IMPLS, "sample_cfg_top_k_top_p": SAMPLE_IMPLS}
 __all__ = ["sample_top_k_top_p", "sample_cfg_top_k_top_p", "check_top_k_top_p", "check_logits"]

@@ -32,3 +32,4 @@ from .sampling import (
 )
 from .adaln import adaln_modulate, gated_residual_adaln
 from .sampling import philox_uniform, sample_with_uniform
+from .quantize import phi_index_at

@@ -64,15 +64,21 @@ def phi_ticks(num_phis: int) -> np.ndarray:
     return np.linspace(1 / 3 / K, 1 - 1 / 3 / K, K) if K == 4 else np.linspace(1 / 2 / K, 1 - 1 / 2 / K, K)
 
 
-def phi_index(si: int, num_scales: int, num_phis: int) -> int:
-    """Which of ``num_phis`` Phi layers scale ``si`` uses: the tick nearest to ``si / (S - 1)``.
-
-    Computed in float64 numpy like the official code: for 10 scales and 4 Phis this gives
-    0,0,1,1,1,2,2,3,3,3, where scales 2 and 7 are exact ties that float64 rounding settles.
-    """
+def phi_index_at(ratio: float, num_phis: int) -> int:
+    """Which of ``num_phis`` Phi layers the position ``ratio`` in [0, 1] uses: the nearest tick,
+    ``argmin(|ticks - ratio|)`` in float64 numpy like the official code (first index on a tie)."""
     if num_phis == 1:
         return 0
-    return int(np.argmin(np.abs(phi_ticks(num_phis) - scale_ratio(si, num_scales))).item())
+    return int(np.argmin(np.abs(phi_ticks(num_phis) - ratio)).item())
+
+
+def phi_index(si: int, num_scales: int, num_phis: int) -> int:
+    """Which of ``num_phis`` Phi layers scale ``si`` uses: :func:`phi_index_at` of ``si / (S - 1)``.
+
+    For 10 scales and 4 Phis this gives 0,0,1,1,1,2,2,3,3,3, where scales 2 and 7 are exact ties
+    that float64 rounding settles.
+    """
+    return phi_index_at(scale_ratio(si, num_scales), num_phis)
 
 
 PhiFn = Callable[[int, torch.Tensor], torch.Tensor]   # (scale index, h) -> Phi_si(h)
