@@ -28,7 +28,7 @@ from fastvar.models import build_vae_var
 from fastvar.reference import var_sampling
 from fastvar.sampler import Sampler
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
-from fastvar.utils.benchmarking import device_name, git_commit
+from fastvar.utils.benchmarking import device_name, git_commit, results_path
 
 MODELS = {  # name: (depth, shared_aln, schedule)
     "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
@@ -121,7 +121,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
             floor_ms = transformer_flops(var, B) / (floor_rate * 1e12) * 1e3
             f_hat = fast.tokens(labels, seed=0, **kw)[1]
             decode_ms = timed(lambda: fast.decode(f_hat), device, reps)
-            base = None
+            base, row_of = None, {}
             for p in providers:
                 ms = timed(runs[p], device, reps)
                 base = ms if p == "eager" else base
@@ -130,21 +130,27 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                            images_per_s=round(1e3 * B / ms, 2), speedup_vs_eager=round(base / ms, 2) if base else "",
                            flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3))
                 rows.append(row)
+                row_of[p] = row
                 log(f"{name:9s} B={B:3d} {p:8s} {ms:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
             if "fastvar" in providers:
-                log("  per scale (fastvar, ms): " + " ".join(f"{t:.2f}" for t in scale_breakdown(fast, labels, kw, device)))
+                per_scale = " ".join(f"{t:.3f}" for t in scale_breakdown(fast, labels, kw, device))
+                row_of["fastvar"]["fastvar_per_scale_ms"] = per_scale
+                log(f"  per scale (fastvar, ms): {per_scale}")
         vae = var = fast = compiled = None   # free this model before building the next
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        tag = dev_name.replace(" ", "_").replace("/", "_")
-        path = os.path.join(out_dir, f"sampling_{tag}_{date}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        log(f"wrote {path}")
+        if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
+            _write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)
     return rows
+
+
+def _write_csv(rows: List[Dict], path: str, log) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    log(f"wrote {path} ({len(rows)} rows)")
 
 
 def scale_breakdown(sampler: Sampler, labels, kw, device) -> List[float]:

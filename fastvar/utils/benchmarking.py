@@ -29,7 +29,10 @@ def ceiling(device_name: str, key: str, default: Optional[float] = float("nan"))
 
 
 def git_commit() -> str:
-    """Short hash of the checkout's HEAD, or ``unknown``."""
+    """``$FASTVAR_COMMIT`` if set (a copy of the tree without ``.git``, e.g. on a lent GPU machine), else the
+    short hash of the checkout's HEAD, or ``unknown``."""
+    if os.environ.get("FASTVAR_COMMIT"):
+        return os.environ["FASTVAR_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
