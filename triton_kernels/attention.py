@@ -526,13 +526,14 @@ def _kv_config(l, D, dtype, device):
     """The KV step is launched inside CUDA graphs by the sampler: fixed heuristics, no autotuning
     (an autotune benchmark cannot run while a graph is being captured). The query tile follows the
     scale's token count (1 .. 1024 for VAR); in half precision these compile for sm_90 without spills
-    (4 warps at 128 x 64 spilled 152 B at D=64); fp32 at D=128 spills 200-360 B."""
+    (tests/sm90_compile.py; 4 warps spilled 152 B at 128 x 64, D=64, and 8 B at 16 x 64, D=128); fp32 at
+    D=128 spills 110-350 B."""
     if device.type != "cuda":
         return INTERPRET_CONFIG
     if dtype == torch.float32:
         return (16, 32, 8 if D > 64 else 4, 2) if l <= 16 else (32, 32, 8, 2)
     block_m = 16 if l <= 16 else 32 if l <= 32 else 64 if l <= 64 else 128
-    return block_m, 64, 8 if block_m == 128 or (D > 64 and block_m == 64) else 4, 3
+    return block_m, 64, 8 if block_m == 128 or D > 64 else 4, 3
 
 
 _tuned = {}
