@@ -201,6 +201,34 @@ def test_triton_kernels_in_the_sampler_give_the_eager_tokens(monkeypatch):
             assert torch.equal(ft, fe), "f_hat differs"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_triton_sampler_gives_the_eager_tokens_on_cuda(monkeypatch, cuda_graphs):
+    """The compiled kernels composed by the Sampler on a GPU (float32, TF32 off), with and without CUDA graphs:
+    the eager path's tokens, and f_hat within float32 tolerance (cuDNN picks the conv algorithm per call)."""
+    from tolerances import REL, assert_rel
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4), var_kwargs=dict(embed_dim=64, num_heads=2))
+    with torch.no_grad():   # gammas away from their tiny init, so every block matters
+        for b in var.blocks:
+            b.ada_lin[1].weight.normal_(0, 0.05)
+    var = var.cuda()
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        results = {}
+        for backend in ("eager", "triton"):
+            monkeypatch.setenv("FASTVAR_BACKEND", backend)
+            sampler = Sampler(var, dtype=torch.float32, cuda_graphs=cuda_graphs and backend == "triton")
+            for seed in (5, 6):     # with graphs, the second seed replays what the first captured
+                results[backend, seed] = sampler.tokens([3, 1, 4], seed=seed, top_k=20, top_p=0.9)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+    for seed in (5, 6):
+        (te, fe), (tt, ft) = results["eager", seed], results["triton", seed]
+        assert all(torch.equal(a, b) for a, b in zip(te, tt)), f"seed {seed}: tokens differ from the eager path"
+        assert_rel(ft, fe, REL[torch.float32], f"seed {seed}: f_hat")
+
+
 def test_interleaved_streams_do_not_share_buffers(small):
     vae, var = small
     sampler = Sampler(var, dtype=torch.float32)

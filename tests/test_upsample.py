@@ -119,7 +119,7 @@ def _reference_walk(q, codes_per_scale):
     """The golden-verified eager step (``ref.upsample_accumulate``) scale by scale: f_hat and every next map."""
     hws = q.patch_hws
     S = len(hws)
-    f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1])
+    f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1], device=codes_per_scale[0].device)
     nexts = []
     for si, h in enumerate(codes_per_scale):
         f_hat, nxt = ref.upsample_accumulate(f_hat, h, si, hws, lambda s, x: q.phi(s, x, S))
