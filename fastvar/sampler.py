@@ -14,6 +14,7 @@ This module is composition only: the kernels live in ``fastvar.ops``.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -136,7 +137,9 @@ class _Run:
             self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
             self.lvl_pos = torch.empty(1, L, C, dtype=torch.float32, device=dev)
             self.x_in = [torch.empty(2 * B, n, C, dtype=torch.float32, device=dev) for n in s.lens]
-            self._noise = torch.empty(B * max(s.lens) * V, dtype=torch.float32, device=dev)
+            # ones, not empty: the graph warm-up runs every scale step before later scales' noise is drawn,
+            # and a NaN from uninitialised memory would make the draw pick a column past V
+            self._noise = torch.ones(B * max(s.lens) * V, dtype=torch.float32, device=dev)
             self._gumbel: Optional[torch.Tensor] = None
             self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in s.lens]
             self.f_hat = torch.zeros(B, var.Cvae, *s.hws[-1], dtype=torch.float32, device=dev)
@@ -152,7 +155,7 @@ class _Run:
         """``(B, l, V)`` view for scale ``si``: the Gumbel noise of ``more_smooth`` (allocated on first use)."""
         if self._gumbel is None:
             with torch.inference_mode(False):
-                self._gumbel = torch.empty_like(self._noise)
+                self._gumbel = torch.ones_like(self._noise)
         return self._gumbel[: self.B * self.lens[si] * self.V].view(self.B, self.lens[si], self.V)
 
     def nbytes(self) -> int:
@@ -281,7 +284,8 @@ class Sampler:
                                            validate=self.device.type != "cuda")
         tokens, logits = drawn if more_smooth else (drawn, None)
         run.tokens[si].copy_(tokens)
-        tokens = tokens.clamp_min(0)     # a bad row drew -1 (CUDA: no sync here); stream() raises after the sample
+        # a bad row drew -1 (CUDA: no sync here; stream() raises after the sample); never index past the codebook
+        tokens = tokens.clamp(0, self.var.V - 1)
         if more_smooth:
             g = (logits.mul(1 + ratio) + (-run.gumbel(si).log())) / ref_sampling.smooth_tau(ratio)
             codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
@@ -296,7 +300,10 @@ class Sampler:
             run.x_in[si + 1][B:].copy_(x_next)
 
     def _replay_or_run(self, run: _Run, si: int, settings: tuple) -> None:
-        with torch.autocast(self.device.type, enabled=False):    # the dtypes are the sampler's, not autocast's
+        # the dtypes are the sampler's, not autocast's; graphs capture on (and Triton launches on) the current
+        # device, so the sampler's device is made current for the step
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.autocast(self.device.type, enabled=False), on_device:
             if not self.cuda_graphs:
                 self._scale_step(run, si, *settings)
                 return
@@ -315,13 +322,17 @@ class Sampler:
         kernels); every step reads only what earlier steps of the same sample write, so the replays
         that follow start clean once f_hat is zero again."""
         dev = self.device
-        reserved = torch.cuda.memory_reserved(dev)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for si in range(len(self.hws)):
                 self._scale_step(run, si, *settings)
         torch.cuda.current_stream(dev).wait_stream(side)
+        # torch.cuda.graph empties the allocator's cache on entry: do it first, so that the baseline does not
+        # count the warm-up's freed blocks and the difference is the graphs' memory pool
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(dev)
         graphs, pool = [], None
         for si in range(len(self.hws)):
             g = torch.cuda.CUDAGraph()

@@ -13,6 +13,8 @@ C <= 16384 (VAR: 1024-2304).
 import triton
 import triton.language as tl
 
+from fastvar.triton_kernels._device import on_tensor_device
+
 
 @triton.jit
 def _adaln_fwd_kernel(
@@ -40,6 +42,7 @@ def _adaln_fwd_kernel(
     tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def adaln_fwd(x, scale, shift, eps, y=None, gamma=None, h=None, x_new=None):
     """Launch on row-major views: ``x``, ``y``, ``h``, ``x_new`` ``(R, C)`` with unit column stride,
     ``scale``, ``shift``, ``gamma`` ``(N, C)`` sharing one row stride; ``R = N * l``."""

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from fastvar.reference.attention import MAX_SCALE_MUL
+from fastvar.triton_kernels._device import on_tensor_device
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -597,6 +598,7 @@ def _scale_mul_arg(scale_mul, like):
     return scale_mul.detach().reshape(-1).to(torch.float32).contiguous()
 
 
+@on_tensor_device
 def block_causal_attention_fwd(q, k, v, scale_lens, softmax_scale, scale_mul=None, config=None):
     """Forward of block-causal attention.
 
@@ -623,6 +625,7 @@ def block_causal_attention_fwd(q, k, v, scale_lens, softmax_scale, scale_mul=Non
     return out, stats
 
 
+@on_tensor_device
 def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_scale, scale_mul=None,
                                config=None):
     """Backward of :func:`block_causal_attention_fwd`.
@@ -656,6 +659,7 @@ def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_sc
     return dq, dk, dv, dsm
 
 
+@on_tensor_device
 def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul=None, config=None):
     """One KV-cached sampling step in one launch.
 

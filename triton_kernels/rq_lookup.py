@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvar.triton_kernels._device import on_tensor_device
+
 _SM_COUNT: dict = {}
 
 
@@ -128,6 +130,7 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+@on_tensor_device
 def rq_lookup(
     z: torch.Tensor,
     codebook: torch.Tensor,

@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from fastvar.triton_kernels._device import on_tensor_device
+
 MAX_V = 32768        # one row lives in registers; larger vocabularies use the eager path
 
 ERR_NAN = 1
@@ -177,6 +179,7 @@ def _launch_config(n_rows: int, block_v: int, interpret: bool):
     return rows, num_warps
 
 
+@on_tensor_device
 def sample_fwd(logits, tokens, err, n_cond, cfg_a, cfg_t, top_k, top_p_thr, noise=None, seed=0, offset=0,
                seed_offset=None, filtered=None, has_cfg=False, has_top_k=False, has_top_p=False,
                interpret=False, precise_exp=None):

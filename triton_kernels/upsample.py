@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvar.triton_kernels._device import on_tensor_device
+
 
 # ----------------------------------------------------------------------------------- bicubic helpers
 @triton.jit
@@ -304,6 +306,7 @@ def area_window_max(n_in: int, n_out: int) -> int:
     return max(-((-(o + 1) * n_in) // n_out) - (o * n_in) // n_out for o in range(n_out))
 
 
+@on_tensor_device
 def bicubic_upsample(
     src: Optional[torch.Tensor],
     size: Tuple[int, int],
@@ -342,6 +345,7 @@ def bicubic_upsample(
     return out
 
 
+@on_tensor_device
 def area_downsample(x: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.interpolate(x, size, mode='area')`` for ``size != (1, 1)`` (ATen uses ``mean()`` there)."""
     B, C, H, W = x.shape
@@ -360,6 +364,7 @@ def area_downsample(x: torch.Tensor, size: Tuple[int, int], out: Optional[torch.
     return out
 
 
+@on_tensor_device
 def phi_accumulate(
     u: torch.Tensor,
     cv: Optional[torch.Tensor],
