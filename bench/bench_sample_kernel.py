@@ -30,7 +30,6 @@ best ``p / q`` ratios within 2^-20 relative (the only rows where float32 roundin
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -40,7 +39,8 @@ import torch
 
 from fastvar.ops import sampling as S
 from fastvar.reference import sampling as ref
-from fastvar.utils.benchmarking import ceiling, git_commit, metadata, pyplot, require_cuda, results_path, save_plot
+from fastvar.utils.benchmarking import (ceiling, git_commit, metadata, pyplot, require_cuda, results_path, save_plot,
+                                       write_csv)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCALES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -124,12 +124,7 @@ def bench(args) -> int:
 
 
 def write_results(rows, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {path}")
+    write_csv(rows, path)
     if "provider" not in rows[0]:
         return
     plt = pyplot()

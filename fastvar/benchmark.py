@@ -16,9 +16,7 @@ Results go to a CSV with the device name, date, commit and shapes.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import os
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -28,7 +26,7 @@ from fastvar.models import build_vae_var
 from fastvar.reference import var_sampling
 from fastvar.sampler import Sampler
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
-from fastvar.utils.benchmarking import device_name, git_commit, results_path
+from fastvar.utils.benchmarking import device_name, git_commit, results_path, write_csv
 
 MODELS = {  # name: (depth, shared_aln, schedule)
     "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
@@ -139,18 +137,8 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 log(f"  per scale (fastvar, ms): {per_scale}")
         vae = var = fast = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
-            _write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)
+            write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)
     return rows
-
-
-def _write_csv(rows: List[Dict], path: str, log) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    log(f"wrote {path} ({len(rows)} rows)")
 
 
 def scale_breakdown(sampler: Sampler, labels, kw, device) -> List[float]:

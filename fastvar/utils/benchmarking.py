@@ -1,12 +1,13 @@
 """What every benchmark records: the device and its ceilings, the date, the commit, the versions."""
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
 import subprocess
 import sys
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -63,6 +64,17 @@ def results_path(folder: str, prefix: str, meta: Dict[str, str]) -> str:
     """``<folder>/<prefix>_<device>_<date>.csv``."""
     tag = "".join(c if c.isalnum() else "_" for c in meta["device"]).strip("_")
     return os.path.join(folder, f"{prefix}_{tag}_{meta['date']}.csv")
+
+
+def write_csv(rows: List[Dict], path: str, log=print) -> None:
+    """Write result rows (the union of their keys as columns, in first-seen order) to ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    log(f"wrote {path} ({len(rows)} rows)")
 
 
 def timing_options(parser, prefix: str) -> None:
