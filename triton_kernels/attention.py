@@ -124,6 +124,23 @@ def _attend_tiles(acc, l_i, m_i, q, row_scale, row_end, K, V, stride_kl, stride_
 
 
 @triton.jit
+def _query_tile(Q, stride_qb, stride_ql, stride_qh, stride_qd, L, H, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's ``(b, h)`` and query tile, for a grid ``(cdiv(L, BLOCK_M), B*H)`` that launches the
+    heaviest query tiles (the finest scale sees the most keys) first. Returns ``bh, b, h``, the tile's first
+    row ``m0``, its rows ``offs_m``, ``offs_d``, ``row_ok`` and the ``[BLOCK_M, HEAD_DIM]`` q tile."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    m0 = tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < L
+    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
+                mask=row_ok[:, None], other=0.0)
+    return bh, b, h, m0, offs_m, offs_d, row_ok, q
+
+
+@triton.jit
 def _query_tile_keys(BEGIN_END, m0, offs_m, L, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys of the query tile at row ``m0``: ``[0, n_full)`` (whole key tiles) are seen by every row,
     ``[n_full, kv_end)`` by some rows; ``row_end`` (BLOCK_M,) is every row's end (1 past L: key 0 only)."""
@@ -166,17 +183,9 @@ def _block_causal_attn_fwd_kernel(
     tiles at D=64 spilled 104 B for sm_90, none with the stored factor).
     ``BEGIN_END`` (2, L) int32: begin and end of every token's scale. ``qk_scale = softmax_scale * log2(e)``.
     """
-    # Heaviest query tiles (the finest scale sees the most keys) are launched first.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    m0 = tile * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, b, h, m0, offs_m, offs_d, row_ok, q = _query_tile(Q, stride_qb, stride_ql, stride_qh, stride_qd, L, H,
+                                                          HEAD_DIM, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < L
-    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
-                mask=row_ok[:, None], other=0.0)
     row_scale = _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M, NORM)
     n_full, kv_end, row_end = _query_tile_keys(BEGIN_END, m0, offs_m, L, BLOCK_M, BLOCK_N)
 
@@ -375,16 +384,9 @@ def _block_causal_attn_bwd_dq_kernel(
         DOT_PREC: tl.constexpr):
     """dQ of block-causal attention (and, with NORM, ``DSM_ROWS`` (B, H, L) fp32: every row's share of
     ``dL/dscale_mul_h``). Grid ``(cdiv(L, BLOCK_M), B*H)``, key tiles as in the forward."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    m0 = tile * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, b, h, m0, offs_m, offs_d, row_ok, q = _query_tile(Q, stride_qb, stride_ql, stride_qh, stride_qd, L, H,
+                                                          HEAD_DIM, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < L
-    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
-                mask=row_ok[:, None], other=0.0)
     do = tl.load(_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dol, stride_dod),
                  mask=row_ok[:, None], other=0.0)
     row_max = tl.load(ROW_MAX + bh * L + offs_m, mask=row_ok, other=0.0)
