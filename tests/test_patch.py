@@ -130,3 +130,20 @@ def test_the_mask_is_verified_once_per_buffer_not_per_forward(monkeypatch):
         for _ in range(3):
             var(torch.tensor([1, 2]), torch.randn(2, var.L - 1, var.Cvae))
     assert len(calls) == 1
+
+
+def test_a_mask_in_the_memory_of_a_checked_one_is_checked_again():
+    """Same address, shape, strides and version as a mask checked before, different values: the
+    cache must not answer for it (a freed mask's memory is reused by the next tensor of its size)."""
+    import numpy as np
+    from fastvar.nn.attention import schedule_of_mask
+    from fastvar.reference import block_causal_bias
+    memory = block_causal_bias([1, 4, 9], "cpu").numpy().copy()
+    good = torch.from_numpy(memory)
+    assert schedule_of_mask(good) == (1, 4, 9)
+    del good                                     # the checked tensor is gone; its memory is not
+    memory[0, 1] = 0.0                           # written behind torch's back: no version bump
+    bad = torch.from_numpy(memory)               # same address, shape, strides, dtype and version 0
+    with pytest.raises(ValueError, match="not a block-causal multi-scale mask"):
+        schedule_of_mask(bad)
+    assert np.shares_memory(bad.numpy(), memory)

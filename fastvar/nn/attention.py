@@ -8,6 +8,7 @@ Parameter and buffer names equal the official ones, so official state dicts load
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -36,25 +37,29 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-# Masks already checked, by where their values live: (address, shape, strides, dtype, device, version
-# counter). The official forward hands every block, at every step, a fresh slice of the same buffer
-# (``attn_bias_for_masking[:, :, :L, :L].to(dtype)``): that is checked once, not once per forward. A tensor
-# modified in place bumps its version and is checked again. (Inference tensors have no version counter:
-# they cannot change outside inference mode, so their key has none.) What this cannot see: a different
-# block-causal mask of the very same shape written into memory freed by an earlier one.
-_verified_masks: Dict[tuple, Tuple[int, ...]] = {}
+# Masks already checked: (address, shape, strides, dtype, device, version counter) -> (the tensor that
+# owns that memory, held weakly; the scale lengths). The official forward hands every block, at every
+# step, a fresh slice of the same buffer (``attn_bias_for_masking[:, :, :L, :L].to(dtype)``): the
+# slices share one owner (their ``_base``), so the buffer is checked once, not once per forward. A hit
+# needs that owner to be alive and to be the owner of the mask passed now: an address alone is not
+# enough, since a freed mask's memory is reused by the next tensor of its size (CI caught a malformed
+# mask accepted that way). A tensor modified in place bumps its version and is checked again.
+# (Inference tensors have no version counter: they cannot change outside inference mode, so their key has none.)
+_verified_masks: Dict[tuple, Tuple[weakref.ref, Tuple[int, ...]]] = {}
 
 
 def schedule_of_mask(attn_bias: torch.Tensor) -> Tuple[int, ...]:
     """The scale lengths of a dense block-causal ``attn_bias``, verified (see ``ops.scale_lens_from_bias``)."""
+    owner = attn_bias if attn_bias._base is None else attn_bias._base
     key = (attn_bias.data_ptr(), tuple(attn_bias.shape), attn_bias.stride(), attn_bias.dtype, attn_bias.device,
            None if attn_bias.is_inference() else attn_bias._version)
-    lens = _verified_masks.get(key)
-    if lens is None:
-        lens = ops.scale_lens_from_bias(attn_bias)
-        if len(_verified_masks) >= 64:
-            _verified_masks.clear()
-        _verified_masks[key] = lens
+    hit = _verified_masks.get(key)
+    if hit is not None and hit[0]() is owner:
+        return hit[1]
+    lens = ops.scale_lens_from_bias(attn_bias)
+    if len(_verified_masks) >= 64:
+        _verified_masks.clear()
+    _verified_masks[key] = (weakref.ref(owner), lens)
     return lens
 
 
