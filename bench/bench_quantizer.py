@@ -25,6 +25,8 @@ the disagreement count is recorded; maps: relative error). Times are CUDA-event 
 so the columns compare): lookup ``N*C*4 + V*C*4 + N*8``; step per scale ``7 * B*C*H*W*4`` (upsample write,
 conv read + write, the accumulate's 3 reads + 1 write) plus the code and next maps; encode / var_input the same
 per scale plus the lookup's. ``pct_hbm`` is that against the HBM ceiling (H100 3.35 TB/s, H200 4.8 TB/s).
+``gpu_ops`` counts the kernels, memsets and copies of one call (torch.profiler); for ``step`` / ``step_idx``
+``gpu_ops_per_scale`` divides it by the scale count (the fastvar call also zeroes f_hat once: +1 per call).
 ``peak_MB`` is the peak of ``torch.cuda.max_memory_allocated`` during one call, above what was allocated
 before it (the eager lookup holds the ``N x V`` float32 distances). Results go to
 ``bench/results/quantizer_<gpu>_<date>.csv`` with the GPU, date, commit and shapes, and a plot when
@@ -40,8 +42,8 @@ import sys
 
 import torch
 
-from fastvar.utils.benchmarking import (ceiling, metadata, pyplot, rel_err, require_cuda, results_path,
-                                     save_plot, timing_options)
+from fastvar.utils.benchmarking import (ceiling, device_ops_per_call, metadata, pyplot, rel_err, require_cuda,
+                                     results_path, save_plot, timing_options)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -220,7 +222,7 @@ def main(argv=None):
     os.makedirs(RESULTS, exist_ok=True)
     path = args.out or results_path(RESULTS, "quantizer", meta)
     fields = list(meta) + ["op", "schedule", "batch", "shape", "provider", "ms", "ms_p20", "ms_p80", "GB/s",
-                           "pct_hbm", "TFLOP/s", "pct_fp32", "peak_MB", "speedup_vs_eager", "check"]
+                           "pct_hbm", "TFLOP/s", "pct_fp32", "peak_MB", "gpu_ops", "gpu_ops_per_scale", "speedup_vs_eager", "check"]
     print(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; "
           f"HBM {hbm} TB/s, fp32 {fp32} TFLOP/s")
     with open(path, "w", newline="") as f, torch.no_grad():
@@ -241,6 +243,7 @@ def main(argv=None):
                         try:
                             ms, p20, p80 = do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
                             mem = peak_mb(fn)
+                            n_ops = device_ops_per_call(fn)
                         except torch.cuda.OutOfMemoryError:
                             print(f"{op} {sched}px B={B} {name}: out of memory")
                             torch.cuda.empty_cache()
@@ -252,13 +255,15 @@ def main(argv=None):
                                    pct_hbm=f"{100 * gbs / (hbm * 1e3):.1f}" if hbm else "",
                                    **{"TFLOP/s": f"{flops / ms / 1e9:.2f}" if flops else ""},
                                    pct_fp32=f"{100 * flops / ms / 1e9 / fp32:.1f}" if flops and fp32 else "",
-                                   peak_MB=f"{mem:.1f}",
+                                   peak_MB=f"{mem:.1f}", gpu_ops=n_ops or "",
+                                   gpu_ops_per_scale=f"{n_ops / len(q.patch_hws):.1f}"
+                                   if n_ops and op.startswith("step") else "",
                                    speedup_vs_eager=f"{eager_ms / ms:.2f}" if eager_ms else "",
                                    check=checks.get(name, ""))
                         writer.writerow(row)
                         f.flush()
                         print(f"{op:9s} {sched}px B={B:<4d} {name:8s} {ms:9.4f} ms  {gbs:8.1f} GB/s  "
-                              f"peak {mem:8.1f} MB  {row['speedup_vs_eager']:>6s}x  {row['check']}")
+                              f"peak {mem:8.1f} MB  {row['speedup_vs_eager']:>6s}x  ops {n_ops}  {row['check']}")
                     del providers
                     torch.cuda.empty_cache()
     print(f"\nresults: {path}")

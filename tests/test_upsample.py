@@ -227,6 +227,60 @@ def test_upsample_accumulate_is_one_custom_op(gen):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# aten ops that allocate or re-describe memory without running a kernel
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
+              "as_strided", "t", "transpose", "permute", "expand", "reshape", "alias", "detach", "lift_fresh"}
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("codes_kind", ["indices", "code map"])
+def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind):
+    """The Triton step runs, per scale, two Triton kernels (gather + bicubic upsample; Phi + accumulate +
+    area downsample) and one torch kernel (Phi's 3x3 convolution), and nothing else: the structure the
+    module docstring of ``fastvar.ops.quantize`` states and the benchmark's launch count assumes."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from triton.runtime.interpreter import InterpretedFunction
+    from fastvar.ops import quantize as quantize_ops
+    monkeypatch.setenv("FASTVAR_BACKEND", "triton")
+    triton_launches, torch_kernels = [], []
+
+    class CountKernels(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "fastvar":          # the custom op: count what its implementation runs
+                assert func.overloadpacket.__name__ == "upsample_accumulate_" and not kwargs
+                with self:
+                    nxt = quantize_ops._triton_upsample_accumulate(*args)
+                return nxt if nxt is not None else args[0].new_empty(0)
+            if func.overloadpacket.__name__ not in _NO_KERNEL:
+                torch_kernels.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    real_run = InterpretedFunction.run
+
+    def counted_run(self, *args, **kwargs):
+        triton_launches.append(self.__name__)
+        with _disable_current_modes():          # the interpreter's own host copies are not kernels
+            return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counted_run)
+    g, seed = gen
+    q = random_quantizer(NON_SQUARE, seed=seed)
+    S, B = len(q.patch_hws), 2
+    f_hat = torch.zeros(B, q.Cvae, *q.patch_hws[-1])
+    with torch.no_grad():
+        for si, (h, w) in enumerate(q.patch_hws):
+            idx = torch.randint(0, q.vocab_size, (B, h, w), generator=g)
+            codes = idx if codes_kind == "indices" else q.embedding(idx).permute(0, 3, 1, 2)
+            weight, bias, r = q.phi_params(si, S)
+            triton_launches.clear(), torch_kernels.clear()
+            with CountKernels():
+                ops.upsample_accumulate_(f_hat, codes, weight, bias, r, q.patch_hws[si + 1] if si + 1 < S else None,
+                                         codebook=q.embedding.weight, validate=False)
+            already_full = codes_kind == "code map" and (h, w) == tuple(q.patch_hws[-1])
+            assert len(triton_launches) == (1 if already_full else 2), f"scale {si}: {triton_launches}"
+            assert torch_kernels == ["conv2d"], f"scale {si}: torch kernels {torch_kernels}"
+
+
 @pytest.mark.interpreter
 def test_sampling_step_compiles_to_one_graph(gen, monkeypatch):
     """``torch.compile(fullgraph=True)`` traces the step without a graph break (the custom op is one node)

@@ -11,7 +11,12 @@ sequence), Phi's ``(1-r) u + r conv(u)`` and the accumulations; the 3x3 convolut
 tensor of the same memory format as in the eager path, so it runs the same cuDNN / oneDNN algorithm.
 
 Launches per scale, Triton path: sampling step (``upsample_accumulate_``): gather + bicubic upsample (1),
-``F.conv2d`` (1), Phi + ``f_hat +=`` + area downsample of the next scale (1). Encode (``rq_encode``):
+``F.conv2d`` (1), Phi + ``f_hat +=`` + area downsample of the next scale (1) (``tests/test_upsample.py::
+test_sampling_step_launches_per_scale`` holds this). Not two: the conv reads the upsampled map and Phi reads
+the conv's output, so Triton work sits on both sides of it; one kernel for both sides must compute the 3x3
+conv itself, giving up ``F.conv2d``'s bits, and the area downsample needs a whole image per program. An
+estimate, not a measurement (no GPU yet): at B = 1, 256 px, that conv is 4.7 MFLOP of float32 on one SM,
+~10 us at ~0.5 TFLOP/s per SM, against ~3 us for the launch it would save. Encode (``rq_encode``):
 ``sum(z**2)`` (2 small torch launches, for the eager bits), lookup (1), upsample (1), conv (1),
 Phi + ``f_rest -=`` (+ ``f_hat +=``) + next scale's ``z`` (1); the last scale of an index-only encode is
 the lookup alone. The sampling-path ops are ``torch.library`` custom ops (``fastvar::rq_lookup``,

@@ -113,6 +113,19 @@ def save_plot(fig, csv_path: str) -> str:
     return png
 
 
+def device_ops_per_call(fn) -> Optional[int]:
+    """GPU operations (kernels, memsets, copies) one call of ``fn`` issues, counted by the profiler after a
+    warm-up call (which compiles and autotunes), or None when the profiler records none (e.g. no CUPTI)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return n or None
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """``max|a - ref| / max|ref|`` in float64."""
     a, ref = a.double(), ref.double()
