@@ -92,7 +92,13 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                                  fast_init=True, vae_kwargs=None if not smoke else dict(ch_mult=(1, 2, 2)))
         k = min(top_k, V)
         fast = Sampler(var, vae, dtype=dtype, cuda_graphs=device.type == "cuda")
-        compiled = torch.compile(var_sampling._block, dynamic=True) if "compile" in providers else None
+        compiled = None
+        if "compile" in providers:
+            # Dynamo caches on the shared ``_block`` function: without a reset, the earlier models' graphs use
+            # up its recompile limit (8) and "compile" silently times eager code from then on (on CPU, 4 tiny
+            # models x batches 1, 8, 64: compiled graphs stop at 8 in the second model; 14 with the reset)
+            torch._dynamo.reset()
+            compiled = torch.compile(var_sampling._block, dynamic=True)
         for B in batches:
             labels = torch.arange(B, device=device) % var.num_classes
             kw = dict(cfg=cfg, top_k=k, top_p=top_p)

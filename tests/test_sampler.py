@@ -119,13 +119,15 @@ def test_memory_report_and_free(small):
     (dict(labels=[1], top_k=5, cfg=float("nan")), ValueError, r"cfg must be finite"),
     (dict(labels=[1, 2], B=3, top_k=5), ValueError, r"labels must hold B=3 labels, got 2"),
 ])
-def test_bad_input(small, kwargs, error, match):
+@pytest.mark.parametrize("method", ["sample", "stream"])
+def test_bad_input(small, kwargs, error, match, method):
+    """``stream`` checks at the call, not at the first ``next()``."""
     vae, var = small
     sampler = Sampler(var, dtype=torch.float32)
     kwargs = dict(kwargs)
     labels = kwargs.pop("labels")
     with pytest.raises(error, match=match):
-        sampler.sample(labels, **kwargs)
+        getattr(sampler, method)(labels, **kwargs)
 
 
 def test_no_class_id_is_a_valid_label(small):
@@ -272,3 +274,47 @@ def test_label_forms(small):
         sampler.sample("seven", top_k=10)
     with pytest.raises(TypeError, match="labels must be a 1-D integer tensor of class ids"):
         sampler.sample(torch.tensor([1.0]), top_k=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict"])
+def test_sampler_follows_weight_changes(dtype, change):
+    """Weights cast once, but never stale: after the model changes, the next sample equals a new sampler's."""
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4))
+    sampler = Sampler(var, dtype=dtype)
+    kw = dict(seed=5, top_k=0, top_p=0.0)
+    before, _ = sampler.tokens([1, 2], **kw)
+    cast = sampler.w
+    again, _ = sampler.tokens([1, 2], **kw)
+    assert sampler.w is cast, "unchanged weights must not be cast again"
+    with torch.no_grad():
+        if change == "in place":
+            var.head.bias.add_(torch.randn_like(var.head.bias) * 5)
+        elif change == "replaced":
+            var.head.bias = torch.nn.Parameter(var.head.bias + torch.randn_like(var.head.bias) * 5)
+        else:
+            state = {k: v + torch.randn_like(v) * 5 if k == "head.bias" else v for k, v in var.state_dict().items()}
+            var.load_state_dict(state)
+    after, _ = sampler.tokens([1, 2], **kw)
+    fresh, _ = Sampler(var, dtype=dtype).tokens([1, 2], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, again))
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh)), "the sampler used stale weights"
+    assert not all(torch.equal(a, b) for a, b in zip(after, before)), "the change did not change the tokens"
+
+
+def test_adaln_modulation_is_computed_once_per_sample(small, monkeypatch):
+    """The condition never changes across scales: every block's AdaLN linear runs once per sample, not per scale."""
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32)
+    ada = {b["ada"][0].data_ptr() for b in sampler.w.blocks} | {sampler.w.head_ada[0].data_ptr()}
+    calls = []
+    real_linear = torch.nn.functional.linear
+
+    def linear(x, weight, bias=None):
+        calls.append(weight.data_ptr() in ada)
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    sampler.tokens([1, 2], seed=0, top_k=0, top_p=0.0)
+    assert sum(calls) == len(var.blocks) + 1, f"{sum(calls)} AdaLN linears for {len(var.blocks)} blocks + head"
+    assert len(calls) > 5 * len(var.scale_lens), "the transformer's linears were not seen (wrong hook?)"
