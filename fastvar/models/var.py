@@ -224,6 +224,10 @@ class VAR(nn.Module):
         class) or a ``(B,)`` tensor. ``g_seed`` seeds the model's generator (None: the global RNG).
         ``cfg`` guidance strength, ``top_k`` / ``top_p`` filtering (0 disables), ``more_smooth``:
         Gumbel-softmax-weighted codes instead of sampled ones (for visualisation).
+
+        Each call builds a :class:`~fastvar.sampler.Sampler` and frees it on return, as the official method
+        frees its KV caches. To sample repeatedly, keep a ``fastvar.Sampler(var, vae)``: its weight casts,
+        KV caches and CUDA graphs are reused from one call to the next.
         """
         images, _ = self._infer(B, label_B, g_seed, cfg, top_k, top_p, more_smooth)
         return images
