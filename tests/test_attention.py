@@ -124,6 +124,8 @@ CPU_CASES = [
     (UNEVEN, 2, 1, 64, False),
     ((7, 20, 1, 30), 1, 2, 32, True),           # not coarse to fine, ragged, a 1-token scale inside
     ((16, 48), 1, 2, 16, True),                 # scales and L on tile boundaries: no ragged tile
+    (lens_of((1, 2, 3)), 2, 1, 128, True),      # D = 128 (Infinity-style heads); patch numbers 1, 2, 3
+    (lens_of((1, 2)), 1, 2, 128, False),
 ]
 
 
@@ -136,6 +138,23 @@ def test_block_causal_matches_reference(cpu_backend, poisoned_empty, lens, B, H,
     out = ops.block_causal_attention(q, k, v, lens, softmax_scale, sm)
     assert out.shape == (B, L, H, D) and out.dtype == q.dtype
     assert_fp32_like_reference(out, qkv, sm, lens, softmax_scale)
+
+
+def test_block_causal_any_strides(cpu_backend):
+    """q, k, v as transposed views of a ``(3, B, H, L, D)`` tensor (heads-first, as an SDPA-layout caller has
+    them) and a non-contiguous ``dout``: the kernels follow the strides, forward and backward."""
+    lens, B, H, D = UNEVEN, 2, 3, 32
+    L = sum(lens)
+    heads_first = torch.randn(3, B, H, L, D).requires_grad_(True)
+    q, k, v = (t.transpose(1, 2) for t in heads_first.unbind(0))
+    assert not q.is_contiguous()
+    sm = make_scale_mul(H)
+    out = ops.block_causal_attention(q, k, v, lens, None, sm)
+    dout = torch.randn(B, H, L, D).transpose(1, 2)          # (B, L, H, D), strided
+    dleaf, dsm = grads_of(out, dout, [heads_first, sm])
+    qkv = torch.stack((q, k, v), 2).detach()                 # the layout the checks take: (B, L, 3, H, D)
+    dqkv = torch.stack(tuple(t.transpose(1, 2) for t in dleaf.unbind(0)), 2)
+    assert_fp32_results(out, dqkv, dsm, qkv, sm, lens, None, dout)
 
 
 def test_scale_mul_clamp(cpu_backend):
@@ -258,6 +277,10 @@ def test_errors_name_the_argument(cpu_backend):
         ops.block_causal_attention(q, k, v, (1, 4))
     with pytest.raises(ValueError, match="positive token counts"):
         ops.block_causal_attention(q, k, v, (0, 6))
+    with pytest.raises(TypeError, match=r"scale_lens must hold whole token counts, got \[1, 2.5, 2.5\]"):
+        ops.block_causal_attention(q, k, v, (1, 2.5, 2.5))
+    with pytest.raises(TypeError, match="scale_lens must be a sequence of ints"):
+        ops.block_causal_attention(q, k, v, 6)
     with pytest.raises(TypeError, match=r"k must have the dtype of q \(torch.float32\), got torch.float16"):
         ops.block_causal_attention(q, k.half(), v, (1, 2, 3))
     with pytest.raises(ValueError, match=r"v must be on the device of q \(cpu\), got meta"):

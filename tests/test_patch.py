@@ -19,12 +19,12 @@ def official_model():
     return g, official_arch.from_golden(g, conv_vae)
 
 
-def check_golden(g, var, what):
+def check_golden(g, var, what, settings=SETTINGS):
     tf = g["teacher_forcing"]
     with torch.no_grad():
         logits = var(tf["label_B"], tf["x_BLCv_wo_first_l"])
     assert_rel(logits[:, tf["logit_rows"]], tf["logits_BLV_rows"], GOLDEN_LOGITS_REL, f"{what}: logits")
-    for setting in SETTINGS:
+    for setting in settings:
         s = g["samples"][setting]
         var.autoregressive_infer_cfg(2, s["label_B"], g_seed=s["g_seed"], **s["kwargs"])
         for si, (a, b) in enumerate(zip(var.sampled, s["tokens"])):
@@ -147,3 +147,39 @@ def test_a_mask_in_the_memory_of_a_checked_one_is_checked_again():
     with pytest.raises(ValueError, match="not a block-causal multi-scale mask"):
         schedule_of_mask(bad)
     assert np.shares_memory(bad.numpy(), memory)
+
+
+@pytest.mark.interpreter
+def test_patched_model_on_the_triton_kernels_reproduces_golden(backend):
+    """The patched official model's forward and autoregressive_infer_cfg on the Triton kernels (interpreter;
+    one sampling setting, ~110 s on 2 CPU cores: the smooth one's soft codes are covered in test_upsample)."""
+    backend("triton")
+    g, var = official_model()
+    fastvar.patch(var)
+    check_golden(g, var, "patched, Triton", SETTINGS[:1])
+
+
+def test_patch_with_shared_adaln_reproduces_golden_logits():
+    """The shared-AdaLN branch of patch (``shared_ada_lin`` + ``ada_gss``), on the 512-px golden file."""
+    name = "var_d2_512_saln.pt"
+    g = golden.load(name)
+    conv_vae, _ = golden.models(name)
+    var = official_arch.from_golden(g, conv_vae)
+    fastvar.patch(var)
+    assert all(isinstance(b, AdaLNSelfAttn) and b.shared_aln for b in var.blocks)
+    tf = g["teacher_forcing"]
+    with torch.no_grad():
+        logits = var(tf["label_B"], tf["x_BLCv_wo_first_l"])
+    assert_rel(logits[:, tf["logit_rows"]], tf["logits_BLV_rows"], GOLDEN_LOGITS_REL, "patched saln: logits")
+
+
+def test_patch_warns_about_attention_dropout():
+    """Dropout inside attention is not in the kernels: said at patch time, and a training forward raises."""
+    _, var = official_model()
+    for b in var.blocks:
+        b.attn.attn_drop = 0.1
+    with pytest.warns(UserWarning, match=r"attention dropout \(attn_drop=0.1\) is not supported"):
+        fastvar.patch(var)
+    var.train()
+    with pytest.raises(NotImplementedError, match="attn_drop > 0"):
+        var.blocks[0].attn(torch.randn(1, var.L, var.C), attn_bias=var.attn_bias_for_masking)

@@ -35,8 +35,10 @@ def check_same(names: Sequence[str], tensors: Sequence[torch.Tensor], what: str 
 def check_scale_lens(scale_lens, L: int, name: str = "scale_lens") -> tuple:
     try:
         lens = tuple(int(n) for n in scale_lens)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of ints, got {type(scale_lens).__name__}") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of ints, got {scale_lens!r}") from None
+    if any(n != m for n, m in zip(scale_lens, lens)):      # 2.5 is not a token count, nor is it 2
+        raise TypeError(f"{name} must hold whole token counts, got {list(scale_lens)}")
     if not lens or any(n < 1 for n in lens):
         raise ValueError(f"{name} must be a non-empty sequence of positive token counts, got {list(lens)}")
     if sum(lens) != L:
