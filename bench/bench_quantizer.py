@@ -50,6 +50,7 @@ RESULTS = os.path.join(HERE, "results")
 SCHEDULES = {"256": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), "512": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
 OPS = ("lookup", "step", "step_idx", "encode", "var_input")
 V, CVAE = 4096, 32
+DEVICE = "cuda"
 
 
 def quantizer(patch_nums, device):
@@ -78,7 +79,7 @@ def case_lookup(q, B, args):
     from fastvar.reference import quantize as ref
     H, W = q.patch_hws[-1]
     N = B * H * W
-    z = torch.randn(N, CVAE, device="cuda")
+    z = torch.randn(N, CVAE, device=DEVICE)
     codebook = q.embedding.weight.detach()
     expected = ref.rq_lookup(z, codebook)
     providers = {"eager": lambda: ref.rq_lookup(z, codebook), "fastvar": lambda: ops.rq_lookup(z, codebook)}
@@ -93,8 +94,8 @@ def case_lookup(q, B, args):
 
 
 def _step_inputs(q, B):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    idx = [torch.randint(0, V, (B, h * w), device="cuda", generator=g) for h, w in q.patch_hws]
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    idx = [torch.randint(0, V, (B, h * w), device=DEVICE, generator=g) for h, w in q.patch_hws]
     maps = [q.embedding(i).transpose_(1, 2).reshape(B, CVAE, h, w) for i, (h, w) in zip(idx, q.patch_hws)]
     return idx, maps
 
@@ -112,7 +113,7 @@ def case_step(q, B, args, from_idx=False):
     H, W = q.patch_hws[-1]
     S = len(q.patch_hws)
     idx, maps = _step_inputs(q, B)
-    f_e, f_f = torch.zeros(B, CVAE, H, W, device="cuda"), torch.zeros(B, CVAE, H, W, device="cuda")
+    f_e, f_f = torch.zeros(B, CVAE, H, W, device=DEVICE), torch.zeros(B, CVAE, H, W, device=DEVICE)
 
     def eager():
         f_e.zero_()
@@ -137,7 +138,7 @@ def case_encode(q, B, args):
     from fastvar.reference import quantize as ref
     H, W = q.patch_hws[-1]
     S = len(q.patch_hws)
-    f = torch.randn(B, CVAE, H, W, device="cuda")
+    f = torch.randn(B, CVAE, H, W, device=DEVICE)
     codebook = q.embedding.weight.detach()
 
     def eager():
@@ -229,7 +230,7 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for sched in args.schedules:
-            q = quantizer(SCHEDULES[sched], "cuda")
+            q = quantizer(SCHEDULES[sched], DEVICE)
             for op in args.ops:
                 for B in args.batches:
                     try:

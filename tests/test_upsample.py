@@ -134,10 +134,11 @@ def _code_map(q, idx, h, w):
 
 
 @pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512, NON_SQUARE], ids=["256px", "512px", "non-square"])
-def test_sampling_step_every_scale(cpu_backend, gen, patch_nums):
+@pytest.mark.parametrize("B", [1, 2])     # B = 1: a size-1 batch dim whose stride differs between views
+def test_sampling_step_every_scale(cpu_backend, gen, patch_nums, B):
     g, seed = gen
     q = random_quantizer(patch_nums, seed=seed)
-    B, S = 2, len(q.patch_hws)
+    S = len(q.patch_hws)
     idx = [torch.randint(0, q.vocab_size, (B, h * w), generator=g) for h, w in q.patch_hws]
     with torch.no_grad():
         maps = [_code_map(q, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)]

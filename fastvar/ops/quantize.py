@@ -251,8 +251,13 @@ def _upsampled_codes(codes: torch.Tensor, codebook: Optional[torch.Tensor], H: i
 def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
     _, k_up = _kernels()
     B, C, H, W = f_hat.shape
-    # the eager path's conv input has the layout of its code map (a channels-last view in VAR's sampler)
-    fmt = torch.channels_last if codes.dtype == torch.int64 else _memory_format(codes)
+    # the eager path's conv input has the layout of its code map: for tokens, the official view
+    # (embedding -> transpose -> reshape), channels-last except at B = 1, where its batch stride is C
+    if codes.dtype == torch.int64:
+        h, w = codes.shape[1:]
+        fmt = _memory_format(torch.empty(B, h * w, C, device="meta").transpose(1, 2).reshape(B, C, h, w))
+    else:
+        fmt = _memory_format(codes)
     u = _upsampled_codes(codes, codebook, H, W, fmt)
     cv = F.conv2d(u, phi_weight, phi_bias, stride=1, padding=1) if phi_weight is not None else None
     down = next_hw is not None and tuple(next_hw) != (1, 1)

@@ -115,7 +115,13 @@ def upsample_accumulate_step(
         ``area_downsample(f_hat, next_hw)`` after ``f_hat += Phi(bicubic(h -> H x W))`` (no upsample when
         ``h`` already is ``H x W``), or ``f_hat`` when ``next_hw`` is None.
     """
-    h = F.embedding(codes, codebook).permute(0, 3, 1, 2) if codes.dtype == torch.int64 else codes
+    if codes.dtype == torch.int64:
+        # the official view, strides included: at B = 1 a permute gives another (equally valid) batch stride,
+        # and ATen's CPU interpolate / conv then round differently (3e-7 apart, seen in bench_quantizer)
+        B, h_, w_ = codes.shape
+        h = F.embedding(codes.reshape(B, h_ * w_), codebook).transpose(1, 2).reshape(B, codebook.shape[1], h_, w_)
+    else:
+        h = codes
     H, W = f_hat.shape[-2:]
     if tuple(h.shape[-2:]) != (H, W):
         h = bicubic_upsample(h, (H, W))
