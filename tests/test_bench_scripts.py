@@ -14,10 +14,15 @@ from fastvar.utils import benchmarking
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", os.path.join(BENCH, f"{name}.py"))
+def load_on_cpu(name, monkeypatch):
+    """``bench/<name>.py`` as a module, on CPU: no GPU check, CPU metadata, no plot."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(BENCH, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "DEVICE", "cpu")
+    monkeypatch.setattr(module, "require_cuda", lambda script: True)
+    monkeypatch.setattr(module, "metadata", lambda: benchmarking.metadata(torch.device("cpu")))
+    monkeypatch.setattr(module, "plot", lambda path: None)
     return module
 
 
@@ -33,13 +38,9 @@ def stub_timing(monkeypatch):
 
 
 def test_bench_attention_writes_every_row(stub_timing, monkeypatch, tmp_path):
-    bench = load_script("bench_attention")
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    bench = load_on_cpu("bench_attention", monkeypatch)
     monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 2, 16)})
-    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, (2), 3), 2, 2, 16)})
-    monkeypatch.setattr(bench, "require_cuda", lambda script: True)
-    monkeypatch.setattr(bench, "metadata", lambda: benchmarking.metadata(torch.device("cpu")))
-    monkeypatch.setattr(bench, "plot", lambda path: None)
+    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3), 2, 2, 16)})
     out = tmp_path / "attention.csv"
     providers = ["sdpa-dense", "fastvar", "sdpa-precat", "sdpa-cat"]
     assert bench.main(["--cases", "tiny", "kv-tiny", "--providers", *providers, "--out", str(out)]) == 0
@@ -56,14 +57,10 @@ def test_bench_attention_writes_every_row(stub_timing, monkeypatch, tmp_path):
 
 
 def test_bench_quantizer_writes_every_row(stub_timing, monkeypatch, tmp_path):
-    bench = load_script("bench_quantizer")
-    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    bench = load_on_cpu("bench_quantizer", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
-    monkeypatch.setattr(bench, "require_cuda", lambda script: True)
-    monkeypatch.setattr(bench, "metadata", lambda: benchmarking.metadata(torch.device("cpu")))
     monkeypatch.setattr(bench, "peak_mb", lambda fn: 0.0)
     monkeypatch.setattr(bench, "device_ops_per_call", lambda fn: 6)
-    monkeypatch.setattr(bench, "plot", lambda path: None)
     out = tmp_path / "quantizer.csv"
     assert bench.main(["--batches", "1", "2", "--schedules", "256", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
