@@ -35,12 +35,13 @@ def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 def _self_attention(old: nn.Module) -> nn.Module:
     C = old.mat_qkv.weight.shape[1]
-    if float(getattr(old, "attn_drop", 0.0)) > 0:
-        warnings.warn(f"the model's attention dropout (attn_drop={float(old.attn_drop):g}) is not supported by "
+    attn_drop = float(getattr(old, "attn_drop", 0.0))
+    if attn_drop > 0:
+        warnings.warn(f"the model's attention dropout (attn_drop={attn_drop:g}) is not supported by "
                       "fastvar's kernels: evaluation and sampling are unaffected, a training-mode forward will "
                       "raise NotImplementedError (build the model with attn_drop_rate=0 to train it)", stacklevel=3)
     new = _on_meta(lambda: fnn.SelfAttention(block_idx=getattr(old, "block_idx", 0), embed_dim=C,
-                                             num_heads=old.num_heads, attn_drop=float(getattr(old, "attn_drop", 0.0)),
+                                             num_heads=old.num_heads, attn_drop=attn_drop,
                                              attn_l2_norm=bool(old.attn_l2_norm)))
     new = _swap(old, new)
     new.proj_drop = old.proj_drop

@@ -251,11 +251,12 @@ def _upsampled_codes(codes: torch.Tensor, codebook: Optional[torch.Tensor], H: i
 def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
     _, k_up = _kernels()
     B, C, H, W = f_hat.shape
-    # the eager path's conv input has the layout of its code map: for tokens, the official view
-    # (embedding -> transpose -> reshape), channels-last except at B = 1, where its batch stride is C
+    # the eager path's conv input has the layout of its code map (for tokens: ``ref.code_map``'s, on meta)
     if codes.dtype == torch.int64:
         h, w = codes.shape[1:]
-        fmt = _memory_format(torch.empty(B, h * w, C, device="meta").transpose(1, 2).reshape(B, C, h, w))
+        meta_map = ref.code_map(torch.zeros(B, h * w, dtype=torch.long, device="meta"),
+                                torch.empty(1, C, device="meta"), h, w)
+        fmt = _memory_format(meta_map)
     else:
         fmt = _memory_format(codes)
     u = _upsampled_codes(codes, codebook, H, W, fmt)

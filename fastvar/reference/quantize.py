@@ -94,6 +94,15 @@ def phi_fn_from_params(phis: Sequence[PhiParams]) -> PhiFn:
     return phi_fn
 
 
+def code_map(idx_Bl: torch.Tensor, codebook: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A scale's code vectors as the official code lays them out: ``(B, h*w)`` token indices -> embedding
+    ``(B, h*w, C)`` -> a transposed ``(B, C, h, w)`` view. Its strides decide how ATen's CPU interpolate /
+    conv round: channels-last, except at B = 1, where the batch stride is C and ATen picks the contiguous
+    format (a permuted gather would differ there by ~3e-7, seen in bench_quantizer)."""
+    B = idx_Bl.shape[0]
+    return F.embedding(idx_Bl, codebook).transpose(1, 2).reshape(B, codebook.shape[1], h, w)
+
+
 def upsample_accumulate_step(
     f_hat: torch.Tensor,
     codes: torch.Tensor,
@@ -116,10 +125,8 @@ def upsample_accumulate_step(
         ``h`` already is ``H x W``), or ``f_hat`` when ``next_hw`` is None.
     """
     if codes.dtype == torch.int64:
-        # the official view, strides included: at B = 1 a permute gives another (equally valid) batch stride,
-        # and ATen's CPU interpolate / conv then round differently (3e-7 apart, seen in bench_quantizer)
         B, h_, w_ = codes.shape
-        h = F.embedding(codes.reshape(B, h_ * w_), codebook).transpose(1, 2).reshape(B, codebook.shape[1], h_, w_)
+        h = code_map(codes.reshape(B, h_ * w_), codebook, h_, w_)
     else:
         h = codes
     H, W = f_hat.shape[-2:]
@@ -213,7 +220,7 @@ def idx_to_var_input(
     nexts = []
     for si in range(S - 1):
         ph, pw = patch_hws[si]
-        h = F.embedding(idx_list[si], codebook).transpose(1, 2).reshape(B, C, ph, pw)
+        h = code_map(idx_list[si], codebook, ph, pw)
         f_hat.add_(phi_fn(si, bicubic_upsample(h, (H, W))))
         nexts.append(area_downsample(f_hat, patch_hws[si + 1]).view(B, C, -1).transpose(1, 2))
     return torch.cat(nexts, dim=1) if nexts else None
