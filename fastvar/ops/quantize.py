@@ -27,6 +27,7 @@ No autograd through the Triton path: when gradients are needed (grad mode on and
 requires grad), every op here runs the eager reference.
 """
 # No ``from __future__ import annotations``: torch.library reads the custom ops' annotations as types.
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -248,17 +249,20 @@ def _upsampled_codes(codes: torch.Tensor, codebook: Optional[torch.Tensor], H: i
     return k_up.bicubic_upsample(codes, (H, W), out=out)
 
 
+@functools.lru_cache(maxsize=None)
+def _token_map_format(B: int, C: int, h: int, w: int) -> torch.memory_format:
+    """The memory format of ``ref.code_map``'s view for ``B`` maps of ``(h, w)`` tokens, worked out once per
+    shape on meta tensors (it ran every scale before: ~4 host-side dispatches per step for a constant)."""
+    meta_map = ref.code_map(torch.zeros(B, h * w, dtype=torch.long, device="meta"),
+                            torch.empty(1, C, device="meta"), h, w)
+    return _memory_format(meta_map)
+
+
 def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
     _, k_up = _kernels()
     B, C, H, W = f_hat.shape
-    # the eager path's conv input has the layout of its code map (for tokens: ``ref.code_map``'s, on meta)
-    if codes.dtype == torch.int64:
-        h, w = codes.shape[1:]
-        meta_map = ref.code_map(torch.zeros(B, h * w, dtype=torch.long, device="meta"),
-                                torch.empty(1, C, device="meta"), h, w)
-        fmt = _memory_format(meta_map)
-    else:
-        fmt = _memory_format(codes)
+    # the eager path's conv input has the layout of its code map
+    fmt = _token_map_format(B, C, *codes.shape[1:]) if codes.dtype == torch.int64 else _memory_format(codes)
     u = _upsampled_codes(codes, codebook, H, W, fmt)
     cv = F.conv2d(u, phi_weight, phi_bias, stride=1, padding=1) if phi_weight is not None else None
     down = next_hw is not None and tuple(next_hw) != (1, 1)
