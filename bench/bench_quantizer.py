@@ -9,7 +9,9 @@ Providers side by side, VAR's quantizer sizes (V = 4096, Cvae = 32, share_quant_
   ``h.mul(1-r) + conv(h).mul_(r)``, ``f_hat.add_``;
 * ``compile``: the eager lookup under ``torch.compile`` (``--compile``);
 * ``fastvar``: ``fastvar.ops`` on the Triton kernels (``FASTVAR_BACKEND=triton``): fused distance + argmin
-  tiled over the codebook; gather + bicubic upsample, ``F.conv2d``, Phi + accumulate + area downsample.
+  tiled over the codebook; gather + bicubic upsample, ``F.conv2d``, Phi + accumulate + area downsample;
+* ``fastvar-fused`` (``step`` / ``step_idx``): the step with Phi's convolution inside the Triton kernel
+  (``fused_conv=True``): gather + bicubic upsample + conv + Phi + accumulate, then area downsample.
 
 Cases (``--ops``):
 
@@ -120,18 +122,21 @@ def case_step(q, B, args, from_idx=False):
         for si in range(S):
             ref.upsample_accumulate(f_e, maps[si], si, q.patch_hws, lambda s, x: q.phi(s, x, S))
 
-    def fastvar():
-        f_f.zero_()
+    def walk(f, fused_conv):
+        f.zero_()
         for si in range(S):
             if from_idx:
-                q.get_next_autoregressive_input_from_idx(si, S, f_f, idx[si])
+                q.get_next_autoregressive_input_from_idx(si, S, f, idx[si], validate=False, fused_conv=fused_conv)
             else:
-                q.get_next_autoregressive_input(si, S, f_f, maps[si])
+                q.get_next_autoregressive_input(si, S, f, maps[si], fused_conv=fused_conv)
 
-    eager()
-    fastvar()
-    checks = {"eager": "ref", "fastvar": f"rel_err={rel_err(f_f, f_e):.2e} bitwise={torch.equal(f_f, f_e)}"}
-    return {"eager": eager, "fastvar": fastvar}, checks, _step_bytes(q, B), None, f"B={B} S={S} HxW={H}x{W}"
+    providers = {"eager": eager, "fastvar": lambda: walk(f_f, False), "fastvar-fused": lambda: walk(f_fc, True)}
+    f_fc = torch.zeros_like(f_f)
+    for fn in providers.values():
+        fn()
+    checks = {"eager": "ref", "fastvar": f"rel_err={rel_err(f_f, f_e):.2e} bitwise={torch.equal(f_f, f_e)}",
+              "fastvar-fused": f"rel_err={rel_err(f_fc, f_e):.2e} bitwise={torch.equal(f_fc, f_e)}"}
+    return providers, checks, _step_bytes(q, B), None, f"B={B} S={S} HxW={H}x{W}"
 
 
 def case_encode(q, B, args):

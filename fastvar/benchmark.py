@@ -6,7 +6,9 @@ on weight values):
   recomputed per scale, ``torch.cat`` KV cache, topk/sort/multinomial), float32 weights under
   ``torch.autocast`` in the compute dtype, as the official demo runs;
 - ``compile``: the same loop with every block under ``torch.compile``;
-- ``fastvar``: :class:`fastvar.Sampler` (fused ops, preallocated caches, CUDA graphs).
+- ``fastvar``: :class:`fastvar.Sampler` (fused ops, preallocated caches, CUDA graphs);
+- ``fastvar-fused`` (not run by default): the same with ``fused_step_conv=True`` (Phi's convolution
+  inside the sampling step's kernel: two launches per scale instead of three).
 
 Reported per (model, batch, provider): ms per batch and per image, images/s, the speedup over eager,
 a per-scale breakdown (fastvar), the VAE decode timed separately, and the transformer FLOP floor
@@ -92,6 +94,8 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                                  fast_init=True, vae_kwargs=None if not smoke else dict(ch_mult=(1, 2, 2)))
         k = min(top_k, V)
         fast = Sampler(var, vae, dtype=dtype, cuda_graphs=device.type == "cuda")
+        fused = Sampler(var, vae, dtype=dtype, cuda_graphs=device.type == "cuda", fused_step_conv=True) \
+            if "fastvar-fused" in providers else None
         compiled = None
         if "compile" in providers:
             # Dynamo caches on the shared ``_block`` function: without a reset, the earlier models' graphs use
@@ -109,6 +113,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 "compile": lambda: var_sampling.official_autoregressive_infer_cfg(var, B, labels, 0, autocast=autocast,
                                                                                   decode=False, block_fn=compiled, **kw),
                 "fastvar": lambda: fast.tokens(labels, seed=0, **kw),
+                "fastvar-fused": lambda: fused.tokens(labels, seed=0, **kw),
             }
             # correctness before timing: one token map per scale of the right size from every provider; in
             # float32, the first scale's tokens equal the official loop's (later scales may part on a near
@@ -116,7 +121,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
             tokens = {}
             for p in providers:
                 out = runs[p]()
-                tokens[p] = out[1] if p != "fastvar" else out[0]
+                tokens[p] = out[0] if p.startswith("fastvar") else out[1]
                 assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.scale_lens], p
             if dtype == torch.float32 and {"eager", "fastvar"} <= set(tokens):
                 assert torch.equal(tokens["eager"][0], tokens["fastvar"][0]), "fastvar's first-scale tokens differ"
@@ -141,7 +146,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 per_scale = " ".join(f"{t:.3f}" for t in scale_breakdown(fast, labels, kw, device))
                 row_of["fastvar"]["fastvar_per_scale_ms"] = per_scale
                 log(f"  per scale (fastvar, ms): {per_scale}")
-        vae = var = fast = compiled = None   # free this model before building the next
+        vae = var = fast = fused = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
             write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)
     return rows

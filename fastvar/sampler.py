@@ -198,12 +198,16 @@ class Sampler:
             bfloat16 on CUDA); weights are cast once here, and again (graphs dropped) when a sample
             starts after the model's parameters or buffers changed (:func:`weights_fingerprint`).
         cuda_graphs: capture each scale step once per (batch size, settings) and replay it (CUDA only).
+        fused_step_conv: compute Phi's 3x3 convolution inside the Triton sampling step (two launches per
+            scale instead of three; see :func:`fastvar.ops.upsample_accumulate_`); off by default, which
+            keeps the eager step's bits.
 
     ``sample`` returns images; ``stream`` yields every scale as it finishes. The random-number use is
     the official one: the same ``seed`` gives the official model's tokens.
     """
 
-    def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True):
+    def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
+                 fused_step_conv: bool = False):
         self.var = var
         self.vae = vae if vae is not None else var.vae_proxy[0]
         self.quant = self.vae.quantize
@@ -221,6 +225,7 @@ class Sampler:
             raise ValueError("dtype torch.bfloat16 is not supported by this GPU; use torch.float16")
         self.dtype = dtype
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self.fused_step_conv = bool(fused_step_conv)
         self.w = _Weights(var, dtype)
         self._runs: Dict[int, _Run] = {}
 
@@ -316,9 +321,11 @@ class Sampler:
         if more_smooth:
             g = (logits.mul(1 + ratio) + (-run.gumbel(si).log())) / ref_sampling.smooth_tau(ratio)
             codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
-            _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, codes.reshape(B, var.Cvae, ph, pw))
+            _, nxt = self.quant.get_next_autoregressive_input(si, S, run.f_hat, codes.reshape(B, var.Cvae, ph, pw),
+                                                              fused_conv=self.fused_step_conv)
         else:   # the codes are gathered inside the upsample kernel: no (B, Cvae, h, w) map
-            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, run.f_hat, tokens, validate=False)
+            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, run.f_hat, tokens, validate=False,
+                                                                       fused_conv=self.fused_step_conv)
         if si + 1 < S:
             b0, b1 = self.begins[si + 1]
             x_next = F.linear(nxt.view(B, var.Cvae, -1).transpose(1, 2).to(self.dtype), w.word_w, w.word_b)

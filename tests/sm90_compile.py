@@ -182,6 +182,19 @@ def quantizer_cases():
                          next_size=(6, 6), next_out=torch.empty(B, C, 6, 6))
     with variant("phi accumulate, identity Phi, last scale"):
         U.phi_accumulate(u, None, 0.5, f_out=torch.randn_like(u), f_in=torch.randn_like(u))
+    w, bias = torch.randn(C, C, 3, 3), torch.randn(C)
+    for precision in ("ieee", "tf32"):
+        with variant(f"fused step from indices 5x5->16x16 {precision}"):
+            U.upsample_phi_accumulate(torch.randn(B, C, H, W), None, w, bias, 0.5, idx=idx, codebook=cb,
+                                      dot_precision=precision)
+        with variant(f"fused step from a map 5x5->16x16 {precision}"):
+            U.upsample_phi_accumulate(torch.randn(B, C, H, W), torch.randn(B, C, 5, 5), w, bias, 0.5,
+                                      dot_precision=precision)
+    with variant("fused step C=64 from indices 16x16 ieee"):
+        U.upsample_phi_accumulate(torch.randn(B, 64, H, W), None, torch.randn(64, 64, 3, 3), torch.randn(64), 0.5,
+                                  idx=torch.randint(0, V, (B, H, W)), codebook=torch.randn(V, 64))
+    with variant("fused step, identity Phi"):
+        U.upsample_phi_accumulate(torch.randn(B, C, H, W), None, None, None, 0.0, idx=idx, codebook=cb)
 
 
 def sampling_cases():

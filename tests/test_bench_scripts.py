@@ -65,8 +65,9 @@ def test_bench_quantizer_writes_every_row(stub_timing, monkeypatch, tmp_path):
     assert bench.main(["--batches", "1", "2", "--schedules", "256", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert sorted({(r["op"], r["batch"]) for r in rows}) == sorted((op, b) for op in bench.OPS for b in ("1", "2"))
-    assert {r["provider"] for r in rows} == {"eager", "fastvar"}
+    assert {(r["op"], r["provider"]) for r in rows} == {(op, p) for op in bench.OPS for p in ("eager", "fastvar")} | {
+        (op, "fastvar-fused") for op in ("step", "step_idx")}
     for r in rows:
-        if r["provider"] == "fastvar":        # the eager backend here: the same computation, the same bits
+        if r["provider"] != "eager":          # the eager backend here: the same computation, the same bits
             assert r["check"].startswith("disagree=0/") or r["check"].startswith("rel_err=0.00e+00"), r
         assert r["gpu_ops_per_scale"] == ("2.0" if r["op"].startswith("step") else "")

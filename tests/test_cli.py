@@ -104,13 +104,15 @@ def test_sample_unwritable_output_fails_before_sampling(tmp_path, checkpoints, c
 
 def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
     """`fastvar bench --smoke`: the benchmark's code path on a tiny CPU model (timings mean nothing)."""
-    assert main(["bench", "--smoke", "--batches", "2", "--providers", "eager", "fastvar", "--dtype", "float32",
-                 "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert main(["bench", "--smoke", "--batches", "2", "--providers", "eager", "fastvar", "fastvar-fused",
+                 "--dtype", "float32", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "d2-smoke" in out and "per scale (fastvar, ms)" in out
     csvs = list(tmp_path.glob("sampling_*.csv"))
     assert len(csvs) == 1
-    header = csvs[0].read_text().splitlines()[0]
+    lines = csvs[0].read_text().splitlines()
+    header = lines[0]
+    assert sum(",fastvar-fused," in line for line in lines[1:]) == 1
     for col in ("device", "date", "commit", "model", "batch", "provider", "ms", "images_per_s", "flop_floor_ms"):
         assert col in header.split(",")
 

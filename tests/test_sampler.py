@@ -188,24 +188,27 @@ def test_triton_kernels_in_the_sampler_give_the_eager_tokens(monkeypatch):
         for b in var.blocks:
             b.ada_lin[1].weight.normal_(0, 0.05)
     results = {}
-    for backend in ("eager", "triton"):
+    for backend, fused in (("eager", False), ("triton", False), ("triton", True)):
         monkeypatch.setenv("FASTVAR_BACKEND", backend)
         for smooth in (False, True):
-            results[backend, smooth] = Sampler(var, dtype=torch.float32).tokens(
+            results[backend, fused, smooth] = Sampler(var, dtype=torch.float32, fused_step_conv=fused).tokens(
                 [3, 1, 4], seed=5, top_k=20, top_p=0.9, more_smooth=smooth)
     from tolerances import REL, assert_rel
-    for smooth in (False, True):
-        (te, fe), (tt, ft) = results["eager", smooth], results["triton", smooth]
-        assert all(torch.equal(a, b) for a, b in zip(te, tt)), f"more_smooth={smooth}: tokens differ"
-        if smooth:   # soft codes: a softmax and a matmul computed in another order
-            assert_rel(ft, fe, REL[torch.float32], "f_hat with more_smooth")
-        else:        # the same codes through bit-compatible interpolation: the same f_hat
-            assert torch.equal(ft, fe), "f_hat differs"
+    for fused in (False, True):
+        for smooth in (False, True):
+            (te, fe), (tt, ft) = results["eager", False, smooth], results["triton", fused, smooth]
+            what = f"more_smooth={smooth} fused_step_conv={fused}"
+            assert all(torch.equal(a, b) for a, b in zip(te, tt)), f"{what}: tokens differ"
+            if smooth or fused:   # a softmax and a matmul, or Phi's convolution, summed in another order
+                assert_rel(ft, fe, REL[torch.float32], f"{what}: f_hat")
+            else:        # the same codes through bit-compatible interpolation: the same f_hat
+                assert torch.equal(ft, fe), f"{what}: f_hat differs"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_triton_sampler_gives_the_eager_tokens_on_cuda(monkeypatch, cuda_graphs):
+@pytest.mark.parametrize("fused_step_conv", [False, True])
+def test_triton_sampler_gives_the_eager_tokens_on_cuda(monkeypatch, cuda_graphs, fused_step_conv):
     """The compiled kernels composed by the Sampler on a GPU (float32, TF32 off), with and without CUDA graphs:
     the eager path's tokens, and f_hat within float32 tolerance (cuDNN picks the conv algorithm per call)."""
     from tolerances import REL, assert_rel
@@ -220,7 +223,8 @@ def test_triton_sampler_gives_the_eager_tokens_on_cuda(monkeypatch, cuda_graphs)
         results = {}
         for backend in ("eager", "triton"):
             monkeypatch.setenv("FASTVAR_BACKEND", backend)
-            sampler = Sampler(var, dtype=torch.float32, cuda_graphs=cuda_graphs and backend == "triton")
+            sampler = Sampler(var, dtype=torch.float32, cuda_graphs=cuda_graphs and backend == "triton",
+                              fused_step_conv=fused_step_conv)
             for seed in (5, 6):     # with graphs, the second seed replays what the first captured
                 results[backend, seed] = sampler.tokens([3, 1, 4], seed=seed, top_k=20, top_p=0.9)
     finally:

@@ -22,6 +22,7 @@ KERNELS = {
     "_block_causal_attn_fwd_kernel", "_block_causal_attn_bwd_preprocess_kernel", "_block_causal_attn_bwd_dkdv_kernel",
     "_block_causal_attn_bwd_dq_kernel", "_kv_cached_attn_fwd_kernel", "_rq_lookup_fwd_kernel",
     "_bicubic_upsample_fwd_kernel", "_area_downsample_fwd_kernel", "_phi_accumulate_fwd_kernel", "_sample_fwd_kernel",
+    "_upsample_phi_accumulate_fwd_kernel",
     "_adaln_fwd_kernel",
 }
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastvar import ops
 from fastvar.reference import quantize as ref
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, scale_hws
-from tolerances import REL, assert_rel
+from tolerances import REL, assert_like_eager, assert_rel, rel_err
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -157,6 +157,87 @@ def test_sampling_step_every_scale(cpu_backend, gen, patch_nums, B):
         assert_same(f_idx, f_ref, f"seed {seed}: final f_hat from indices")
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("patch_nums,B,quant_resi", [(PATCH_NUMS_256, 2, 0.5), (NON_SQUARE, 1, 0.5), (NON_SQUARE, 3, -0.3),
+                                                     (NON_SQUARE, 2, 0.0)], ids=["256px", "non-square-B1",
+                                                                                 "non-square-B3", "phi-identity"])
+def test_sampling_step_fused_conv_every_scale(gen, monkeypatch, patch_nums, B, quant_resi):
+    """``fused_conv=True``: Phi's convolution inside the Triton step. Its float32 sums run in Triton's order, so
+    every next map and the final f_hat are held to the float64 step with eager float32's error as the bound
+    (flash-attention's rule); without a convolution (Phi = identity) nothing is reordered and the bits are the
+    eager path's. From token indices and from a strided code map."""
+    monkeypatch.setenv("FASTVAR_BACKEND", "triton")
+    g, seed = gen
+    q = random_quantizer(patch_nums, quant_resi=quant_resi, seed=seed)
+    q64 = random_quantizer(patch_nums, quant_resi=quant_resi, seed=seed).double()
+    S = len(q.patch_hws)
+    idx = [torch.randint(0, q.vocab_size, (B, h * w), generator=g) for h, w in q.patch_hws]
+    with torch.no_grad():
+        maps = [_code_map(q, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)]
+        f_eager, nexts_eager = _reference_walk(q, maps)
+        f_ref, nexts_ref = _reference_walk(q64, [_code_map(q64, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)])
+        f_idx, f_map = torch.zeros_like(f_eager), torch.zeros_like(f_eager)
+        for si, (h, w) in enumerate(q.patch_hws):
+            _, nxt_i = q.get_next_autoregressive_input_from_idx(si, S, f_idx, idx[si], fused_conv=True)
+            strided = torch.empty(B, q.Cvae, h, 2 * w).normal_(generator=g)[..., ::2]   # a non-contiguous map
+            strided.copy_(maps[si])
+            _, nxt_m = q.get_next_autoregressive_input(si, S, f_map, strided, fused_conv=True)
+            for what, nxt in (("indices", nxt_i), ("code map", nxt_m)):
+                msg = f"seed {seed}: next map after scale {si} from {what}"
+                if quant_resi == 0.0:
+                    assert_same(nxt, nexts_eager[si], msg)
+                else:
+                    assert_like_eager(nxt, nexts_eager[si], nexts_ref[si], msg)
+    for what, f in (("indices", f_idx), ("code map", f_map)):
+        if quant_resi == 0.0:
+            assert_same(f, f_eager, f"seed {seed}: f_hat from {what}")
+        else:
+            assert_like_eager(f, f_eager, f_ref, f"seed {seed}: f_hat from {what}")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("C,hw,HW,block_p", [(8, (4, 3), (9, 7), 16), (24, (5, 5), (11, 13), 32), (64, (3, 2), (6, 5), 16),
+                                             (17, (7, 6), (7, 6), 16)])
+def test_fused_step_kernel_tiles(gen, C, hw, HW, block_p):
+    """``upsample_phi_accumulate`` with several pixel tiles per image (halos across tile edges), channel counts
+    padded to the ``tl.dot`` tile (8, 17, 24) or filling it (64), from a strided code map and from indices,
+    against the float64 step; f_hat starts random (accumulated into, not overwritten). Negative controls: the
+    same f_hat is far from the step with one tap dropped, without the bias, or with the weight's (out, in)
+    channels swapped, so the tolerance could see each of those mistakes."""
+    from fastvar.triton_kernels import upsample as kernels
+    g, seed = gen
+    B, V, r = 2, 37, 0.375
+    codebook = torch.randn(V, C, generator=g)
+    idx = torch.randint(0, V, (B, *hw), generator=g)
+    w, b = torch.randn(C, C, 3, 3, generator=g) * 0.2, torch.randn(C, generator=g)
+    f0 = torch.randn(B, C, *HW, generator=g)
+
+    def step64(weight, bias):
+        u = codebook.double()[idx].permute(0, 3, 1, 2)
+        u = F.interpolate(u, size=HW, mode="bicubic") if hw != HW else u
+        return f0.double() + u * (1 - r) + F.conv2d(u, weight, bias, padding=1) * r
+
+    expected = step64(w.double(), b.double())
+    f_idx, f_map = f0.clone(), f0.clone()
+    kernels.upsample_phi_accumulate(f_idx, None, w, b, r, idx=idx, codebook=codebook, block_p=block_p)
+    strided = torch.randn(B, C, hw[0], 2 * hw[1], generator=g)[..., ::2]
+    strided.copy_(codebook[idx].permute(0, 3, 1, 2))
+    kernels.upsample_phi_accumulate(f_map, strided, w, b, r, block_p=block_p)
+    for what, f in (("indices", f_idx), ("code map", f_map)):
+        assert_rel(f, expected, REL[torch.float32], f"seed {seed}: {what}")
+    no_tap = w.double().clone()
+    no_tap[:, :, 0, 2] = 0
+    for what, wrong in (("a dropped tap", step64(no_tap, b.double())), ("no bias", step64(w.double(), None)),
+                        ("(in, out) weights", step64(w.double().transpose(0, 1), b.double()))):
+        assert rel_err(f_idx, wrong) > 10 * REL[torch.float32], f"seed {seed}: indistinguishable from {what}"
+
+
+def test_sampling_step_fused_conv_bad_input(cpu_backend):
+    with pytest.raises(ValueError, match=r"fused_conv=True keeps all channels of f_hat in one tile: C <= 64, got C=80"):
+        ops.upsample_accumulate_(torch.zeros(1, 80, 4, 4), torch.randn(1, 80, 2, 2), torch.randn(80, 80, 3, 3),
+                                 torch.randn(80), 0.5, None, fused_conv=True)
+
+
 @pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, NON_SQUARE], ids=["256px", "non-square"])
 def test_sampling_step_more_smooth_soft_codes(cpu_backend, gen, patch_nums):
     """``more_smooth``: softmax-weighted code vectors (a dense code map, not tokens)."""
@@ -222,8 +303,10 @@ def test_upsample_accumulate_is_one_custom_op(gen):
     f_hat = torch.randn(B, C, 6, 6, generator=g)
     codes = torch.randn(B, C, 2, 3, generator=g)
     w, b = torch.randn(C, C, 3, 3, generator=g), torch.randn(C, generator=g)
-    torch.library.opcheck(torch.ops.fastvar.upsample_accumulate_.default, (f_hat, codes, w, b, 0.5, [3, 2], None),
-                          test_utils=("test_schema", "test_faketensor"))
+    for fused_conv in (False, True):
+        torch.library.opcheck(torch.ops.fastvar.upsample_accumulate_.default,
+                              (f_hat, codes, w, b, 0.5, [3, 2], None, fused_conv),
+                              test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastvar.rq_lookup.default, (torch.randn(5, C), torch.randn(7, C), True),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -234,11 +317,13 @@ _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_st
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("fused_conv", [False, True], ids=["conv2d", "fused-conv"])
 @pytest.mark.parametrize("codes_kind", ["indices", "code map"])
-def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind):
+def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind, fused_conv):
     """The Triton step runs, per scale, two Triton kernels (gather + bicubic upsample; Phi + accumulate +
-    area downsample) and one torch kernel (Phi's 3x3 convolution), and nothing else: the structure the
-    module docstring of ``fastvar.ops.quantize`` states and the benchmark's launch count assumes."""
+    area downsample) and one torch kernel (Phi's 3x3 convolution), and nothing else; with ``fused_conv``, two
+    Triton kernels (the whole step; the area downsample) and no torch kernel: the structure the module
+    docstring of ``fastvar.ops.quantize`` states and the benchmark's launch count assumes."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from triton.runtime.interpreter import InterpretedFunction
     from fastvar.ops import quantize as quantize_ops
@@ -279,10 +364,15 @@ def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind):
             triton_launches.clear(), torch_kernels.clear()
             with CountKernels():
                 ops.upsample_accumulate_(f_hat, codes, weight, bias, r, q.patch_hws[si + 1] if si + 1 < S else None,
-                                         codebook=q.embedding.weight, validate=False)
-            already_full = codes_kind == "code map" and (h, w) == tuple(q.patch_hws[-1])
-            assert len(triton_launches) == (1 if already_full else 2), f"scale {si}: {triton_launches}"
-            assert torch_kernels == ["conv2d"], f"scale {si}: torch kernels {torch_kernels}"
+                                         codebook=q.embedding.weight, validate=False, fused_conv=fused_conv)
+            last = si == S - 1
+            if fused_conv:      # the whole step, then the next scale's area downsample
+                assert len(triton_launches) == (1 if last else 2), f"scale {si}: {triton_launches}"
+                assert torch_kernels == [], f"scale {si}: torch kernels {torch_kernels}"
+            else:
+                already_full = codes_kind == "code map" and (h, w) == tuple(q.patch_hws[-1])
+                assert len(triton_launches) == (1 if already_full else 2), f"scale {si}: {triton_launches}"
+                assert torch_kernels == ["conv2d"], f"scale {si}: torch kernels {torch_kernels}"
 
 
 @pytest.mark.interpreter
@@ -394,3 +484,37 @@ def test_sampling_step_gpu(gen, patch_nums, B):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(f_g, f_idx), "CUDA-graph replay differs from the eager launches"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, PATCH_NUMS_512], ids=["256px", "512px"])
+@pytest.mark.parametrize("B", [1, 16])
+@pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
+def test_sampling_step_fused_conv_gpu(gen, monkeypatch, patch_nums, B, tf32):
+    """``fused_conv=True`` at VAR's sizes on the GPU: every next map and f_hat at most 2x as far from the float64
+    step as the eager float32 step under the same ``cudnn.allow_tf32`` (float32 FMAs or TF32 tensor cores in
+    both); then the whole walk captured in a CUDA graph and replayed, bit for bit."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+    g, seed = gen
+    q = random_quantizer(patch_nums, C=32, V=4096, seed=seed).cuda()
+    q64 = random_quantizer(patch_nums, C=32, V=4096, seed=seed).double().cuda()
+    S = len(q.patch_hws)
+    idx = [torch.randint(0, 4096, (B, h * w), generator=g).cuda() for h, w in q.patch_hws]
+    with torch.no_grad():
+        f_eager, nexts_eager = _reference_walk(q, [_code_map(q, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)])
+        f_ref, nexts_ref = _reference_walk(q64, [_code_map(q64, i, h, w) for i, (h, w) in zip(idx, q.patch_hws)])
+        f_hat = torch.zeros_like(f_eager)
+        for si in range(S):
+            _, nxt = q.get_next_autoregressive_input_from_idx(si, S, f_hat, idx[si], fused_conv=True)
+            assert_like_eager(nxt, nexts_eager[si], nexts_ref[si], f"seed {seed}: next after scale {si}")
+        assert_like_eager(f_hat, f_eager, f_ref, f"seed {seed}: f_hat")
+        f_g = torch.zeros_like(f_hat)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for si in range(S):
+                q.get_next_autoregressive_input_from_idx(si, S, f_g, idx[si], validate=False, fused_conv=True)
+        f_g.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(f_g, f_hat), "CUDA-graph replay differs from the eager launches"

@@ -10,6 +10,10 @@ Kernels (shapes: latent ``(B, C, H, W)``, a scale's map ``(B, C, h, w)``, next s
 - ``_phi_accumulate_fwd_kernel``: the step after the 3x3 convolution of Phi: ``h = (1-r) u + r cv``;
   ``f_hat += h`` and/or ``f_rest -= h``; then ``next = area(f_hat or f_rest -> (nh, nw))`` — one pass
   over the latent for everything but the convolution.
+- ``_upsample_phi_accumulate_fwd_kernel``: the sampling step's ``f_hat += Phi(up(codes))`` with the 3x3
+  convolution computed in the kernel (``tl.dot`` per tap): one launch instead of upsample, ``F.conv2d``
+  and ``_phi_accumulate_fwd_kernel``, at the price of the convolution's bits (its summation order is
+  Triton's, not cuDNN's / oneDNN's); the next scale's map is then one ``_area_downsample_fwd_kernel``.
 
 Bit-compatibility. PyTorch's kernels are C++/CUDA whose compilers contract ``a * b + c`` into FMAs; the
 rounding sequence below reproduces theirs op by op, and these kernels are compiled with
@@ -117,6 +121,34 @@ def _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, yy, ix, h, w, wx0, wx1, wx2, wx
 
 
 @triton.jit
+def _code_tile(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, h, w, scale_y, scale_x,
+               s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c,
+               FROM_IDX: tl.constexpr, UPSAMPLE: tl.constexpr, TORCH_CPU: tl.constexpr):
+    """The upsampled code map at output pixels ``(oy, ox)`` as a ``[BLOCK_C, BLOCK_P]`` tile (0 where
+    ``mask2`` is off): ``sum_{j,i} wy_j(oy) wx_i(ox) src[b, c, clamp(iy+j-1), clamp(ix+i-1)]``, or a plain
+    gather when ``UPSAMPLE`` is False (``h, w == H, W``)."""
+    if UPSAMPLE:
+        iy, wy0, wy1, wy2, wy3 = _cubic_taps(oy, scale_y, TORCH_CPU)
+        ix, wx0, wx1, wx2, wx3 = _cubic_taps(ox, scale_x, TORCH_CPU)
+        y0 = tl.minimum(tl.maximum(iy - 1, 0), h - 1)
+        y1 = tl.minimum(tl.maximum(iy, 0), h - 1)
+        y2 = tl.minimum(tl.maximum(iy + 1, 0), h - 1)
+        y3 = tl.minimum(tl.maximum(iy + 2, 0), h - 1)
+        r0 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y0, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
+                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+        r1 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y1, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
+                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+        r2 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y2, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
+                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+        r3 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y3, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
+                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+        return _sum4(r0, r1, r2, r3, wy0[None, :], wy1[None, :], wy2[None, :], wy3[None, :])
+    else:
+        return _load_src(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, s_b, s_c, s_y, s_x,
+                         i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+
+
+@triton.jit
 def _bicubic_upsample_fwd_kernel(
     src_ptr, idx_ptr, cb_ptr, out_ptr,
     C, h, w, H, W,
@@ -142,27 +174,65 @@ def _bicubic_upsample_fwd_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mask2 = cmask[:, None] & pmask[None, :]
-    if UPSAMPLE:
-        iy, wy0, wy1, wy2, wy3 = _cubic_taps(oy, scale_y, TORCH_CPU)
-        ix, wx0, wx1, wx2, wx3 = _cubic_taps(ox, scale_x, TORCH_CPU)
-        y0 = tl.minimum(tl.maximum(iy - 1, 0), h - 1)
-        y1 = tl.minimum(tl.maximum(iy, 0), h - 1)
-        y2 = tl.minimum(tl.maximum(iy + 1, 0), h - 1)
-        y3 = tl.minimum(tl.maximum(iy + 2, 0), h - 1)
-        r0 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y0, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
-                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
-        r1 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y1, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
-                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
-        r2 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y2, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
-                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
-        r3 = _bicubic_row(src_ptr, idx_ptr, cb_ptr, b, c, y3, ix, h, w, wx0, wx1, wx2, wx3, mask2, pmask,
-                          s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
-        out = _sum4(r0, r1, r2, r3, wy0[None, :], wy1[None, :], wy2[None, :], wy3[None, :])
-    else:
-        out = _load_src(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, s_b, s_c, s_y, s_x,
-                        i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
+    out = _code_tile(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, h, w, scale_y, scale_x,
+                     s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX, UPSAMPLE, TORCH_CPU)
     off = b * o_b + c[:, None] * o_c + oy.to(tl.int64)[None, :] * o_y + ox.to(tl.int64)[None, :] * o_x
     tl.store(out_ptr + off, out, mask=mask2)
+
+
+@triton.jit
+def _upsample_phi_accumulate_fwd_kernel(
+    src_ptr, idx_ptr, cb_ptr, w_ptr, bias_ptr, f_ptr,
+    C, h, w, H, W,
+    s_b, s_c, s_y, s_x,                 # source map (B, C, h, w) strides      (FROM_IDX=False)
+    i_b, i_y, i_x,                      # indices (B, h, w) strides             (FROM_IDX=True)
+    cb_v, cb_c,                         # codebook (V, C) strides               (FROM_IDX=True)
+    w_o, w_i, w_y, w_x,                 # Phi's conv weight (C, C, 3, 3) strides
+    f_b, f_c,                           # f_hat (B, C, H, W), (H, W) contiguous
+    scale_y, scale_x, one_minus_r, r,   # fp32
+    HAS_CONV: tl.constexpr, FROM_IDX: tl.constexpr, UPSAMPLE: tl.constexpr, TORCH_CPU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The sampling step's accumulate with Phi's convolution inside (no ``u`` or ``cv`` in memory):
+
+    ``u = up(codes)`` (as ``_code_tile``); ``cv[o] = bias[o] + sum_{i, dy, dx} W[o, i, dy, dx] u[i, y+dy-1, x+dx-1]``
+    (zero padding); ``f_hat += u * (1-r) + cv * r`` (``f_hat += u`` without ``HAS_CONV``). Each of the 9 taps
+    recomputes ``u`` at the shifted pixels (a halo costs no extra pass or barrier) and adds
+    ``W[:, :, dy, dx] @ u_shifted`` with ``tl.dot`` at ``DOT_PRECISION``. All ``C`` channels per program
+    (``BLOCK_C >= C``, at least 16 for ``tl.dot``). Grid ``(cdiv(H*W, BLOCK_P), B)``."""
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < H * W
+    oy = p // W
+    ox = p % W
+    c = tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask2 = cmask[:, None] & pmask[None, :]
+    u = _code_tile(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, h, w, scale_y, scale_x,
+                   s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c, FROM_IDX, UPSAMPLE, TORCH_CPU)
+    if HAS_CONV:
+        acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+        w_mask = cmask[:, None] & cmask[None, :]
+        for t in tl.static_range(9):
+            if t == 4:
+                u_t = u
+            else:
+                qy = oy + (t // 3 - 1)
+                qx = ox + (t % 3 - 1)
+                qmask = pmask & (qy >= 0) & (qy < H) & (qx >= 0) & (qx < W)
+                u_t = _code_tile(src_ptr, idx_ptr, cb_ptr, b, c, qy, qx, cmask[:, None] & qmask[None, :], qmask,
+                                 h, w, scale_y, scale_x, s_b, s_c, s_y, s_x, i_b, i_y, i_x, cb_v, cb_c,
+                                 FROM_IDX, UPSAMPLE, TORCH_CPU)
+            w_t = tl.load(w_ptr + c[:, None] * w_o + c[None, :] * w_i + (t // 3) * w_y + (t % 3) * w_x,
+                          mask=w_mask, other=0.0)                       # [C_out, C_in]
+            acc = tl.dot(w_t, u_t, acc, input_precision=DOT_PRECISION)
+        cv = acc + tl.load(bias_ptr + c, mask=cmask, other=0.0)[:, None]
+        hh = u * one_minus_r + cv * r
+    else:
+        hh = u
+    f_off = b * f_b + c[:, None] * f_c + p[None, :]
+    tl.store(f_ptr + f_off, tl.load(f_ptr + f_off, mask=mask2, other=0.0) + hh, mask=mask2)
 
 
 # -------------------------------------------------------------------------------------- area helper
@@ -412,4 +482,63 @@ def phi_accumulate(
         KH_MAX=area_window_max(H, nh) if down else 0, KW_MAX=area_window_max(W, nw) if down else 0,
         BLOCK_C=block_c, BLOCK_HW=triton.next_power_of_2(H * W), BLOCK_O=triton.next_power_of_2(nh * nw),
         num_warps=4 if H * W <= 256 else 8, enable_fp_fusion=False,
+    )
+
+
+@on_tensor_device
+def upsample_phi_accumulate(
+    f_hat: torch.Tensor,
+    src: Optional[torch.Tensor],
+    phi_weight: Optional[torch.Tensor],
+    phi_bias: Optional[torch.Tensor],
+    resi_ratio: float,
+    idx: Optional[torch.Tensor] = None,
+    codebook: Optional[torch.Tensor] = None,
+    dot_precision: str = "ieee",
+    block_p: Optional[int] = None,
+) -> None:
+    """Launch ``_upsample_phi_accumulate_fwd_kernel``: ``f_hat += Phi(up(codes))`` in place, one launch.
+
+    Args:
+        f_hat: ``(B, C, H, W)`` float32, contiguous.
+        src: the scale's ``(B, C, h, w)`` float32 code map (any strides), or None with ``idx`` ``(B, h, w)``
+            int64 and ``codebook`` ``(V, C)``.
+        phi_weight, phi_bias: ``(C, C, 3, 3)`` and ``(C,)``, or None (Phi = identity); resi_ratio: r.
+        dot_precision: ``tl.dot``'s ``input_precision`` for the convolution: ``"ieee"`` (float32 FMAs) or
+            ``"tf32"`` (tensor cores, as cuDNN under ``torch.backends.cudnn.allow_tf32``).
+        block_p: pixels per program (a power of two >= 16); default 16 on a GPU, all pixels up to 1024 in
+            the interpreter.
+
+    GPU launch: 16 pixels and 8 warps per program, chosen by ptxas spill reports for sm_90 (tests/
+    sm90_compile.py), not by timing (no GPU yet): with 4 warps, 64 pixels spill 320-496 B (C = 32) and
+    8 KB (C = 64), 16 pixels still 8-176 B; with 8 warps, 16 pixels spill nothing for C up to 64. A small
+    tile re-reads Phi's weights (9 x C x C floats) per 16 pixels from L2: the first thing to time.
+    """
+    B, C, H, W = f_hat.shape
+    if C > 64:
+        raise ValueError(f"the fused sampling step keeps all channels in one tile: C <= 64, got C={C}")
+    if dot_precision not in ("ieee", "tf32"):
+        raise ValueError(f"dot_precision must be 'ieee' or 'tf32', got {dot_precision!r}")
+    h, w = (idx.shape[1:] if idx is not None else src.shape[2:])
+    interp = _interpreting(f_hat)
+    block_c = max(16, triton.next_power_of_2(C))
+    if block_p is None:
+        block_p = max(16, min(triton.next_power_of_2(H * W), 1024)) if interp else 16
+    s = src if src is not None else f_hat
+    ii = idx if idx is not None else f_hat
+    cb = codebook if codebook is not None else f_hat
+    wt = phi_weight if phi_weight is not None else f_hat.new_empty(1, 1, 1, 1)
+    grid = (triton.cdiv(H * W, block_p), B)
+    _upsample_phi_accumulate_fwd_kernel[grid](
+        s, ii, cb, wt, phi_bias if phi_bias is not None else f_hat, f_hat,
+        C, h, w, H, W,
+        *(s.stride() if src is not None else (0, 0, 0, 0)),
+        *(ii.stride() if idx is not None else (0, 0, 0)),
+        *(cb.stride() if codebook is not None else (0, 0)),
+        *wt.stride(), f_hat.stride(0), f_hat.stride(1),
+        _f32(np.float32(h) / np.float32(H)), _f32(np.float32(w) / np.float32(W)),
+        _f32(1.0 - resi_ratio), _f32(resi_ratio),
+        HAS_CONV=phi_weight is not None, FROM_IDX=idx is not None, UPSAMPLE=(h, w) != (H, W),
+        TORCH_CPU=interp, DOT_PRECISION=dot_precision, BLOCK_C=block_c, BLOCK_P=block_p,
+        num_warps=8, enable_fp_fusion=False,
     )

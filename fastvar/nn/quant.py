@@ -208,29 +208,33 @@ class VectorQuantizer2(nn.Module):
         return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self._phis(len(self.patch_hws)),
                                 name="gt_ms_idx_Bl")
 
-    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor
-                                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
+                                      fused_conv: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sampling step: ``f_hat += Phi(upsample(h))`` in place; returns ``(f_hat, next-scale input map)``.
 
         ``f_hat`` ``(B, Cvae, H, W)`` float32 contiguous; ``h_BChw`` ``(B, Cvae, h, w)`` float32 code map of scale
         ``si`` (of ``SN``, which picks Phi); the next map is ``(B, Cvae, h', w')``, or ``f_hat`` at the last scale.
+        ``fused_conv``: Phi's convolution inside the Triton step (see :func:`fastvar.ops.upsample_accumulate_`).
         """
         # float32 like f_hat: under autocast the official loop hands over fp16/bf16 soft codes
-        return f_hat, ops.upsample_accumulate_(f_hat, h_BChw.float(), *self._step_args(si, SN))
+        return f_hat, ops.upsample_accumulate_(f_hat, h_BChw.float(), *self._step_args(si, SN), fused_conv=fused_conv)
 
     def get_next_autoregressive_input_from_idx(self, si: int, SN: int, f_hat: torch.Tensor, idx_Bl: torch.Tensor,
-                                               validate: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                                               validate: bool = True, fused_conv: bool = False
+                                               ) -> Tuple[torch.Tensor, torch.Tensor]:
         """:meth:`get_next_autoregressive_input` from the scale's token indices ``(B, h*w)`` int64: the codes are
         gathered inside the upsample kernel (no ``(B, Cvae, h, w)`` map in memory); same values as
         ``get_next_autoregressive_input(si, SN, f_hat, embedding(idx).transpose(1, 2).reshape(B, Cvae, h, w))``.
-        ``validate=False`` skips the range check of the indices (a host synchronisation on CUDA)."""
+        ``validate=False`` skips the range check of the indices (a host synchronisation on CUDA); ``fused_conv``
+        as in :meth:`get_next_autoregressive_input`."""
         h, w = self.patch_hws[si]
         if not isinstance(idx_Bl, torch.Tensor) or idx_Bl.dim() != 2 or idx_Bl.shape[1] != h * w:
             shape = tuple(idx_Bl.shape) if isinstance(idx_Bl, torch.Tensor) else type(idx_Bl).__name__
             raise ValueError(f"idx_Bl must be (B, {h * w}) token indices of scale {si} ({h}x{w}), got {shape}")
         codes = idx_Bl.view(idx_Bl.shape[0], h, w)
         return f_hat, ops.upsample_accumulate_(f_hat, codes, *self._step_args(si, SN),
-                                               codebook=self.embedding.weight, validate=validate)
+                                               codebook=self.embedding.weight, validate=validate,
+                                               fused_conv=fused_conv)
 
     def _step_args(self, si: int, SN: int):
         p = self.phi_params(si, SN)

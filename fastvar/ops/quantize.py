@@ -12,12 +12,16 @@ tensor of the same memory format as in the eager path, so it runs the same cuDNN
 
 Launches per scale, Triton path: sampling step (``upsample_accumulate_``): gather + bicubic upsample (1),
 ``F.conv2d`` (1), Phi + ``f_hat +=`` + area downsample of the next scale (1) (``tests/test_upsample.py::
-test_sampling_step_launches_per_scale`` holds this). Not two: the conv reads the upsampled map and Phi reads
-the conv's output, so Triton work sits on both sides of it; one kernel for both sides must compute the 3x3
-conv itself, giving up ``F.conv2d``'s bits, and the area downsample needs a whole image per program. An
-estimate, not a measurement (no GPU yet): at B = 1, 256 px, that conv is 4.7 MFLOP of float32 on one SM,
-~10 us at ~0.5 TFLOP/s per SM, against ~3 us for the launch it would save. Encode (``rq_encode``):
-``sum(z**2)`` (2 small torch launches, for the eager bits), lookup (1), upsample (1), conv (1),
+test_sampling_step_launches_per_scale`` holds this). The conv reads the upsampled map and Phi reads the
+conv's output, so with cuDNN's conv Triton work sits on both sides of it. ``fused_conv=True`` computes the
+conv inside the step's kernel instead (``tl.dot`` per tap over a recomputed halo): the step (1) and the area
+downsample (1), which needs the finished f_hat around each cell of the next scale, so a separate launch.
+It gives up ``F.conv2d``'s bits (the sums run in another order; tested against float64 with eager's error
+as the bound) and is off by default: which design is faster is for a GPU to say (``bench_quantizer.py``
+times both; an estimate only, at B = 1, 256 px: the conv is 4.7 MFLOP of float32 spread over H*W/16 = 16
+programs, against ~3 us per launch saved).
+
+Encode (``rq_encode``): ``sum(z**2)`` (2 small torch launches, for the eager bits), lookup (1), upsample (1), conv (1),
 Phi + ``f_rest -=`` (+ ``f_hat +=``) + next scale's ``z`` (1); the last scale of an index-only encode is
 the lookup alone. The sampling-path ops are ``torch.library`` custom ops (``fastvar::rq_lookup``,
 ``fastvar::upsample_accumulate_``) with fake implementations, so ``torch.compile`` and CUDA graphs see
@@ -27,7 +31,6 @@ No autograd through the Triton path: when gradients are needed (grad mode on and
 requires grad), every op here runs the eager reference.
 """
 # No ``from __future__ import annotations``: torch.library reads the custom ops' annotations as types.
-import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -249,18 +252,36 @@ def _upsampled_codes(codes: torch.Tensor, codebook: Optional[torch.Tensor], H: i
     return k_up.bicubic_upsample(codes, (H, W), out=out)
 
 
-@functools.lru_cache(maxsize=None)
+_TOKEN_MAP_FORMATS: dict = {}
+
+
 def _token_map_format(B: int, C: int, h: int, w: int) -> torch.memory_format:
     """The memory format of ``ref.code_map``'s view for ``B`` maps of ``(h, w)`` tokens, worked out once per
     shape on meta tensors (it ran every scale before: ~4 host-side dispatches per step for a constant)."""
-    meta_map = ref.code_map(torch.zeros(B, h * w, dtype=torch.long, device="meta"),
-                            torch.empty(1, C, device="meta"), h, w)
-    return _memory_format(meta_map)
+    key = (B, C, h, w)
+    if key not in _TOKEN_MAP_FORMATS:
+        meta_map = ref.code_map(torch.zeros(B, h * w, dtype=torch.long, device="meta"),
+                                torch.empty(1, C, device="meta"), h, w)
+        _TOKEN_MAP_FORMATS[key] = _memory_format(meta_map)
+    return _TOKEN_MAP_FORMATS[key]
 
 
-def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
+def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook,
+                                fused_conv=False):
     _, k_up = _kernels()
     B, C, H, W = f_hat.shape
+    if fused_conv:
+        from_idx = codes.dtype == torch.int64
+        # the convolution at eager's precision: cuDNN runs float32 convs in TF32 under this flag (default on)
+        tf32 = f_hat.is_cuda and torch.backends.cudnn.allow_tf32
+        k_up.upsample_phi_accumulate(f_hat, None if from_idx else codes, phi_weight, phi_bias, resi_ratio,
+                                     idx=codes if from_idx else None, codebook=codebook if from_idx else None,
+                                     dot_precision="tf32" if tf32 else "ieee")
+        if next_hw is None:
+            return None
+        if tuple(next_hw) == (1, 1):
+            return ref.area_downsample(f_hat, (1, 1))
+        return k_up.area_downsample(f_hat, tuple(next_hw))
     # the eager path's conv input has the layout of its code map
     fmt = _token_map_format(B, C, *codes.shape[1:]) if codes.dtype == torch.int64 else _memory_format(codes)
     u = _upsampled_codes(codes, codebook, H, W, fmt)
@@ -277,28 +298,32 @@ def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, 
 @torch.library.custom_op("fastvar::upsample_accumulate_", mutates_args=("f_hat",))
 def _upsample_accumulate_op(f_hat: torch.Tensor, codes: torch.Tensor, phi_weight: Optional[torch.Tensor],
                             phi_bias: Optional[torch.Tensor], resi_ratio: float, next_hw: Optional[List[int]],
-                            codebook: Optional[torch.Tensor]) -> torch.Tensor:
+                            codebook: Optional[torch.Tensor], fused_conv: bool) -> torch.Tensor:
     """Triton step: ``f_hat += Phi(up(codes))`` in place; returns the next scale's map (empty without
     ``next_hw``: a custom op cannot return its mutated input)."""
-    nxt = _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook)
+    nxt = _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook,
+                                      fused_conv)
     return nxt if nxt is not None else f_hat.new_empty(0)
 
 
 @_upsample_accumulate_op.register_fake
-def _(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
+def _(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook, fused_conv):
     if next_hw is None:
         return f_hat.new_empty(0)
     return f_hat.new_empty(f_hat.shape[0], f_hat.shape[1], int(next_hw[0]), int(next_hw[1]))
 
 
-def _eager_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
+def _eager_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook,
+                               fused_conv=False):
     nxt = ref.upsample_accumulate_step(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook)
     return nxt if next_hw is not None else None
 
 
-def _op_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
+def _op_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook,
+                            fused_conv=False):
     nxt = _upsample_accumulate_op(f_hat, codes, phi_weight, phi_bias, float(resi_ratio),
-                                  None if next_hw is None else [int(v) for v in next_hw], codebook)
+                                  None if next_hw is None else [int(v) for v in next_hw], codebook,
+                                  bool(fused_conv))
     return nxt if next_hw is not None else None
 
 
@@ -314,6 +339,7 @@ def upsample_accumulate_(
     next_hw: Optional[Sequence[int]] = None,
     codebook: Optional[torch.Tensor] = None,
     validate: bool = True,
+    fused_conv: bool = False,
 ) -> torch.Tensor:
     """The sampling step between two scales (official ``get_next_autoregressive_input``), **in place** on f_hat.
 
@@ -332,6 +358,12 @@ def upsample_accumulate_(
         validate: check that int64 ``codes`` are in ``[0, V)`` (reads them back to the host: a
             synchronisation on CUDA; skipped anyway during CUDA-graph capture). The sampler, whose
             tokens are in range by construction, passes False.
+        fused_conv: Triton backend only: compute Phi's 3x3 convolution inside the step's kernel (two
+            launches per scale: the step and the next scale's area downsample) instead of ``F.conv2d``
+            between two kernels (three launches, and the eager path's bits). Its float32 sums run in
+            another order than cuDNN's / oneDNN's (a few ulp apart) and, on CUDA, in TF32 when
+            ``torch.backends.cudnn.allow_tf32`` is set, as eager's conv does. Off by default until a GPU
+            benchmark (``bench/bench_quantizer.py``, provider ``fastvar-fused``) shows it pays.
     Returns:
         ``(B, C, h', w')`` float32 next-scale map, or ``f_hat``.
     """
@@ -358,7 +390,9 @@ def upsample_accumulate_(
         impl = _eager_upsample_accumulate
     else:
         impl = select("upsample_accumulate_", UPSAMPLE_ACCUMULATE_IMPLS, f_hat.device)
-    nxt = impl(f_hat, codes, phi_weight, phi_bias, r, nhw, codebook)
+    if fused_conv and C > 64:
+        raise ValueError(f"fused_conv=True keeps all channels of f_hat in one tile: C <= 64, got C={C}")
+    nxt = impl(f_hat, codes, phi_weight, phi_bias, r, nhw, codebook, fused_conv)
     return f_hat if nhw is None else nxt
 
 
