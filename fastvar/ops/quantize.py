@@ -277,11 +277,7 @@ def _triton_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, 
         k_up.upsample_phi_accumulate(f_hat, None if from_idx else codes, phi_weight, phi_bias, resi_ratio,
                                      idx=codes if from_idx else None, codebook=codebook if from_idx else None,
                                      dot_precision="tf32" if tf32 else "ieee")
-        if next_hw is None:
-            return None
-        if tuple(next_hw) == (1, 1):
-            return ref.area_downsample(f_hat, (1, 1))
-        return k_up.area_downsample(f_hat, tuple(next_hw))
+        return None if next_hw is None else _triton_area_downsample(f_hat, tuple(next_hw))
     # the eager path's conv input has the layout of its code map
     fmt = _token_map_format(B, C, *codes.shape[1:]) if codes.dtype == torch.int64 else _memory_format(codes)
     u = _upsampled_codes(codes, codebook, H, W, fmt)
