@@ -11,7 +11,7 @@ on weight values):
   inside the sampling step's kernel: two launches per scale instead of three).
 
 Reported per (model, batch, provider): ms per batch and per image, images/s, the speedup over eager,
-a per-scale breakdown (fastvar), the VAE decode timed separately, and the transformer FLOP floor
+a per-scale breakdown (fastvar, fastvar-fused), the VAE decode timed separately, and the transformer FLOP floor
 (its FLOPs divided by the measured dense bf16 GEMM rate of this GPU). Outputs are checked before timing:
 shapes always; in float32 the first scale's tokens must equal the official loop's.
 Results go to a CSV with the device name, date, commit and shapes.
@@ -142,10 +142,11 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 row_of[p] = row
                 log(f"{name:9s} B={B:3d} {p:8s} {ms:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
-            if "fastvar" in providers:
-                per_scale = " ".join(f"{t:.3f}" for t in scale_breakdown(fast, labels, kw, device))
-                row_of["fastvar"]["fastvar_per_scale_ms"] = per_scale
-                log(f"  per scale (fastvar, ms): {per_scale}")
+            for p, sampler in (("fastvar", fast), ("fastvar-fused", fused)):
+                if p in providers:
+                    per_scale = " ".join(f"{t:.3f}" for t in scale_breakdown(sampler, labels, kw, device))
+                    row_of[p]["fastvar_per_scale_ms"] = per_scale
+                    log(f"  per scale ({p}, ms): {per_scale}")
         vae = var = fast = fused = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
             write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)

@@ -107,7 +107,7 @@ def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
     assert main(["bench", "--smoke", "--batches", "2", "--providers", "eager", "fastvar", "fastvar-fused",
                  "--dtype", "float32", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "d2-smoke" in out and "per scale (fastvar, ms)" in out
+    assert "d2-smoke" in out and "per scale (fastvar, ms)" in out and "per scale (fastvar-fused, ms)" in out
     csvs = list(tmp_path.glob("sampling_*.csv"))
     assert len(csvs) == 1
     lines = csvs[0].read_text().splitlines()
