@@ -27,6 +27,8 @@ the disagreement count is recorded; maps: relative error). Times are CUDA-event 
 so the columns compare): lookup ``N*C*4 + V*C*4 + N*8``; step per scale ``7 * B*C*H*W*4`` (upsample write,
 conv read + write, the accumulate's 3 reads + 1 write) plus the code and next maps; encode / var_input the same
 per scale plus the lookup's. ``pct_hbm`` is that against the HBM ceiling (H100 3.35 TB/s, H200 4.8 TB/s).
+For ``fastvar-fused``, which keeps ``u`` and the conv's output on chip (about 3 passes per scale, not 7),
+these two columns are an effective rate for the same work, not its traffic.
 ``gpu_ops`` counts the kernels, memsets and copies of one call (torch.profiler); for ``step`` / ``step_idx``
 ``gpu_ops_per_scale`` divides it by the scale count (the fastvar call also zeroes f_hat once: +1 per call).
 ``peak_MB`` is the peak of ``torch.cuda.max_memory_allocated`` during one call, above what was allocated

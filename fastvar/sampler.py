@@ -199,8 +199,9 @@ class Sampler:
             starts after the model's parameters or buffers changed (:func:`weights_fingerprint`).
         cuda_graphs: capture each scale step once per (batch size, settings) and replay it (CUDA only).
         fused_step_conv: compute Phi's 3x3 convolution inside the Triton sampling step (two launches per
-            scale instead of three; see :func:`fastvar.ops.upsample_accumulate_`); off by default, which
-            keeps the eager step's bits.
+            scale instead of three; see :func:`fastvar.ops.upsample_accumulate_`; the eager backend ignores
+            it); off by default, which keeps the eager step's bits. Fixed for the Sampler's lifetime: its
+            CUDA graphs are captured with it.
 
     ``sample`` returns images; ``stream`` yields every scale as it finishes. The random-number use is
     the official one: the same ``seed`` gives the official model's tokens.
@@ -225,9 +226,14 @@ class Sampler:
             raise ValueError("dtype torch.bfloat16 is not supported by this GPU; use torch.float16")
         self.dtype = dtype
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
-        self.fused_step_conv = bool(fused_step_conv)
+        self._fused_step_conv = bool(fused_step_conv)
         self.w = _Weights(var, dtype)
         self._runs: Dict[int, _Run] = {}
+
+    @property
+    def fused_step_conv(self) -> bool:
+        """Whether the sampling step computes Phi's convolution inside its Triton kernel (read-only)."""
+        return self._fused_step_conv
 
     # ------------------------------------------------------------------ resources
     def refresh(self) -> None:

@@ -190,9 +190,14 @@ def quantizer_cases():
         with variant(f"fused step from a map 5x5->16x16 {precision}"):
             U.upsample_phi_accumulate(torch.randn(B, C, H, W), torch.randn(B, C, 5, 5), w, bias, 0.5,
                                       dot_precision=precision)
-    with variant("fused step C=64 from indices 16x16 ieee"):
-        U.upsample_phi_accumulate(torch.randn(B, 64, H, W), None, torch.randn(64, 64, 3, 3), torch.randn(64), 0.5,
-                                  idx=torch.randint(0, V, (B, H, W)), codebook=torch.randn(V, 64))
+    for precision in ("ieee", "tf32"):
+        with variant(f"fused step C=64 from indices 16x16 {precision}"):
+            U.upsample_phi_accumulate(torch.randn(B, 64, H, W), None, torch.randn(64, 64, 3, 3), torch.randn(64), 0.5,
+                                      idx=torch.randint(0, V, (B, H, W)), codebook=torch.randn(V, 64),
+                                      dot_precision=precision)
+        with variant(f"fused step C=64 from indices 5x5->16x16 {precision}"):
+            U.upsample_phi_accumulate(torch.randn(B, 64, H, W), None, torch.randn(64, 64, 3, 3), None, 0.5,
+                                      idx=idx, codebook=torch.randn(V, 64), dot_precision=precision)
     with variant("fused step, identity Phi"):
         U.upsample_phi_accumulate(torch.randn(B, C, H, W), None, None, None, 0.0, idx=idx, codebook=cb)
 

@@ -1,7 +1,7 @@
 """The benchmark scripts' plumbing on CPU (their timings need a GPU; their code paths must not wait for one):
 providers built, outputs checked against the reference, every row and column written. Timing is stubbed
-(``do_bench`` calls the function once) and the shapes are tiny; fastvar's provider runs the eager backend
-here (the kernels have their own tests)."""
+(``do_bench`` calls the function once) and the shapes are tiny; fastvar's providers run the eager backend
+(the kernels have their own tests), except in one quantizer test that runs the step on the Triton kernels."""
 import csv
 import importlib.util
 import os
@@ -71,3 +71,25 @@ def test_bench_quantizer_writes_every_row(stub_timing, monkeypatch, tmp_path):
         if r["provider"] != "eager":          # the eager backend here: the same computation, the same bits
             assert r["check"].startswith("disagree=0/") or r["check"].startswith("rel_err=0.00e+00"), r
         assert r["gpu_ops_per_scale"] == ("2.0" if r["op"].startswith("step") else "")
+
+
+@pytest.mark.interpreter
+def test_bench_quantizer_step_on_the_triton_kernels(stub_timing, monkeypatch, tmp_path):
+    """The step providers on the Triton kernels (interpreter): ``fastvar`` keeps the eager bits where the
+    interpolation's rounding is ATen's, ``fastvar-fused`` (its own conv sums) stays within float32 tolerance."""
+    from tolerances import REL
+    from test_upsample import _bit_exact_expected
+    monkeypatch.setenv("FASTVAR_BACKEND", "triton")
+    bench = load_on_cpu("bench_quantizer", monkeypatch)
+    monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
+    monkeypatch.setattr(bench, "peak_mb", lambda fn: 0.0)
+    monkeypatch.setattr(bench, "device_ops_per_call", lambda fn: 6)
+    out = tmp_path / "quantizer.csv"
+    assert bench.main(["--ops", "step_idx", "--batches", "2", "--schedules", "256", "--out", str(out)]) == 0
+    checks = {r["provider"]: r["check"] for r in csv.DictReader(open(out))}
+    assert set(checks) == {"eager", "fastvar", "fastvar-fused"}
+    if _bit_exact_expected():
+        assert checks["fastvar"].endswith("bitwise=True"), checks
+    for provider in ("fastvar", "fastvar-fused"):
+        err = float(checks[provider].split()[0].removeprefix("rel_err="))
+        assert err <= REL[torch.float32], checks

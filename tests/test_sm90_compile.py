@@ -30,6 +30,8 @@ KERNELS = {
 DOCUMENTED_SPILLS = {
     r"^kv step float32 D=128 ": "fp32 KV step at D=128 (true fp32 products): 110-350 B, triton_kernels/attention.py",
     r"^rq_lookup C=64 split=4": "C=64 (VAR's C is 32) with a split codebook: 24 B; tile tuning on a GPU is owed",
+    r"^fused step C=64 from indices 5x5->16x16 ": "the fused sampling step at C=64 (VAR's C is 32) with the upsample "
+                                                  "and TF32 rounding: 24 B; triton_kernels/upsample.py",
     r" filtered=1 ": "the filtered-logits output of the sampling kernel (a test hook, not the sampler's path): 16 B",
 }
 

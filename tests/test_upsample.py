@@ -195,47 +195,75 @@ def test_sampling_step_fused_conv_every_scale(gen, monkeypatch, patch_nums, B, q
             assert_like_eager(f, f_eager, f_ref, f"seed {seed}: f_hat from {what}")
 
 
+def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """float32 -> TF32 (10-bit mantissa), to nearest, ties away from zero (PTX ``cvt.rna.tf32.f32``)."""
+    return ((t.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
 @pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["fp32", "no bias", "tf32"])
 @pytest.mark.parametrize("C,hw,HW,block_p", [(8, (4, 3), (9, 7), 16), (24, (5, 5), (11, 13), 32), (64, (3, 2), (6, 5), 16),
                                              (17, (7, 6), (7, 6), 16)])
-def test_fused_step_kernel_tiles(gen, C, hw, HW, block_p):
+def test_fused_step_kernel_tiles(gen, C, hw, HW, block_p, mode):
     """``upsample_phi_accumulate`` with several pixel tiles per image (halos across tile edges), channel counts
     padded to the ``tl.dot`` tile (8, 17, 24) or filling it (64), from a strided code map and from indices,
-    against the float64 step; f_hat starts random (accumulated into, not overwritten). Negative controls: the
-    same f_hat is far from the step with one tap dropped, without the bias, or with the weight's (out, in)
-    channels swapped, so the tolerance could see each of those mistakes."""
+    against the float64 step; f_hat starts random (accumulated into, not overwritten). Phi with a bias, without
+    one, and in TF32 (operands rounded to nearest, as cuDNN does; the interpreter's products are then exact, so
+    the float64 step on the rounded operands is the reference). Negative controls: f_hat is far from the step
+    with one tap dropped, without the bias, or with the weight's (out, in) channels swapped."""
     from fastvar.triton_kernels import upsample as kernels
     g, seed = gen
     B, V, r = 2, 37, 0.375
     codebook = torch.randn(V, C, generator=g)
     idx = torch.randint(0, V, (B, *hw), generator=g)
-    w, b = torch.randn(C, C, 3, 3, generator=g) * 0.2, torch.randn(C, generator=g)
+    w = torch.randn(C, C, 3, 3, generator=g) * 0.2
+    b = torch.randn(C, generator=g) if mode != "no bias" else None
     f0 = torch.randn(B, C, *HW, generator=g)
+    u = kernels.bicubic_upsample(None, HW, idx=idx, codebook=codebook)    # the kernel's own float32 u (tested above)
 
-    def step64(weight, bias):
-        u = codebook.double()[idx].permute(0, 3, 1, 2)
-        u = F.interpolate(u, size=HW, mode="bicubic") if hw != HW else u
-        return f0.double() + u * (1 - r) + F.conv2d(u, weight, bias, padding=1) * r
+    def step64(weight, bias, conv_in=u):
+        return f0.double() + u.double() * (1 - r) + F.conv2d(conv_in.double(), weight, bias, padding=1) * r
 
-    expected = step64(w.double(), b.double())
+    b64 = b.double() if b is not None else None
+    if mode == "tf32":
+        expected = step64(_round_to_tf32(w.clone()).double(), b64, conv_in=_round_to_tf32(u.clone()))
+    else:
+        expected = step64(w.double(), b64)
+    precision = "tf32" if mode == "tf32" else "ieee"
     f_idx, f_map = f0.clone(), f0.clone()
-    kernels.upsample_phi_accumulate(f_idx, None, w, b, r, idx=idx, codebook=codebook, block_p=block_p)
+    kernels.upsample_phi_accumulate(f_idx, None, w, b, r, idx=idx, codebook=codebook, block_p=block_p,
+                                    dot_precision=precision)
     strided = torch.randn(B, C, hw[0], 2 * hw[1], generator=g)[..., ::2]
     strided.copy_(codebook[idx].permute(0, 3, 1, 2))
-    kernels.upsample_phi_accumulate(f_map, strided, w, b, r, block_p=block_p)
+    kernels.upsample_phi_accumulate(f_map, strided, w, b, r, block_p=block_p, dot_precision=precision)
     for what, f in (("indices", f_idx), ("code map", f_map)):
         assert_rel(f, expected, REL[torch.float32], f"seed {seed}: {what}")
+    if mode == "tf32":
+        f_ieee = f0.clone()
+        kernels.upsample_phi_accumulate(f_ieee, None, w, b, r, idx=idx, codebook=codebook, block_p=block_p)
+        assert not torch.equal(f_idx, f_ieee), "dot_precision='tf32' must round the operands"
+        return
     no_tap = w.double().clone()
     no_tap[:, :, 0, 2] = 0
-    for what, wrong in (("a dropped tap", step64(no_tap, b.double())), ("no bias", step64(w.double(), None)),
-                        ("(in, out) weights", step64(w.double().transpose(0, 1), b.double()))):
-        assert rel_err(f_idx, wrong) > 10 * REL[torch.float32], f"seed {seed}: indistinguishable from {what}"
+    wrong = [("a dropped tap", step64(no_tap, b64)), ("(in, out) weights", step64(w.double().transpose(0, 1), b64))]
+    if b is not None:
+        wrong.append(("no bias", step64(w.double(), None)))
+    for what, other in wrong:
+        assert rel_err(f_idx, other) > 10 * REL[torch.float32], f"seed {seed}: indistinguishable from {what}"
 
 
-def test_sampling_step_fused_conv_bad_input(cpu_backend):
+@pytest.mark.interpreter
+def test_sampling_step_fused_conv_bad_input(monkeypatch):
+    """The fused kernel holds C <= 64 channels; the eager backend (the definition) ignores ``fused_conv``."""
+    args = (torch.randn(1, 80, 2, 2), torch.randn(80, 80, 3, 3), torch.randn(80), 0.5, None)
+    monkeypatch.setenv("FASTVAR_BACKEND", "triton")
     with pytest.raises(ValueError, match=r"fused_conv=True keeps all channels of f_hat in one tile: C <= 64, got C=80"):
-        ops.upsample_accumulate_(torch.zeros(1, 80, 4, 4), torch.randn(1, 80, 2, 2), torch.randn(80, 80, 3, 3),
-                                 torch.randn(80), 0.5, None, fused_conv=True)
+        ops.upsample_accumulate_(torch.zeros(1, 80, 4, 4), *args, fused_conv=True)
+    monkeypatch.setenv("FASTVAR_BACKEND", "eager")
+    f_fused, f_plain = torch.zeros(1, 80, 4, 4), torch.zeros(1, 80, 4, 4)
+    ops.upsample_accumulate_(f_fused, *args, fused_conv=True)
+    ops.upsample_accumulate_(f_plain, *args)
+    assert torch.equal(f_fused, f_plain)
 
 
 @pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, NON_SQUARE], ids=["256px", "non-square"])

@@ -181,6 +181,15 @@ def _bicubic_upsample_fwd_kernel(
 
 
 @triton.jit
+def _round_to_tf32(x):
+    """``x`` rounded to TF32's 10-bit mantissa, to nearest with ties away from zero (PTX ``cvt.rna.tf32.f32``,
+    what cuDNN / CUTLASS apply): Triton hands raw float32 to the tensor cores, which drop the low 13 bits,
+    a rounding toward zero that would bias every product (finite x only)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _upsample_phi_accumulate_fwd_kernel(
     src_ptr, idx_ptr, cb_ptr, w_ptr, bias_ptr, f_ptr,
     C, h, w, H, W,
@@ -190,16 +199,17 @@ def _upsample_phi_accumulate_fwd_kernel(
     w_o, w_i, w_y, w_x,                 # Phi's conv weight (C, C, 3, 3) strides
     f_b, f_c,                           # f_hat (B, C, H, W), (H, W) contiguous
     scale_y, scale_x, one_minus_r, r,   # fp32
-    HAS_CONV: tl.constexpr, FROM_IDX: tl.constexpr, UPSAMPLE: tl.constexpr, TORCH_CPU: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_CONV: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_IDX: tl.constexpr, UPSAMPLE: tl.constexpr,
+    TORCH_CPU: tl.constexpr, TF32: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The sampling step's accumulate with Phi's convolution inside (no ``u`` or ``cv`` in memory):
 
     ``u = up(codes)`` (as ``_code_tile``); ``cv[o] = bias[o] + sum_{i, dy, dx} W[o, i, dy, dx] u[i, y+dy-1, x+dx-1]``
     (zero padding); ``f_hat += u * (1-r) + cv * r`` (``f_hat += u`` without ``HAS_CONV``). Each of the 9 taps
     recomputes ``u`` at the shifted pixels (a halo costs no extra pass or barrier) and adds
-    ``W[:, :, dy, dx] @ u_shifted`` with ``tl.dot`` at ``DOT_PRECISION``. All ``C`` channels per program
-    (``BLOCK_C >= C``, at least 16 for ``tl.dot``). Grid ``(cdiv(H*W, BLOCK_P), B)``."""
+    ``W[:, :, dy, dx] @ u_shifted`` with ``tl.dot``: float32 FMAs, or with ``TF32`` tensor cores on operands
+    rounded to TF32 (``_round_to_tf32``). All ``C`` channels per program (``BLOCK_C >= C``, at least 16 for
+    ``tl.dot``). Grid ``(cdiv(H*W, BLOCK_P), B)``."""
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -226,9 +236,13 @@ def _upsample_phi_accumulate_fwd_kernel(
                                  FROM_IDX, UPSAMPLE, TORCH_CPU)
             w_t = tl.load(w_ptr + c[:, None] * w_o + c[None, :] * w_i + (t // 3) * w_y + (t % 3) * w_x,
                           mask=w_mask, other=0.0)                       # [C_out, C_in]
-            acc = tl.dot(w_t, u_t, acc, input_precision=DOT_PRECISION)
-        cv = acc + tl.load(bias_ptr + c, mask=cmask, other=0.0)[:, None]
-        hh = u * one_minus_r + cv * r
+            if TF32:
+                acc = tl.dot(_round_to_tf32(w_t), _round_to_tf32(u_t), acc, input_precision="tf32")
+            else:
+                acc = tl.dot(w_t, u_t, acc, input_precision="ieee")
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + c, mask=cmask, other=0.0)[:, None]
+        hh = u * one_minus_r + acc * r
     else:
         hh = u
     f_off = b * f_b + c[:, None] * f_c + p[None, :]
@@ -504,19 +518,24 @@ def upsample_phi_accumulate(
         src: the scale's ``(B, C, h, w)`` float32 code map (any strides), or None with ``idx`` ``(B, h, w)``
             int64 and ``codebook`` ``(V, C)``.
         phi_weight, phi_bias: ``(C, C, 3, 3)`` and ``(C,)``, or None (Phi = identity); resi_ratio: r.
-        dot_precision: ``tl.dot``'s ``input_precision`` for the convolution: ``"ieee"`` (float32 FMAs) or
-            ``"tf32"`` (tensor cores, as cuDNN under ``torch.backends.cudnn.allow_tf32``).
+        dot_precision: the convolution's products: ``"ieee"`` (float32 FMAs) or ``"tf32"`` (operands rounded
+            to TF32, tensor cores: as cuDNN under ``torch.backends.cudnn.allow_tf32``; in the interpreter the
+            rounding is applied and the products are exact, which is what lets the CPU tests check it).
         block_p: pixels per program (a power of two >= 16); default 16 on a GPU, all pixels up to 1024 in
             the interpreter.
 
     GPU launch: 16 pixels and 8 warps per program, chosen by ptxas spill reports for sm_90 (tests/
-    sm90_compile.py), not by timing (no GPU yet): with 4 warps, 64 pixels spill 320-496 B (C = 32) and
-    8 KB (C = 64), 16 pixels still 8-176 B; with 8 warps, 16 pixels spill nothing for C up to 64. A small
-    tile re-reads Phi's weights (9 x C x C floats) per 16 pixels from L2: the first thing to time.
+    sm90_compile.py, Triton 3.9), not by timing (no GPU yet): with 4 warps, 64 pixels spill 320-496 B
+    (C = 32) and 8 KB (C = 64), 16 pixels still 8-176 B; with 8 warps and 16 pixels, C = 32 spills nothing
+    and C = 64 with an upsample 24-96 B. A small tile re-reads Phi's weights (9 x C x C floats) per 16
+    pixels from L2: the first thing to time.
     """
     B, C, H, W = f_hat.shape
     if C > 64:
         raise ValueError(f"the fused sampling step keeps all channels in one tile: C <= 64, got C={C}")
+    if f_hat.stride(3) != 1 or f_hat.stride(2) != W:
+        raise ValueError(f"f_hat must be contiguous over (H, W) (the kernel indexes its pixels flat), "
+                         f"got strides {f_hat.stride()}")
     if dot_precision not in ("ieee", "tf32"):
         raise ValueError(f"dot_precision must be 'ieee' or 'tf32', got {dot_precision!r}")
     h, w = (idx.shape[1:] if idx is not None else src.shape[2:])
@@ -538,7 +557,7 @@ def upsample_phi_accumulate(
         *wt.stride(), f_hat.stride(0), f_hat.stride(1),
         _f32(np.float32(h) / np.float32(H)), _f32(np.float32(w) / np.float32(W)),
         _f32(1.0 - resi_ratio), _f32(resi_ratio),
-        HAS_CONV=phi_weight is not None, FROM_IDX=idx is not None, UPSAMPLE=(h, w) != (H, W),
-        TORCH_CPU=interp, DOT_PRECISION=dot_precision, BLOCK_C=block_c, BLOCK_P=block_p,
+        HAS_CONV=phi_weight is not None, HAS_BIAS=phi_bias is not None, FROM_IDX=idx is not None,
+        UPSAMPLE=(h, w) != (H, W), TORCH_CPU=interp, TF32=dot_precision == "tf32", BLOCK_C=block_c, BLOCK_P=block_p,
         num_warps=8, enable_fp_fusion=False,
     )

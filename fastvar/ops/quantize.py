@@ -354,12 +354,14 @@ def upsample_accumulate_(
         validate: check that int64 ``codes`` are in ``[0, V)`` (reads them back to the host: a
             synchronisation on CUDA; skipped anyway during CUDA-graph capture). The sampler, whose
             tokens are in range by construction, passes False.
-        fused_conv: Triton backend only: compute Phi's 3x3 convolution inside the step's kernel (two
+        fused_conv: Triton backend only (the eager backend, the definition, ignores it, as does the eager
+            fallback when gradients are needed): compute Phi's 3x3 convolution inside the step's kernel (two
             launches per scale: the step and the next scale's area downsample) instead of ``F.conv2d``
-            between two kernels (three launches, and the eager path's bits). Its float32 sums run in
-            another order than cuDNN's / oneDNN's (a few ulp apart) and, on CUDA, in TF32 when
-            ``torch.backends.cudnn.allow_tf32`` is set, as eager's conv does. Off by default until a GPU
-            benchmark (``bench/bench_quantizer.py``, provider ``fastvar-fused``) shows it pays.
+            between two kernels (three launches, and the eager path's bits); ``C <= 64``. Its float32 sums
+            run in another order than cuDNN's / oneDNN's (a few ulp apart) and, on CUDA, in TF32 when
+            ``torch.backends.cudnn.allow_tf32`` is set, as eager's conv does (read at each call; a captured
+            CUDA graph keeps the choice it was captured with). Off by default until a GPU benchmark
+            (``bench/bench_quantizer.py``, provider ``fastvar-fused``) shows it pays.
     Returns:
         ``(B, C, h', w')`` float32 next-scale map, or ``f_hat``.
     """
@@ -386,7 +388,7 @@ def upsample_accumulate_(
         impl = _eager_upsample_accumulate
     else:
         impl = select("upsample_accumulate_", UPSAMPLE_ACCUMULATE_IMPLS, f_hat.device)
-    if fused_conv and C > 64:
+    if fused_conv and C > 64 and impl is not _eager_upsample_accumulate:
         raise ValueError(f"fused_conv=True keeps all channels of f_hat in one tile: C <= 64, got C={C}")
     nxt = impl(f_hat, codes, phi_weight, phi_bias, r, nhw, codebook, fused_conv)
     return f_hat if nhw is None else nxt
