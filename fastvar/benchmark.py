@@ -66,7 +66,7 @@ def transformer_flops(var, B: int) -> float:
     """Matmul FLOPs of one CFG sample of ``B`` images (2B rows): projections, attention, head."""
     C, V = var.C, var.V
     flops, prefix = 0.0, 0
-    for n in var.scale_lens:
+    for n in var.schedule.lens:
         prefix += n
         rows = 2 * B * n
         flops += var.depth * (2 * rows * 12 * C * C + 4 * rows * prefix * C)
@@ -122,7 +122,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
             for p in providers:
                 out = runs[p]()
                 tokens[p] = out[0] if p.startswith("fastvar") else out[1]
-                assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.scale_lens], p
+                assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.schedule.lens], p
             if dtype == torch.float32 and {"eager", "fastvar"} <= set(tokens):
                 assert torch.equal(tokens["eager"][0], tokens["fastvar"][0]), "fastvar's first-scale tokens differ"
                 same = sum(int((a == b).sum()) for a, b in zip(tokens["eager"], tokens["fastvar"]))

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from fastvar.nn import attention as fnn
 from fastvar.nn import quant as fquant
+from fastvar.nn.attention import schedule_of_mask
+from fastvar.schedule import Schedule
 
 
 def _swap(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -157,9 +159,26 @@ def patch(model: nn.Module) -> nn.Module:
         raise ValueError(f"fastvar.patch: {type(model).__name__} holds no official VAR/VQVAE module that fastvar "
                          f"recognises ({', '.join(_RULES)}); nothing was patched")
     for holder in [m for m in model.modules() if hasattr(m, "patch_nums") and hasattr(m, "blocks")]:
-        L = sum((p * p if isinstance(p, int) else p[0] * p[1]) for p in holder.patch_nums)
+        holder.schedule = _schedule(holder)
         for blk in holder.blocks:
             if isinstance(getattr(blk, "attn", None), fnn.SelfAttention):
-                blk.attn.cache_capacity = L
+                blk.attn.cache_capacity = holder.schedule.L
     model.fastvar_patched = swapped
     return model
+
+
+def _schedule(var: nn.Module) -> Schedule:
+    """An official VAR's schedule: its ``patch_nums``, checked against the dense mask it carries (the one place
+    fastvar reads that mask for its schedule)."""
+    schedule = Schedule.of(var.patch_nums)
+    mask = getattr(var, "attn_bias_for_masking", None)
+    if isinstance(mask, torch.Tensor) and mask.device.type != "meta":
+        try:
+            lens = schedule_of_mask(mask)
+        except ValueError as e:
+            raise ValueError(f"fastvar.patch: {type(var).__name__}.attn_bias_for_masking: {e}") from None
+        if lens != schedule.lens:
+            raise ValueError(f"fastvar.patch: {type(var).__name__}.attn_bias_for_masking is the mask of scales "
+                             f"{list(lens)} (tokens), its patch_nums {list(schedule.patch_nums)} give "
+                             f"{list(schedule.lens)}")
+    return schedule

@@ -68,20 +68,15 @@ def test_bfloat16_sampler_logits_stay_close_to_float32(small):
             b.ada_lin[1].weight.normal_(0, 0.05)
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        s = Sampler(var, dtype=dtype)
-        run = sampler_run(s, 3)
-        s._prepare(run, torch.tensor([1, 2, 3]))
-        logits[dtype] = s._transformer(run, 0)
-        assert run.x_in[0].dtype == torch.float32 and run.k_cache[0].dtype == dtype
+        model = Sampler(var, dtype=dtype).model
+        buf = model.buffers(3)
+        model.condition(buf, torch.tensor([1, 2, 3]))
+        logits[dtype] = model.logits(buf, 0)
+        assert buf.x_in[0].dtype == torch.float32 and buf.caches[0].k.dtype == dtype
     assert logits[torch.bfloat16].dtype == torch.float32
     assert_rel(logits[torch.bfloat16], logits[torch.float32], REL[torch.bfloat16], "bf16 vs fp32 logits")
     images = Sampler(var, dtype=torch.bfloat16).sample([1, 2, 3], seed=0, top_k=10)
     assert images.shape == (3, 3, 16, 16) and torch.isfinite(images).all()
-
-
-def sampler_run(sampler, B):
-    from fastvar.sampler import _Run
-    return _Run(sampler, B)
 
 
 def test_patched_official_model_samples_golden_tokens():
@@ -290,9 +285,9 @@ def test_sampler_follows_weight_changes(dtype, change):
     sampler = Sampler(var, dtype=dtype)
     kw = dict(seed=5, top_k=0, top_p=0.0)
     before, _ = sampler.tokens([1, 2], **kw)
-    cast = sampler.w
+    cast = sampler.model
     again, _ = sampler.tokens([1, 2], **kw)
-    assert sampler.w is cast, "unchanged weights must not be cast again"
+    assert sampler.model is cast, "unchanged weights must not be cast again"
     with torch.no_grad():
         if change == "in place":
             var.head.bias.add_(torch.randn_like(var.head.bias) * 5)
@@ -312,7 +307,7 @@ def test_adaln_modulation_is_computed_once_per_sample(small, monkeypatch):
     """The condition never changes across scales: every block's AdaLN linear runs once per sample, not per scale."""
     vae, var = small
     sampler = Sampler(var, dtype=torch.float32)
-    ada = {b["ada"][0].data_ptr() for b in sampler.w.blocks} | {sampler.w.head_ada[0].data_ptr()}
+    ada = {w.ada[0].data_ptr() for w in sampler.model.block_weights} | {sampler.model.head_ada[0].data_ptr()}
     calls = []
     real_linear = torch.nn.functional.linear
 
@@ -323,4 +318,4 @@ def test_adaln_modulation_is_computed_once_per_sample(small, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
     sampler.tokens([1, 2], seed=0, top_k=0, top_p=0.0)
     assert sum(calls) == len(var.blocks) + 1, f"{sum(calls)} AdaLN linears for {len(var.blocks)} blocks + head"
-    assert len(calls) > 5 * len(var.scale_lens), "the transformer's linears were not seen (wrong hook?)"
+    assert len(calls) > 5 * len(var.schedule), "the transformer's linears were not seen (wrong hook?)"

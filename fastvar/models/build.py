@@ -165,16 +165,16 @@ def _verify_buffers(var: VAR, sd: Mapping[str, torch.Tensor]) -> None:
     """The checkpoint's ``lvl_1L`` / ``attn_bias_for_masking`` must be the ones of the model's schedule."""
     from fastvar.ops.attention import scale_lens_from_bias
     from fastvar.reference.attention import scale_index
-    if "lvl_1L" in sd and not torch.equal(sd["lvl_1L"].long().reshape(-1).cpu(), scale_index(var.scale_lens)):
+    if "lvl_1L" in sd and not torch.equal(sd["lvl_1L"].long().reshape(-1).cpu(), scale_index(var.schedule.lens)):
         raise ValueError("VAR state dict: lvl_1L does not match the schedule's scale index")
     if "attn_bias_for_masking" in sd:
         try:
             lens = scale_lens_from_bias(sd["attn_bias_for_masking"].float())
         except ValueError as e:
             raise ValueError(f"VAR state dict: attn_bias_for_masking: {e}") from None
-        if lens != var.scale_lens:
+        if lens != var.schedule.lens:
             raise ValueError(f"VAR state dict: attn_bias_for_masking is the mask of scales {list(lens)}, "
-                             f"the model's schedule has {list(var.scale_lens)}")
+                             f"the model's schedule has {list(var.schedule.lens)}")
 
 
 def _load_into_meta(module: nn.Module, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> None:

@@ -5,17 +5,23 @@ composition only: the attention, quantizer and sampling work happens in ``fastva
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from fastvar import ops
 from fastvar.labels import check_labels, sampling_labels
-from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
 from fastvar.reference import attention as ref_attn
-from fastvar.schedule import ScaleSpec, begin_ends, canonical, scale_hws, scale_lens
+from fastvar.reference import sampling as ref_sampling
+from fastvar.reference.quantize import scale_ratio
+from fastvar.settings import SamplingSettings
+from fastvar.schedule import ScaleSpec, Schedule
 
 
 class VAR(nn.Module):
@@ -38,20 +44,19 @@ class VAR(nn.Module):
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         quant = vae_local.quantize
-        if scale_hws(patch_nums) != quant.patch_hws:
-            raise ValueError(f"patch_nums {canonical(patch_nums)} must equal the VQVAE's schedule "
-                             f"v_patch_nums {canonical(quant.patch_hws)}")
+        schedule = Schedule.of(patch_nums)
+        if schedule != quant.schedule:
+            raise ValueError(f"patch_nums {schedule.patch_nums} must equal the VQVAE's schedule "
+                             f"v_patch_nums {quant.schedule.patch_nums}")
         self.Cvae, self.V = vae_local.Cvae, vae_local.vocab_size
         self.depth, self.C, self.D, self.num_heads = depth, embed_dim, embed_dim, num_heads
         self.cond_drop_rate = cond_drop_rate
         self.prog_si = -1
-        self.patch_nums = canonical(patch_nums)
-        self.patch_hws = scale_hws(patch_nums)
-        self.scale_lens = scale_lens(patch_nums)
-        self.L = sum(self.scale_lens)
-        self.first_l = self.scale_lens[0]
-        self.begin_ends = list(begin_ends(patch_nums))
-        self.num_stages_minus_1 = len(self.patch_hws) - 1
+        self.schedule = schedule
+        self.patch_nums = schedule.patch_nums
+        self.L, self.first_l = schedule.L, schedule.first_l
+        self.begin_ends = list(schedule.spans)
+        self.num_stages_minus_1 = len(schedule) - 1
         self.rng: Optional[torch.Generator] = None   # made on the model's device at the first seeded sample
 
         self.vae_proxy = (vae_local,)
@@ -66,7 +71,7 @@ class VAR(nn.Module):
         nn.init.trunc_normal_(self.pos_start.data, mean=0, std=init_std)
         self.pos_1LC = nn.Parameter(torch.empty(1, self.L, self.C))
         nn.init.trunc_normal_(self.pos_1LC.data, mean=0, std=init_std)
-        self.lvl_embed = nn.Embedding(len(self.patch_hws), self.C)
+        self.lvl_embed = nn.Embedding(len(schedule), self.C)
         nn.init.trunc_normal_(self.lvl_embed.weight.data, mean=0, std=init_std)
 
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(inplace=False), SharedAdaLin(self.D, 6 * self.C))
@@ -94,8 +99,8 @@ class VAR(nn.Module):
     def reset_buffers(self) -> None:
         """(Re)compute ``lvl_1L`` and ``attn_bias_for_masking`` from the schedule (after ``to_empty``)."""
         dev = self.lvl_1L.device
-        self.lvl_1L.copy_(ref_attn.scale_index(self.scale_lens, dev)[None])
-        self.attn_bias_for_masking.copy_(ref_attn.block_causal_bias(self.scale_lens, dev)[None, None])
+        self.lvl_1L.copy_(ref_attn.scale_index(self.schedule.lens, dev)[None])
+        self.attn_bias_for_masking.copy_(ref_attn.block_causal_bias(self.schedule.lens, dev)[None, None])
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
@@ -197,8 +202,9 @@ class VAR(nn.Module):
         # the compute dtype: float16/bfloat16 under autocast, else the weights' dtype
         main_type = torch.matmul(x_BLC.new_ones(8, 8), x_BLC.new_ones(8, 8)).dtype
         x_BLC, cond_BD_or_gss = x_BLC.to(main_type), cond_BD_or_gss.to(main_type)
+        # the blocks take the schedule itself: the dense mask buffer is kept for the official state dict only
         for b in self.blocks:
-            x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=self.attn_bias_for_masking)
+            x_BLC = b(x=x_BLC, cond_BD=cond_BD_or_gss, attn_bias=None, schedule=self.schedule)
         return self.get_logits(x_BLC, cond_BD)
 
     # ------------------------------------------------------------------ sampling
@@ -225,9 +231,9 @@ class VAR(nn.Module):
         ``cfg`` guidance strength, ``top_k`` / ``top_p`` filtering (0 disables), ``more_smooth``:
         Gumbel-softmax-weighted codes instead of sampled ones (for visualisation).
 
-        Each call builds a :class:`~fastvar.sampler.Sampler` and frees it on return, as the official method
-        frees its KV caches. To sample repeatedly, keep a ``fastvar.Sampler(var, vae)``: its weight casts,
-        KV caches and CUDA graphs are reused from one call to the next.
+        Runs on a :class:`~fastvar.sampler.Sampler` the model keeps (weights cast once per compute dtype) whose
+        KV caches are freed on return, as the official method frees its own. To sample repeatedly at speed, keep
+        a ``fastvar.Sampler(var, vae)``: its KV caches and CUDA graphs are reused from one call to the next.
         """
         images, _ = self._infer(B, label_B, g_seed, cfg, top_k, top_p, more_smooth)
         return images
@@ -235,21 +241,245 @@ class VAR(nn.Module):
     def _infer(self, B, label_B, g_seed=None, cfg=1.5, top_k=0, top_p=0.0, more_smooth=False, decode: bool = True,
                generator: Optional[torch.Generator] = None):
         """``autoregressive_infer_cfg`` on fastvar's :class:`~fastvar.sampler.Sampler` (in the weights' dtype, or
-        the autocast dtype under ``torch.autocast``; without CUDA graphs), returning ``(images or None, tokens per scale)``; records ``self.last_f_hat``.
-        ``generator`` (instead of ``g_seed``) continues from a generator's state."""
+        the autocast dtype under ``torch.autocast``; without CUDA graphs), returning ``(images or None, tokens per
+        scale)``; records ``self.last_f_hat``. ``generator`` (instead of ``g_seed``) continues from a generator's
+        state. The Sampler (its weight casts) is kept for the next call, for the same compute dtype; its buffers
+        (the KV caches) are freed on return, as the official method frees its caches."""
         from fastvar.sampler import Sampler
         device_type = self.lvl_1L.device.type
         # under torch.autocast (as the official demo runs) compute in the autocast dtype, else the weights'
         autocast = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast else self.head.weight.dtype
-        sampler = Sampler(self, dtype=dtype, cuda_graphs=False)
+        sampler = getattr(self, "_sampler", None)
+        if sampler is None or sampler.dtype != dtype or sampler.device != self.lvl_1L.device:
+            sampler = self._sampler = Sampler(self, dtype=dtype, cuda_graphs=False)
         rng = generator if generator is not None else self._generator(g_seed)
-        sampler._check(cfg, top_k, top_p)
+        sampler.settings(cfg, top_k, top_p, more_smooth)
         label_B = self._sampling_labels(B, label_B, rng)
-        results = list(sampler.stream(label_B, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, B=B,
-                                      generator=rng))
+        try:
+            results = list(sampler.stream(label_B, cfg=cfg, top_k=top_k, top_p=top_p, more_smooth=more_smooth, B=B,
+                                          generator=rng))
+        finally:
+            sampler.free(empty_cache=False)
         self.last_f_hat = results[-1].f_hat
         return (results[-1].preview() if decode else None), [r.tokens for r in results]
 
     def extra_repr(self) -> str:
         return f"patch_nums={self.patch_nums}, L={self.L}, drop_path_rate={self.drop_path_rate:g}"
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def tensor_slots(*modules: nn.Module) -> List[Tuple[dict, str]]:
+    """Every parameter and buffer of ``modules`` as (its module's ``_parameters`` / ``_buffers``, name): read
+    through these, a tensor the model replaces is seen (walking ``parameters()`` again costs ~0.75 ms per
+    sample for d30 on a 2-core CPU; these lookups ~0.1 ms)."""
+    return [(d, name) for mod in modules for m in mod.modules() for d in (m._parameters, m._buffers)
+            for name, t in d.items() if t is not None]
+
+
+def weights_fingerprint(slots: List[Tuple[dict, str]]) -> tuple:
+    """Where each tensor lives and how often it was modified in place (its version counter): it changes
+    with an optimizer step, ``load_state_dict``, ``.to()``, a replaced parameter or an in-place edit of the
+    tensor. (Inference tensors have no version counter; they cannot change outside inference mode.)"""
+    out = []
+    for d, name in slots:
+        t = d.get(name)
+        out.append(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version))
+    return tuple(out)
+
+
+class VARAdapter:
+    """A VAR as :class:`fastvar.Sampler` drives it: fastvar's ``VAR`` or an official one after ``fastvar.patch``.
+
+    Holds the weights cast once to the compute ``dtype`` (no copy where a tensor already has it) and the
+    per-batch buffers' layout, and does the model's part of every scale: the per-sample conditioning (AdaLN
+    modulation of every block and of the head, computed once per sample: the condition never changes across
+    scales), the transformer on the scale's tokens (:meth:`AdaLNSelfAttn.sampling_step` per block, on KV caches
+    preallocated for the whole schedule), the draw (CFG + top-k/top-p + the categorical draw fused), and the
+    quantizer's step to the next scale's input. The embeddings, the residual stream and f_hat stay float32,
+    as in the official sampling under ``torch.autocast`` (embeddings are not autocast, and each block's
+    low-precision output is added to the float32 stream).
+
+    ``fused_conv``: the quantizer step computes Phi's convolution inside its Triton kernel
+    (``ops.upsample_accumulate_``).
+    """
+
+    def __init__(self, var: nn.Module, vae: nn.Module, dtype: torch.dtype, fused_conv: bool = False):
+        schedule = getattr(var, "schedule", None)
+        if not isinstance(schedule, Schedule) or not hasattr(var, "blocks"):
+            raise TypeError(f"{type(var).__name__} is not a VAR fastvar can sample: expected fastvar.VAR or an "
+                            "official VAR patched by fastvar.patch")
+        quant = getattr(vae, "quantize", None)
+        if not hasattr(quant, "get_next_autoregressive_input_from_idx"):
+            raise TypeError("the VQVAE's quantizer is not fastvar's: call fastvar.patch(model) first")
+        if not all(isinstance(b, AdaLNSelfAttn) for b in var.blocks) or not isinstance(var.head_nm, AdaLNBeforeHead):
+            raise TypeError("the VAR's blocks are not fastvar's: call fastvar.patch(model) first")
+        if quant.schedule != schedule:
+            raise ValueError(f"the VQVAE's schedule {quant.schedule.patch_nums} differs from the VAR's "
+                             f"{schedule.patch_nums}")
+        self.var, self.vae, self.quant, self.schedule = var, vae, quant, schedule
+        self.dtype, self.fused_conv, self.device = dtype, bool(fused_conv), var.lvl_1L.device
+        self.V, self.C, self.Cvae, self.num_classes = var.V, var.C, var.Cvae, var.num_classes
+        # the CUDA graphs read the VQVAE's codebook and Phi as well as the transformer's weights
+        self.slots = tensor_slots(var, vae)
+        self.fingerprint = weights_fingerprint(self.slots)
+
+        def cast(t):
+            return t.detach().to(dtype)
+
+        def f32(t):
+            return t.detach().float()
+
+        self.class_emb, self.pos_start, self.pos_1LC = f32(var.class_emb.weight), f32(var.pos_start), f32(var.pos_1LC)
+        self.lvl_embed = f32(var.lvl_embed.weight)
+        self.word = (cast(var.word_embed.weight), cast(var.word_embed.bias))
+        shared = var.shared_ada_lin
+        self.shared = None if isinstance(shared, nn.Identity) else (cast(shared[1].weight), cast(shared[1].bias))
+        self.blocks = list(var.blocks)
+        self.block_weights = [b.step_weights(dtype) for b in self.blocks]
+        self.head_nm, self.head_ada = var.head_nm, var.head_nm.step_weights(dtype)
+        self.head = (cast(var.head.weight), cast(var.head.bias))
+
+    def stale(self) -> bool:
+        """True once the model's or the VQVAE's tensors changed since the cast (see :func:`weights_fingerprint`)."""
+        return weights_fingerprint(self.slots) != self.fingerprint
+
+    def weight_bytes(self) -> int:
+        """Bytes of the cast copies (tensors that are not the model's own)."""
+        own = {t.data_ptr() for d, name in self.slots if (t := d.get(name)) is not None}
+        held = [*self.word, *(self.shared or ()), *self.head_ada, *self.head, self.class_emb, self.pos_start,
+                self.pos_1LC, self.lvl_embed]
+        for w in self.block_weights:
+            for f in dataclasses.fields(w):
+                v = getattr(w, f.name)
+                held += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values() if t.data_ptr() not in own)
+
+    # ------------------------------------------------------------------ per batch size
+    def buffers(self, B: int) -> "VARBuffers":
+        return VARBuffers(self, B)
+
+    # ------------------------------------------------------------------ per sample
+    def condition(self, buf: "VARBuffers", labels: torch.Tensor) -> None:
+        """Class condition of ``labels`` ``(B,)`` (and the no-class half of CFG): every block's and the head's
+        modulation, the positions, the first scale's input; f_hat zeroed."""
+        B, C = buf.B, self.C
+        buf.labels[:B].copy_(labels)
+        buf.labels[B:].fill_(self.num_classes)
+        cond = F.embedding(buf.labels, self.class_emb)                            # (2B, C) float32
+        block_cond = cond if self.shared is None else \
+            F.linear(F.silu(cond).to(self.dtype), *self.shared).view(-1, 1, 6, C)
+        for mod, b, w in zip(buf.mods, self.blocks, self.block_weights):
+            mod.copy_(b.modulation(block_cond, w))
+        buf.head_mod.copy_(self.head_nm.modulation(cond, self.head_ada))
+        buf.lvl_pos.copy_(F.embedding(self.var.lvl_1L, self.lvl_embed) + self.pos_1LC)
+        first = self.schedule.first_l
+        buf.x_in[0].copy_(cond.unsqueeze(1).expand(2 * B, first, -1) + self.pos_start.expand(2 * B, first, -1)
+                          + buf.lvl_pos[:, :first])
+        buf.f_hat.zero_()
+
+    def draw_noise(self, buf: "VARBuffers", si: int, rng: Optional[torch.Generator], more_smooth: bool) -> None:
+        """Scale ``si``'s random numbers, in the official order: the Exp(1) draw ``torch.multinomial`` makes,
+        then (``more_smooth``) the Gumbel noise."""
+        buf.noise(si).exponential_(generator=rng)
+        if more_smooth:
+            buf.gumbel(si).exponential_(generator=rng)
+
+    # ------------------------------------------------------------------ per scale
+    def logits(self, buf: "VARBuffers", si: int) -> torch.Tensor:
+        """Every block and the head on scale ``si``'s tokens: float32 logits ``(2B, l, V)``."""
+        x, start, mods = buf.x_in[si], self.schedule.spans[si][0], buf.mods
+        ws = self.block_weights
+        h = ops.adaln_modulate(x, mods[0][:, :, 2], mods[0][:, :, 4], ws[0].eps)
+        for i, (b, w) in enumerate(zip(self.blocks, ws)):
+            if i + 1 < len(ws):
+                nxt = (mods[i + 1][:, :, 2], mods[i + 1][:, :, 4], ws[i + 1].eps)
+            else:
+                nxt = (buf.head_mod[:, :, 0], buf.head_mod[:, :, 1], self.head_nm.ln_wo_grad.eps)
+            x, h = b.sampling_step(x, h, mods[i], buf.caches[i], start, w, nxt)
+        return F.linear(h, *self.head).float()
+
+    def step(self, buf: "VARBuffers", si: int, settings: SamplingSettings) -> None:
+        """One scale on the static buffers: transformer, CFG + top-k/top-p + draw, codes, f_hat, next input."""
+        B, S = buf.B, len(self.schedule)
+        ratio = scale_ratio(si, S)
+        ph, pw = self.schedule.hws[si]
+        # CFG mix, top-k, top-p and the draw (argmax(p / noise), the draw torch.multinomial makes) fused; on CUDA
+        # a bad row draws -1 without a sync, checked once per sample (check_tokens)
+        drawn = ops.sample_cfg_top_k_top_p(self.logits(buf, si), settings.cfg * ratio, settings.top_k,
+                                           settings.top_p, noise=buf.noise(si), return_filtered=settings.more_smooth,
+                                           validate=self.device.type != "cuda")
+        tokens, logits = drawn if settings.more_smooth else (drawn, None)
+        buf.tokens[si].copy_(tokens)
+        tokens = tokens.clamp(0, self.V - 1)        # never index past the codebook, even on a bad row
+        if settings.more_smooth:
+            g = (logits.mul(1 + ratio) + (-buf.gumbel(si).log())) / ref_sampling.smooth_tau(ratio)
+            codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
+            _, nxt = self.quant.get_next_autoregressive_input(si, S, buf.f_hat, codes.reshape(B, self.Cvae, ph, pw),
+                                                              fused_conv=self.fused_conv)
+        else:   # the codes are gathered inside the upsample kernel: no (B, Cvae, h, w) map
+            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, buf.f_hat, tokens, validate=False,
+                                                                       fused_conv=self.fused_conv)
+        if si + 1 < S:
+            b0, b1 = self.schedule.spans[si + 1]
+            x_next = F.linear(nxt.view(B, self.Cvae, -1).transpose(1, 2).to(self.dtype), *self.word)
+            x_next = x_next + buf.lvl_pos[:, b0:b1]
+            buf.x_in[si + 1][:B].copy_(x_next)
+            buf.x_in[si + 1][B:].copy_(x_next)
+
+    def check_tokens(self, buf: "VARBuffers") -> None:
+        """On CUDA the draw does not stop the GPU to validate logits: a row of NaN, +inf or only -inf logits
+        draws -1. One check per sample turns that into a clear error."""
+        for si, t in enumerate(buf.tokens):
+            if bool((t < 0).any()):
+                raise ValueError(f"the logits of scale {si} hold NaN, +inf or a row that is entirely -inf "
+                                 "(a diverged model or weights?); cannot sample")
+
+    @torch.no_grad()
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]."""
+        dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
+        return self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+
+
+class VARBuffers:
+    """Static buffers of one batch size ``B``: the KV caches, the per-sample modulation, the per-scale inputs,
+    noise and tokens, and f_hat. CUDA graphs captured on them replay for every sample of that batch size.
+
+    One noise buffer serves every scale (each scale draws into it just before it runs): ``B*l*V`` float32 per
+    scale would be 0.7 GB at B = 64 and 256 px, 2.3 GB at 512 px.
+    """
+
+    def __init__(self, m: VARAdapter, B: int):
+        dev, dt, C, L, V = m.device, m.dtype, m.C, m.schedule.L, m.V
+        lens = m.schedule.lens
+        self.B, self.lens, self.V = B, lens, V
+        with torch.inference_mode(False):      # usable inside and outside inference mode alike
+            self.caches = [KVCache(L, w.heads, w.head_dim).allocate(2 * B, dt, dev) for w in m.block_weights]
+            self.labels = torch.zeros(2 * B, dtype=torch.long, device=dev)
+            self.mods = torch.empty(len(m.blocks), 2 * B, 1, 6, C, dtype=dt, device=dev)
+            self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
+            self.lvl_pos = torch.empty(1, L, C, dtype=torch.float32, device=dev)
+            self.x_in = [torch.empty(2 * B, n, C, dtype=torch.float32, device=dev) for n in lens]
+            # ones, not empty: the graph warm-up runs every scale step before later scales' noise is drawn,
+            # and a NaN from uninitialised memory would make the draw pick a column past V
+            self._noise = torch.ones(B * max(lens) * V, dtype=torch.float32, device=dev)
+            self._gumbel: Optional[torch.Tensor] = None
+            self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in lens]
+            self.f_hat = torch.zeros(B, m.Cvae, *m.schedule.hws[-1], dtype=torch.float32, device=dev)
+
+    def noise(self, si: int) -> torch.Tensor:
+        """``(B*l, V)`` view for scale ``si``: the Exp(1) draw of ``torch.multinomial``."""
+        return self._noise[: self.B * self.lens[si] * self.V].view(self.B * self.lens[si], self.V)
+
+    def gumbel(self, si: int) -> torch.Tensor:
+        """``(B, l, V)`` view for scale ``si``: the Gumbel noise of ``more_smooth`` (allocated on first use)."""
+        if self._gumbel is None:
+            with torch.inference_mode(False):
+                self._gumbel = torch.ones_like(self._noise)
+        return self._gumbel[: self.B * self.lens[si] * self.V].view(self.B, self.lens[si], self.V)
+
+    def nbytes(self) -> int:
+        tensors = [*self.x_in, *self.tokens, self.labels, self.mods, self.head_mod, self.lvl_pos, self._noise,
+                   self.f_hat] + ([self._gumbel] if self._gumbel is not None else [])
+        return sum(c.nbytes() for c in self.caches) + sum(t.numel() * t.element_size() for t in tensors)

@@ -7,6 +7,7 @@ Parameter and buffer names equal the official ones, so official state dicts load
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from typing import Dict, Optional, Tuple
@@ -16,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvar import ops
+from fastvar.schedule import Schedule
 
 
 class DropPath(nn.Module):
@@ -64,37 +66,57 @@ def schedule_of_mask(attn_bias: torch.Tensor) -> Tuple[int, ...]:
 
 
 class KVCache:
-    """Preallocated keys and values of one attention layer for a whole sampling run.
+    """Keys and values of one attention layer for a whole sampling run, written in place scale by scale.
 
-    ``k``, ``v``: ``(B, capacity, H, D)``; ``length`` tokens are filled. Scales are written in place by
-    ``ops.kv_cached_attention``: nothing is concatenated or reallocated while sampling (a cache
-    without a known capacity doubles when full).
+    ``k``, ``v``: ``(B, capacity, H, D)``, allocated by :meth:`allocate` (the Sampler does it up front, for the
+    whole schedule) or at the first :meth:`attend` for that call's batch, dtype and device. ``length``: tokens
+    filled by the official loop's calls. Nothing is concatenated while sampling; a cache without room for a
+    scale (a standalone ``SelfAttention`` with no known capacity) grows by doubling.
     """
 
-    def __init__(self, B: int, capacity: int, H: int, D: int, dtype: torch.dtype, device):
-        self.k = torch.empty(B, capacity, H, D, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, capacity: int, H: int, D: int):
+        self.capacity, self.H, self.D = capacity, H, D
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
         self.length = 0
 
-    def reserve(self, extra: int) -> None:
-        need = self.length + extra
-        if need <= self.k.shape[1]:
-            return
-        cap = max(need, 2 * self.k.shape[1])
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[0], cap, *old.shape[2:])
-            new[:, : self.length].copy_(old[:, : self.length])
-            setattr(self, name, new)
+    def allocate(self, B: int, dtype: torch.dtype, device) -> "KVCache":
+        self.k = torch.empty(B, self.capacity, self.H, self.D, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        return self
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, softmax_scale: float,
+               scale_mul: Optional[torch.Tensor]) -> torch.Tensor:
+        """Write the scale's ``k``, ``v`` ``(B, l, H, D)`` at ``[start, start + l)`` and attend ``q`` to all
+        ``start + l`` cached tokens (``ops.kv_cached_attention``); returns ``(B, l, H, D)``. ``start`` is
+        explicit so that a captured CUDA graph of each scale replays with its own offset."""
+        if self.k is None or (self.k.shape[0], self.k.dtype, self.k.device) != (q.shape[0], q.dtype, q.device):
+            if start > 0:
+                held = "nothing" if self.k is None else f"batch {self.k.shape[0]} in {self.k.dtype} on {self.k.device}"
+                raise ValueError(f"the KV cache holds {held} but this scale (start={start}) has batch {q.shape[0]} "
+                                 f"in {q.dtype} on {q.device}; start a new sampling run (kv_caching(True))")
+            self.capacity = max(self.capacity, start + q.shape[1])
+            self.allocate(q.shape[0], q.dtype, q.device)
+        elif start + q.shape[1] > self.k.shape[1]:
+            self.capacity = max(start + q.shape[1], 2 * self.k.shape[1])
+            old_k, old_v = self.k, self.v
+            self.allocate(q.shape[0], q.dtype, q.device)
+            self.k[:, :start].copy_(old_k[:, :start])
+            self.v[:, :start].copy_(old_v[:, :start])
+        return ops.kv_cached_attention(q, k, v, self.k, self.v, start, softmax_scale, scale_mul)
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention of VAR (official ``SelfAttention``), head dim ``embed_dim // num_heads``.
 
-    ``forward(x, attn_bias)``: ``x`` ``(B, L, C)``. In training / teacher forcing, ``attn_bias`` is the
-    official dense block-causal mask (``(1, 1, L, L)``, 0 / -inf) or None for full attention; fastvar
-    checks that the mask is block-causal, recovers the schedule from it and runs
-    ``ops.block_causal_attention`` without ever using the dense mask. With ``kv_caching(True)``, every
+    ``forward(x, attn_bias=None, schedule=None)``: ``x`` ``(B, L, C)``. In training / teacher forcing, fastvar's
+    ``VAR`` passes its :class:`~fastvar.schedule.Schedule` (the first scales holding the ``L`` tokens attend
+    block-causally); an official model (patched) passes its dense block-causal mask ``attn_bias``
+    (``(1, 1, L, L)``, 0 / -inf), which is checked to be block-causal and turned into the schedule (once
+    per mask tensor); neither means full attention. ``ops.block_causal_attention`` never uses a dense mask. With ``kv_caching(True)``, every
     call is one scale of sampling: its keys and values go into a preallocated cache and its queries
     attend to the whole prefix (``ops.kv_cached_attention``).
     """
@@ -124,7 +146,8 @@ class SelfAttention(nn.Module):
 
     def kv_caching(self, enable: bool) -> None:
         """Start (True) or end (False) a sampling run; either way the previous cache is dropped."""
-        self.caching, self.kv_cache = bool(enable), None
+        self.caching = bool(enable)
+        self.kv_cache = KVCache(self.cache_capacity or 0, self.num_heads, self.head_dim) if enable else None
 
     def qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, L, C)`` -> q, k, v as ``(B, L, H, D)`` views of one projection."""
@@ -133,22 +156,21 @@ class SelfAttention(nn.Module):
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         return qkv.unbind(dim=2)
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
+                schedule: Optional[Schedule] = None) -> torch.Tensor:
         B, L, C = x.shape
         if self.training and self.attn_drop > 0:
             raise NotImplementedError("attention dropout (attn_drop > 0) is not supported by fastvar's kernels")
         q, k, v = self.qkv(x)
         scale_mul = self.scale_mul_1H11 if self.attn_l2_norm else None
         if self.caching:
-            cache = self.kv_cache
-            if cache is None or cache.k.shape[0] != B:
-                cache = self.kv_cache = KVCache(B, max(self.cache_capacity or 0, L), self.num_heads,
-                                                self.head_dim, q.dtype, q.device)
-            cache.reserve(L)
-            out = ops.kv_cached_attention(q, k, v, cache.k, cache.v, cache.length, self.scale, scale_mul)
-            cache.length += L
+            out = self.kv_cache.attend(q, k, v, self.kv_cache.length, self.scale, scale_mul)
+            self.kv_cache.length += L
         else:
-            lens = (L,) if attn_bias is None else schedule_of_mask(attn_bias)
+            if schedule is not None:
+                lens = schedule.prefix(L).lens
+            else:
+                lens = (L,) if attn_bias is None else schedule_of_mask(attn_bias)
             out = ops.block_causal_attention(q, k, v, lens, self.scale, scale_mul)
         return self.proj_drop(self.proj(out.reshape(B, L, C)))
 
@@ -181,11 +203,36 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, C)
 
 
+@dataclasses.dataclass
+class BlockWeights:
+    """A block's tensors for :meth:`AdaLNSelfAttn.sampling_step`: the module's own, or copies cast once to a
+    compute dtype (the Sampler's). ``qkv_b`` is the official ``cat(q_bias, zero_k_bias, v_bias)``; ``scale_mul``
+    (float32, L2-norm attention only) and ``softmax_scale`` as in ``ops.kv_cached_attention``; ``ada`` the
+    AdaLN projection (``(weight, bias)``, or ``(ada_gss,)`` with a shared AdaLN)."""
+
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+    ada: Tuple[torch.Tensor, ...]
+    scale_mul: Optional[torch.Tensor]
+    softmax_scale: float
+    heads: int
+    head_dim: int
+    eps: float
+
+
 class AdaLNSelfAttn(nn.Module):
     """A VAR block (official ``AdaLNSelfAttn``): adaptive-LayerNorm attention and MLP with gated residuals.
 
-    ``forward(x, cond_BD, attn_bias)``: ``x`` ``(B, L, C)``; ``cond_BD`` the class condition ``(B, D)``
-    (or, with ``shared_aln``, the shared ``(B, 1, 6, C)`` modulation).
+    ``forward(x, cond_BD, attn_bias=None, schedule=None)``: ``x`` ``(B, L, C)``; ``cond_BD`` the class
+    condition ``(B, D)`` (or, with ``shared_aln``, the shared ``(B, 1, 6, C)`` modulation); ``attn_bias`` /
+    ``schedule`` as in :class:`SelfAttention`. With KV caching on (the official sampling loop) and in eval
+    mode, a call is one scale of :meth:`sampling_step`, the step fastvar's Sampler runs too.
     """
 
     def __init__(self, block_idx: int, last_drop_p: float, embed_dim: int, cond_dim: int, shared_aln: bool,
@@ -207,16 +254,74 @@ class AdaLNSelfAttn(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * embed_dim))
         self.fused_add_norm_fn = None
 
-    def modulation(self, cond_BD: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        """gamma1, gamma2, scale1, scale2, shift1, shift2, each ``(B, 1, C)``."""
+    def modulation(self, cond_BD: torch.Tensor, weights: Optional[BlockWeights] = None) -> torch.Tensor:
+        """``(B, 1, 6, C)``: gamma1, gamma2, scale1, scale2, shift1, shift2 along dim 2. ``cond_BD``: the class
+        condition ``(B, D)``, or with ``shared_aln`` the shared ``(B, 1, 6, C)`` modulation; ``weights``: those of
+        :meth:`step_weights` (the result is then in their dtype) instead of the module's."""
         if self.shared_aln:
-            return (self.ada_gss + cond_BD).unbind(2)
-        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+            return (self.ada_gss if weights is None else weights.ada[0]) + cond_BD
+        if weights is None:
+            return self.ada_lin(cond_BD).view(-1, 1, 6, self.C)
+        w, b = weights.ada
+        return F.linear(F.silu(cond_BD).to(w.dtype), w, b).view(-1, 1, 6, self.C)
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+    def step_weights(self, dtype: Optional[torch.dtype] = None) -> BlockWeights:
+        """The tensors :meth:`sampling_step` reads: the module's own (``dtype`` None), else detached copies in
+        ``dtype`` (``scale_mul`` stays float32)."""
+        a, ffn = self.attn, self.ffn
+
+        def t(x):
+            return x if dtype is None else x.detach().to(dtype)
+
+        ada = (t(self.ada_gss),) if self.shared_aln else (t(self.ada_lin[1].weight), t(self.ada_lin[1].bias))
+        return BlockWeights(
+            qkv_w=t(a.mat_qkv.weight), qkv_b=t(torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))),
+            proj_w=t(a.proj.weight), proj_b=t(a.proj.bias), fc1_w=t(ffn.fc1.weight), fc1_b=t(ffn.fc1.bias),
+            fc2_w=t(ffn.fc2.weight), fc2_b=t(ffn.fc2.bias), ada=ada,
+            scale_mul=(a.scale_mul_1H11 if dtype is None else a.scale_mul_1H11.detach().float())
+            if a.attn_l2_norm else None,
+            softmax_scale=float(a.scale), heads=a.num_heads, head_dim=a.head_dim, eps=self.ln_wo_grad.eps)
+
+    def sampling_step(self, x: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, cache: KVCache, start: int,
+                      weights: Optional[BlockWeights] = None,
+                      next_adaln: Optional[Tuple[torch.Tensor, torch.Tensor, float]] = None
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One scale of sampling through the block (no dropout), on its KV cache.
+
+        Args:
+            x: ``(N, l, C)`` residual stream (float32, or the compute dtype).
+            h: ``LN(x) * (1 + scale1) + shift1``, the attention input (``ops.adaln_modulate``).
+            mod: ``(N, 1, 6, C)`` :meth:`modulation`.
+            cache, start: the block's :class:`KVCache`; this scale's keys go to ``[start, start + l)``.
+            weights: :meth:`step_weights` (default: the module's own tensors).
+            next_adaln: ``(scale, shift, eps)`` of the adaptive LayerNorm that follows (the next block's first or
+                the head's): it is fused with this block's last residual.
+        Returns:
+            ``(x, h)``: the new residual stream, and the next LayerNorm's output (None without ``next_adaln``).
+        """
+        w = self.step_weights() if weights is None else weights
+        g1, g2, _, s2, _, sh2 = mod.unbind(2)
+        N, l, C = x.shape
+        q, k, v = F.linear(h, w.qkv_w, w.qkv_b).view(N, l, 3, w.heads, w.head_dim).unbind(2)
+        a = F.linear(cache.attend(q, k, v, start, w.softmax_scale, w.scale_mul).reshape(N, l, C), w.proj_w, w.proj_b)
+        x, h = ops.gated_residual_adaln(x, a, g1, s2, sh2, w.eps)
+        f = F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b), approximate="tanh"), w.fc2_w, w.fc2_b)
+        if next_adaln is None:
+            return x + f.mul(g2), None
+        return ops.gated_residual_adaln(x, f, g2, *next_adaln)
+
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, attn_bias: Optional[torch.Tensor] = None,
+                schedule: Optional[Schedule] = None) -> torch.Tensor:
+        mod = self.modulation(cond_BD)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
+        if self.attn.caching and not self.training:
+            h = ops.adaln_modulate(x, scale1, shift1, self.ln_wo_grad.eps)
+            cache = self.attn.kv_cache
+            x, _ = self.sampling_step(x, h, mod, cache, cache.length)
+            cache.length += x.shape[1]
+            return x
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1),
-                                         attn_bias=attn_bias).mul_(gamma1))
+                                         attn_bias=attn_bias, schedule=schedule).mul_(gamma1))
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2)).mul(gamma2))
         return x
 
@@ -233,6 +338,19 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = norm_layer(C, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(D, 2 * C))
 
+    def step_weights(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The AdaLN projection ``(weight, bias)``: the module's own (``dtype`` None), else copies in ``dtype``."""
+        lin = self.ada_lin[1]
+        return (lin.weight, lin.bias) if dtype is None else (lin.weight.detach().to(dtype), lin.bias.detach().to(dtype))
+
+    def modulation(self, cond_BD: torch.Tensor, weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> torch.Tensor:
+        """``(B, 1, 2, C)``: scale, shift along dim 2, from the class condition ``(B, D)``, with the module's
+        projection or ``weights`` (:meth:`step_weights`; the result is then in their dtype)."""
+        if weights is None:
+            return self.ada_lin(cond_BD).view(-1, 1, 2, self.C)
+        return F.linear(F.silu(cond_BD).to(weights[0].dtype), *weights).view(-1, 1, 2, self.C)
+
     def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond_BD).view(-1, 1, 2, self.C).unbind(2)
+        scale, shift = self.modulation(cond_BD).unbind(2)
         return self.ln_wo_grad(x_BLC).mul(scale.add(1)).add_(shift)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastvar import ops
 from fastvar.reference import quantize as ref
-from fastvar.schedule import ScaleSpec, scale_hws
+from fastvar.schedule import ScaleSpec, Schedule
 
 
 class Phi(nn.Conv2d):
@@ -89,7 +89,7 @@ class VectorQuantizer2(nn.Module):
         self.vocab_size, self.Cvae = vocab_size, Cvae
         self.using_znorm = using_znorm
         self.v_patch_nums = tuple(v_patch_nums)
-        self.patch_hws = scale_hws(v_patch_nums, "v_patch_nums")
+        self.schedule = Schedule.of(v_patch_nums, "v_patch_nums")
         self.quant_resi_ratio = quant_resi
         self.share_quant_resi = share_quant_resi
 
@@ -108,6 +108,11 @@ class VectorQuantizer2(nn.Module):
         self.record_hit = 0
         self.beta = beta
         self.embedding = nn.Embedding(vocab_size, Cvae)
+
+    @property
+    def patch_hws(self):
+        """``(h, w)`` of every scale of the quantizer's schedule."""
+        return self.schedule.hws
 
     def extra_repr(self) -> str:
         return (f"{self.v_patch_nums}, znorm={self.using_znorm}, beta={self.beta} | S={len(self.patch_hws)}, "
@@ -129,7 +134,7 @@ class VectorQuantizer2(nn.Module):
         return [self.phi_params(si, num_scales) for si in range(num_scales)]
 
     def _hws(self, v_patch_nums) -> Tuple[Tuple[int, int], ...]:
-        return self.patch_hws if v_patch_nums is None else scale_hws(v_patch_nums, "v_patch_nums")
+        return self.patch_hws if v_patch_nums is None else Schedule.of(v_patch_nums, "v_patch_nums").hws
 
     def lookup(self, z_NC: torch.Tensor) -> torch.Tensor:
         """Nearest code index of every row of ``z_NC`` ``(N, Cvae)``."""
