@@ -122,7 +122,7 @@ def case_step(q, B, args, from_idx=False):
     def eager():
         f_e.zero_()
         for si in range(S):
-            ref.upsample_accumulate(f_e, maps[si], si, q.patch_hws, lambda s, x: q.phi(s, x, S))
+            ref.rq_step(f_e, maps[si], q.phi_params(si), q.patch_hws[si + 1] if si + 1 < S else None)
 
     def walk(f, fused_conv):
         f.zero_()
@@ -149,7 +149,7 @@ def case_encode(q, B, args):
     codebook = q.embedding.weight.detach()
 
     def eager():
-        return ref.encode_multiscale(f, codebook, q.patch_hws, lambda s, x: q.phi(s, x, S), to_fhat=False)
+        return ref.encode_multiscale(f, codebook, q.patch_hws, q.phis(S), to_fhat=False)
 
     def fastvar():
         return q.f_to_idxBl_or_fhat(f, to_fhat=False)
@@ -169,7 +169,7 @@ def case_var_input(q, B, args):
     S = len(q.patch_hws)
 
     def eager():
-        return ref.idx_to_var_input(idx, q.embedding.weight, q.patch_hws, lambda s, x: q.phi(s, x, S))
+        return ref.idx_to_var_input(idx, q.embedding.weight, q.patch_hws, q.phis(S))
 
     def fastvar():
         return q.idxBl_to_var_input(idx)

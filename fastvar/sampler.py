@@ -79,9 +79,16 @@ class Sampler:
         var: the transformer (its VQVAE is taken from ``var.vae_proxy`` unless ``vae`` is given).
         vae: the VQVAE that decodes ``f_hat`` (its quantizer must be fastvar's or patched).
         dtype: compute dtype of the transformer (float32 or bfloat16 on CPU; float32, float16 or
-            bfloat16 on CUDA); weights are cast once here, and again (graphs dropped) when a sample
-            starts after the model's or the VQVAE's parameters or buffers changed
-            (:func:`fastvar.models.var.weights_fingerprint`).
+            bfloat16 on CUDA). Where the weights already have it, the Sampler reads the model's own tensors;
+            otherwise it holds casts.
+        sync_weights: when a sample sees the model's current weights. ``"every_sample"`` (default): every
+            edit, however made (``.data``, EMA ``lerp_``, inference tensors): each sample copies the weights
+            into the held casts, in place (one read of every weight and one write of the casts, e.g. 8 GB +
+            4 GB for VAR-d30 in float32 sampled in bfloat16; nothing but the qkv biases when ``dtype`` is the
+            weights' own). ``"on_change"``: only after an edit that moves a version counter (in-place torch ops,
+            optimizer steps, ``load_state_dict``), which edits through ``.data`` do not; use it when the
+            weights are edited no other way, or call :meth:`refresh` after such an edit. Either way a replaced,
+            moved or re-allocated tensor (of the VAR or the VQVAE) rebuilds the casts and drops the graphs.
         cuda_graphs: capture each scale step once per (batch size, settings) and replay it (CUDA only).
         fused_step_conv: compute Phi's 3x3 convolution inside the Triton sampling step (two launches per
             scale instead of three; see :func:`fastvar.ops.upsample_accumulate_`; the eager backend ignores
@@ -95,7 +102,7 @@ class Sampler:
     """
 
     def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
-                 fused_step_conv: bool = False, max_batch_sizes: int = 2):
+                 fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
         if not isinstance(var, torch.nn.Module) or not hasattr(var, "lvl_1L"):
             raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch), "
                             f"got {type(var).__name__}")
@@ -109,6 +116,9 @@ class Sampler:
             raise ValueError("dtype torch.bfloat16 is not supported by this GPU; use torch.float16")
         if isinstance(max_batch_sizes, bool) or not isinstance(max_batch_sizes, int) or max_batch_sizes < 1:
             raise ValueError(f"max_batch_sizes must be a positive int, got {max_batch_sizes!r}")
+        if sync_weights not in ("every_sample", "on_change"):
+            raise ValueError(f"sync_weights must be 'every_sample' or 'on_change', got {sync_weights!r}")
+        self.sync_weights = sync_weights
         self.model = VARAdapter(var, vae, dtype, fused_conv=fused_step_conv)
         self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.max_batch_sizes = max_batch_sizes
@@ -233,8 +243,10 @@ class Sampler:
     @torch.no_grad()
     def _stream(self, labels: torch.Tensor, rng: Optional[torch.Generator],
                 settings: SamplingSettings) -> Iterator[ScaleResult]:
-        if self.model.stale():      # trained, reloaded or moved since the cast
+        if self.model.stale():      # a tensor replaced or moved since the casts were made
             self.refresh()
+        else:
+            self.model.sync(always=self.sync_weights == "every_sample")
         run = self._run(labels.shape[0])
         run.busy = True
         model, buf, schedule = run.model, run.buf, self.schedule

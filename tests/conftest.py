@@ -61,6 +61,13 @@ def cpu_backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def gen():
+    """A generator seeded at random every run; the seed is in every failure message."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
 @pytest.fixture(scope="session")
 def golden_dir():
     from golden import golden_dir as find

@@ -78,7 +78,7 @@ def test_bench_quantizer_step_on_the_triton_kernels(stub_timing, monkeypatch, tm
     """The step providers on the Triton kernels (interpreter): ``fastvar`` keeps the eager bits where the
     interpolation's rounding is ATen's, ``fastvar-fused`` (its own conv sums) stays within float32 tolerance."""
     from tolerances import REL
-    from test_upsample import _bit_exact_expected
+    from tolerances import bit_exact_expected
     monkeypatch.setenv("FASTVAR_BACKEND", "triton")
     bench = load_on_cpu("bench_quantizer", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
@@ -88,7 +88,7 @@ def test_bench_quantizer_step_on_the_triton_kernels(stub_timing, monkeypatch, tm
     assert bench.main(["--ops", "step_idx", "--batches", "2", "--schedules", "256", "--out", str(out)]) == 0
     checks = {r["provider"]: r["check"] for r in csv.DictReader(open(out))}
     assert set(checks) == {"eager", "fastvar", "fastvar-fused"}
-    if _bit_exact_expected():
+    if bit_exact_expected():
         assert checks["fastvar"].endswith("bitwise=True"), checks
     for provider in ("fastvar", "fastvar-fused"):
         err = float(checks[provider].split()[0].removeprefix("rel_err="))

@@ -115,18 +115,17 @@ def test_phi_index_official_float64_rule():
 
 
 @pytest.mark.parametrize("patch_nums", [PATCH_NUMS_256, ((1, 2), (2, 3), (3, 5))])
-def test_upsample_accumulate_step(patch_nums):
+def test_rq_step(patch_nums):
     hws = scale_hws(patch_nums)
     B, C = 2, 5
     w, b = torch.randn(C, C, 3, 3), torch.randn(C)
-    phi = lambda si, x: ref.phi(x, w, b, 0.5)  # noqa: E731
     f_hat = torch.randn(B, C, *hws[-1])
     for si, (h_, w_) in enumerate(hws):
         h = torch.randn(B, C, h_, w_)
         expected = f_hat.clone()
         up = F.interpolate(h, size=hws[-1], mode="bicubic") if si < len(hws) - 1 else h
         expected += 0.5 * up + 0.5 * F.conv2d(up, w, b, padding=1)
-        out, nxt = ref.upsample_accumulate(f_hat, h, si, hws, phi)
+        out, nxt = ref.rq_step(f_hat, h, (w, b, 0.5), hws[si + 1] if si < len(hws) - 1 else None)
         assert out is f_hat, "f_hat must be updated in place"
         assert_rel(f_hat, expected, REL[torch.float32], f"f_hat at scale {si}")
         if si < len(hws) - 1:
@@ -138,18 +137,18 @@ def test_encode_then_replay_reaches_same_fhat():
     C, V = 4, 33
     codebook = torch.randn(V, C)
     w, b = torch.randn(C, C, 3, 3) * 0.1, torch.randn(C) * 0.1
-    phi = lambda si, x: ref.phi(x, w, b, 0.5)  # noqa: E731
+    phis = [(w, b, 0.5)] * len(hws)
     f = torch.randn(3, C, 5, 6)
-    idx = ref.encode_multiscale(f, codebook, hws, phi, to_fhat=False)
-    fhat = ref.encode_multiscale(f, codebook, hws, phi, to_fhat=True)
+    idx = ref.encode_multiscale(f, codebook, hws, phis, to_fhat=False)
+    fhat = ref.encode_multiscale(f, codebook, hws, phis, to_fhat=True)
     assert [tuple(i.shape) for i in idx] == [(3, h * w) for h, w in hws]
     # replaying the indices scale by scale rebuilds the same f_hat
     replay = torch.zeros_like(f)
     for si, (ph, pw) in enumerate(hws):
         codes = F.embedding(idx[si], codebook).transpose(1, 2).reshape(3, C, ph, pw)
-        ref.upsample_accumulate(replay, codes, si, hws, phi)
+        ref.rq_step(replay, codes, phis[si], None)
         assert_rel(replay, fhat[si], REL[torch.float32], f"replayed f_hat at {si}")
-    x = ref.idx_to_var_input(idx, codebook, hws, phi)
+    x = ref.idx_to_var_input(idx, codebook, hws, phis)
     assert x.shape == (3, sum(h * w for h, w in hws[1:]), C)
 
 

@@ -277,30 +277,112 @@ def test_label_forms(small):
         sampler.sample(torch.tensor([1.0]), top_k=10)
 
 
+def _edit(var, vae, change):
+    """Change the model the ways PyTorch users do; every one must change the tokens."""
+    with torch.no_grad():
+        if change == "in place":
+            var.head.bias.add_(torch.randn_like(var.head.bias) * 5)
+        elif change == "replaced":
+            var.head.bias = torch.nn.Parameter(var.head.bias + torch.randn_like(var.head.bias) * 5)
+        elif change == "load_state_dict":
+            state = {k: v + torch.randn_like(v) * 5 if k == "head.bias" else v for k, v in var.state_dict().items()}
+            var.load_state_dict(state)
+        elif change == ".data copy_":          # no version counter moves
+            var.head.bias.data.copy_(var.head.bias.data + torch.randn_like(var.head.bias) * 5)
+        elif change == "EMA .data lerp_":      # every weight, a little (but enough to change the draw)
+            for p in var.parameters():
+                p.data.lerp_(torch.randn_like(p) * p.data.abs().mean() * 8, 0.5)
+        elif change == "qkv bias .data":       # a tensor the sampler concatenates
+            for b in var.blocks:
+                b.attn.v_bias.data.add_(torch.randn_like(b.attn.v_bias) * 5)
+        elif change == "codebook in place":    # the VQVAE: the step reads its codebook
+            vae.quantize.embedding.weight.mul_(-1)
+        elif change == "codebook replaced":
+            vae.quantize.embedding.weight = torch.nn.Parameter(-vae.quantize.embedding.weight)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict"])
+@pytest.mark.parametrize("change", ["in place", "replaced", "load_state_dict", ".data copy_", "EMA .data lerp_",
+                                    "qkv bias .data", "codebook in place", "codebook replaced"])
 def test_sampler_follows_weight_changes(dtype, change):
-    """Weights cast once, but never stale: after the model changes, the next sample equals a new sampler's."""
+    """Weights cast once, but never stale: after the model changes, however it was changed, the next sample
+    equals a new sampler's."""
     vae, var = tiny_vae_var((1, 2, (2, 3), 4))
+    with torch.no_grad():
+        for b in var.blocks:     # gammas and the head away from their tiny init, so that every weight matters
+            b.ada_lin[1].weight.normal_(0, 0.05)
+        var.head.weight.mul_(100)
     sampler = Sampler(var, dtype=dtype)
     kw = dict(seed=5, top_k=0, top_p=0.0)
     before, _ = sampler.tokens([1, 2], **kw)
     cast = sampler.model
     again, _ = sampler.tokens([1, 2], **kw)
     assert sampler.model is cast, "unchanged weights must not be cast again"
-    with torch.no_grad():
-        if change == "in place":
-            var.head.bias.add_(torch.randn_like(var.head.bias) * 5)
-        elif change == "replaced":
-            var.head.bias = torch.nn.Parameter(var.head.bias + torch.randn_like(var.head.bias) * 5)
-        else:
-            state = {k: v + torch.randn_like(v) * 5 if k == "head.bias" else v for k, v in var.state_dict().items()}
-            var.load_state_dict(state)
+    _edit(var, vae, change)
     after, _ = sampler.tokens([1, 2], **kw)
     fresh, _ = Sampler(var, dtype=dtype).tokens([1, 2], **kw)
     assert all(torch.equal(a, b) for a, b in zip(before, again))
     assert all(torch.equal(a, b) for a, b in zip(after, fresh)), "the sampler used stale weights"
     assert not all(torch.equal(a, b) for a, b in zip(after, before)), "the change did not change the tokens"
+    if change.endswith("replaced"):
+        assert sampler.model is not cast, "a replaced tensor must rebuild the held weights (and drop graphs)"
+
+
+def test_sampler_follows_edits_of_inference_tensors():
+    """Weights made and edited in inference mode have no version counter: the default sync still sees them."""
+    with torch.inference_mode():
+        vae, var = tiny_vae_var((1, 2, 4))
+    sampler = Sampler(var, dtype=torch.bfloat16)
+    kw = dict(seed=3, top_k=0, top_p=0.0)
+    before, _ = sampler.tokens([1, 2], **kw)
+    with torch.inference_mode():
+        var.head.bias.add_(torch.randn_like(var.head.bias) * 5)
+    after, _ = sampler.tokens([1, 2], **kw)
+    fresh, _ = Sampler(var, dtype=torch.bfloat16).tokens([1, 2], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh)), "the sampler used stale weights"
+    assert not all(torch.equal(a, b) for a, b in zip(after, before)), "the change did not change the tokens"
+
+
+def test_sync_on_change_skips_the_copy_until_a_version_moves():
+    """``sync_weights="on_change"``: no per-sample copy of the casts; an edit through torch is still seen."""
+    vae, var = tiny_vae_var((1, 2, 4))
+    sampler = Sampler(var, dtype=torch.bfloat16, sync_weights="on_change")
+    kw = dict(seed=3, top_k=0, top_p=0.0)
+    sampler.tokens([1, 2], **kw)
+    head_w = sampler.model.head[0]
+    head_w.zero_()                   # poison the held cast: without a sync it stays poisoned
+    poisoned, _ = sampler.tokens([1, 2], **kw)
+    assert not head_w.any(), "on_change copied the weights although nothing changed"
+    with torch.no_grad():
+        var.head.weight.mul_(1.0)    # an in-place edit: moves the version counter
+    synced, _ = sampler.tokens([1, 2], **kw)
+    fresh, _ = Sampler(var, dtype=torch.bfloat16).tokens([1, 2], **kw)
+    assert head_w.any() and all(torch.equal(a, b) for a, b in zip(synced, fresh))
+    with pytest.raises(ValueError, match="sync_weights must be 'every_sample' or 'on_change'"):
+        Sampler(var, sync_weights="always")
+
+
+def test_buffers_are_kept_for_the_most_recent_batch_sizes_only(small):
+    vae, var = small
+    sampler = Sampler(var, dtype=torch.float32, max_batch_sizes=2)
+    for B in (1, 2, 3, 2):
+        sampler.tokens([1] * B, seed=0, top_k=5)
+    per = sampler.memory()["per_batch_size"]
+    assert sorted(per) == [2, 3] and all(v > 0 for v in per.values())
+    assert sampler.memory()["buffers"] == sum(per.values())
+    with pytest.raises(ValueError, match="max_batch_sizes must be a positive int"):
+        Sampler(var, max_batch_sizes=0)
+
+
+def test_model_api_keeps_its_sampler_and_frees_the_caches(small):
+    """``autoregressive_infer_cfg`` casts the weights once per compute dtype, not on every call, and frees its
+    KV caches on return as the official method does."""
+    vae, var = small
+    a = var.autoregressive_infer_cfg(2, 3, g_seed=4, top_k=5)
+    sampler = var._sampler
+    b = var.autoregressive_infer_cfg(2, 3, g_seed=4, top_k=5)
+    assert var._sampler is sampler and torch.equal(a, b)
+    assert sampler.memory()["buffers"] == 0
 
 
 def test_adaln_modulation_is_computed_once_per_sample(small, monkeypatch):

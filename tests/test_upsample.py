@@ -5,7 +5,6 @@ against the golden-verified eager reference.
 On x86-64 CPUs the Triton kernels (interpreter) must equal PyTorch bit for bit: their rounding sequence is
 ATen's CPU build's (see ``triton_kernels/upsample.py``). Elsewhere they are held to ``REL[float32]``."""
 import os
-import platform
 from typing import Optional
 
 import pytest
@@ -17,32 +16,17 @@ import torch.nn.functional as F
 from fastvar import ops
 from fastvar.reference import quantize as ref
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, scale_hws
-from tolerances import REL, assert_like_eager, assert_rel, rel_err
-
-X86 = platform.machine().lower() in ("x86_64", "amd64")
+from tolerances import REL, assert_like_eager, assert_rel, bit_exact_expected, rel_err
 
 
-def _bit_exact_expected() -> bool:
-    """Eager is exact by definition; the interpreter when it rounds ``tl.fma`` once (Triton >= 3.7) on x86-64,
-    where the kernels' rounding sequence is ATen's CPU build's."""
-    if os.environ.get("FASTVAR_BACKEND") == "eager":
-        return True
-    from fastvar.triton_kernels.upsample import interpreter_fma_is_exact
-    return X86 and (torch.cuda.is_available() or interpreter_fma_is_exact())
 NON_SQUARE = ((1, 2), (2, 3), (3, 5), (4, 4), (5, 7))
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
-
-
 def assert_same(out: torch.Tensor, expected: torch.Tensor, what: str, exact: Optional[bool] = None) -> None:
-    """Bit-identical where the rounding sequence is known to be ATen's (see ``_bit_exact_expected``), else
+    """Bit-identical where the rounding sequence is known to be ATen's (see ``tolerances.bit_exact_expected``), else
     REL[float32]."""
     assert out.shape == expected.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(expected.shape)}"
-    if _bit_exact_expected() if exact is None else exact:
+    if bit_exact_expected() if exact is None else exact:
         n = int((out != expected).sum())
         assert n == 0, f"{what}: {n} of {out.numel()} values differ (max {(out - expected).abs().max().item():.3g})"
     else:
@@ -116,14 +100,15 @@ def test_kernels_write_every_output_element(gen):
 
 # ------------------------------------------------------------------------------------ sampling step
 def _reference_walk(q, codes_per_scale):
-    """The golden-verified eager step (``ref.upsample_accumulate``) scale by scale: f_hat and every next map."""
+    """The golden-verified eager step (``ref.rq_step``) scale by scale: f_hat and every next map (f_hat itself
+    after the last scale, as the op returns)."""
     hws = q.patch_hws
     S = len(hws)
     f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1], device=codes_per_scale[0].device)
     nexts = []
     for si, h in enumerate(codes_per_scale):
-        f_hat, nxt = ref.upsample_accumulate(f_hat, h, si, hws, lambda s, x: q.phi(s, x, S))
-        nexts.append(nxt.clone())
+        f_hat, nxt = ref.rq_step(f_hat, h, q.phi_params(si), hws[si + 1] if si < S - 1 else None)
+        nexts.append((f_hat if nxt is None else nxt).clone())
     return f_hat, nexts
 
 
@@ -305,7 +290,7 @@ def test_sampling_step_phi_variants(cpu_backend, gen, share_quant_resi, quant_re
 
 
 def test_upsample_accumulate_op_against_its_definition(cpu_backend, gen):
-    """The functional op on non-contiguous codes and indices, against ``ref.upsample_accumulate_step``."""
+    """The functional op on non-contiguous codes and indices, against its definition ``ref.rq_step``."""
     g, seed = gen
     B, C, V = 2, 6, 30
     w, b = torch.randn(C, C, 3, 3, generator=g) * 0.2, torch.randn(C, generator=g)
@@ -317,7 +302,8 @@ def test_upsample_accumulate_op_against_its_definition(cpu_backend, gen):
         for next_hw in [(4, 5), (1, 1), None]:
             f_hat, f_exp = f0.clone(), f0.clone()
             out = ops.upsample_accumulate_(f_hat, codes, w, b, 0.4, next_hw, codebook=cb)
-            exp = ref.upsample_accumulate_step(f_exp, codes, w, b, 0.4, next_hw, cb)
+            f_exp, exp = ref.rq_step(f_exp, codes, (w, b, 0.4), next_hw, cb)
+            exp = f_exp if exp is None else exp
             assert (out is f_hat) == (next_hw is None)
             assert_same(f_hat, f_exp, f"seed {seed}: f_hat ({tuple(codes.shape)}, next {next_hw})")
             assert_same(out, exp, f"seed {seed}: returned map")
@@ -351,10 +337,10 @@ def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind, fused_co
     """The Triton step runs, per scale, two Triton kernels (gather + bicubic upsample; Phi + accumulate +
     area downsample) and one torch kernel (Phi's 3x3 convolution), and nothing else; with ``fused_conv``, two
     Triton kernels (the whole step; the area downsample) and no torch kernel: the structure the module
-    docstring of ``fastvar.ops.quantize`` states and the benchmark's launch count assumes."""
+    docstring of ``fastvar.ops.upsample`` states and the benchmark's launch count assumes."""
     from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
     from triton.runtime.interpreter import InterpretedFunction
-    from fastvar.ops import quantize as quantize_ops
+    from fastvar.ops import upsample as upsample_ops
     monkeypatch.setenv("FASTVAR_BACKEND", "triton")
     triton_launches, torch_kernels = [], []
 
@@ -363,7 +349,7 @@ def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind, fused_co
             if func.namespace == "fastvar":          # the custom op: count what its implementation runs
                 assert func.overloadpacket.__name__ == "upsample_accumulate_" and not kwargs
                 with self:
-                    nxt = quantize_ops._triton_upsample_accumulate(*args)
+                    nxt = upsample_ops._triton_upsample_accumulate(*args)
                 return nxt if nxt is not None else args[0].new_empty(0)
             out = func(*args, **(kwargs or {}))
             on_meta = any(isinstance(t, torch.Tensor) and t.is_meta
@@ -546,3 +532,18 @@ def test_sampling_step_fused_conv_gpu(gen, monkeypatch, patch_nums, B, tf32):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(f_g, f_hat), "CUDA-graph replay differs from the eager launches"
+
+
+# ------------------------------------------------------------ teacher-forcing input (rq_var_input)
+@pytest.mark.parametrize("idx_list,err,match", [
+    ([torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)], ValueError, r"idx_list must be a list of 3"),
+    ([torch.zeros(2, 1, dtype=torch.long), torch.full((2, 4), 16), torch.zeros(2, 16, dtype=torch.long)], ValueError,
+     r"idx_list\[1\] must hold codebook indices in \[0, 16\) \(V=16\), got values in \[16, 16\]"),
+    ([torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 15, dtype=torch.long)],
+     ValueError, r"idx_list\[2\] must have shape \(B=2, 16\), got \(2, 15\)"),
+    ([torch.zeros(2, 1), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 16, dtype=torch.long)], TypeError,
+     r"idx_list\[0\] must have dtype in \['torch.int64'\], got torch.float32"),
+])
+def test_var_input_bad_input(cpu_backend, idx_list, err, match):
+    with pytest.raises(err, match=match):
+        ops.rq_var_input(idx_list, torch.randn(16, 4), (1, 2, 4), [None] * 3)

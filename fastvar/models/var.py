@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fastvar import ops
 from fastvar.labels import check_labels, sampling_labels
-from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
+from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin, copy_unless_same
 from fastvar.reference import attention as ref_attn
 from fastvar.reference import sampling as ref_sampling
 from fastvar.reference.quantize import scale_ratio
@@ -291,14 +291,14 @@ def weights_fingerprint(slots: List[Tuple[dict, str]]) -> tuple:
 class VARAdapter:
     """A VAR as :class:`fastvar.Sampler` drives it: fastvar's ``VAR`` or an official one after ``fastvar.patch``.
 
-    Holds the weights cast once to the compute ``dtype`` (no copy where a tensor already has it) and the
-    per-batch buffers' layout, and does the model's part of every scale: the per-sample conditioning (AdaLN
-    modulation of every block and of the head, computed once per sample: the condition never changes across
-    scales), the transformer on the scale's tokens (:meth:`AdaLNSelfAttn.sampling_step` per block, on KV caches
-    preallocated for the whole schedule), the draw (CFG + top-k/top-p + the categorical draw fused), and the
-    quantizer's step to the next scale's input. The embeddings, the residual stream and f_hat stay float32,
-    as in the official sampling under ``torch.autocast`` (embeddings are not autocast, and each block's
-    low-precision output is added to the float32 stream).
+    Holds the weights in the compute ``dtype`` (the model's own tensors where they already have it, casts
+    otherwise) and the per-batch buffers' layout, and does the model's part of every scale: the per-sample
+    conditioning (AdaLN modulation of every block and of the head, computed once per sample: the condition
+    never changes across scales), the transformer on the scale's tokens (:meth:`AdaLNSelfAttn.sampling_step` per
+    block, on KV caches preallocated for the whole schedule), the draw (CFG + top-k/top-p + the categorical
+    draw fused), and the quantizer's step to the next scale's input. The embeddings, the residual stream and
+    f_hat stay float32, as in the official sampling under ``torch.autocast`` (embeddings are not autocast, and
+    each block's low-precision output is added to the float32 stream).
 
     ``fused_conv``: the quantizer step computes Phi's convolution inside its Triton kernel
     (``ops.upsample_accumulate_``).
@@ -323,32 +323,49 @@ class VARAdapter:
         # the CUDA graphs read the VQVAE's codebook and Phi as well as the transformer's weights
         self.slots = tensor_slots(var, vae)
         self.fingerprint = weights_fingerprint(self.slots)
-
-        def cast(t):
-            return t.detach().to(dtype)
-
-        def f32(t):
-            return t.detach().float()
-
-        self.class_emb, self.pos_start, self.pos_1LC = f32(var.class_emb.weight), f32(var.pos_start), f32(var.pos_1LC)
-        self.lvl_embed = f32(var.lvl_embed.weight)
-        self.word = (cast(var.word_embed.weight), cast(var.word_embed.bias))
-        shared = var.shared_ada_lin
-        self.shared = None if isinstance(shared, nn.Identity) else (cast(shared[1].weight), cast(shared[1].bias))
-        self.blocks = list(var.blocks)
-        self.block_weights = [b.step_weights(dtype) for b in self.blocks]
-        self.head_nm, self.head_ada = var.head_nm, var.head_nm.step_weights(dtype)
-        self.head = (cast(var.head.weight), cast(var.head.bias))
+        shared = None if isinstance(var.shared_ada_lin, nn.Identity) else var.shared_ada_lin[1]
+        # (held tensor, model tensor): the embeddings in float32, the rest in the compute dtype
+        sources = [(torch.float32, var.class_emb.weight), (torch.float32, var.pos_start),
+                   (torch.float32, var.pos_1LC), (torch.float32, var.lvl_embed.weight),
+                   (dtype, var.word_embed.weight), (dtype, var.word_embed.bias), (dtype, var.head.weight),
+                   (dtype, var.head.bias)] + ([(dtype, shared.weight), (dtype, shared.bias)] if shared else [])
+        with torch.inference_mode(False), torch.no_grad():    # the held tensors are refreshed in place later
+            self._pairs = [(t.detach().to(dt), t) for dt, t in sources]
+            self.blocks = list(var.blocks)
+            self.block_weights = [b.step_weights(dtype) for b in self.blocks]
+            self.head_nm, self.head_ada = var.head_nm, var.head_nm.step_weights(dtype)
+        held = [h for h, _ in self._pairs]
+        self.class_emb, self.pos_start, self.pos_1LC, self.lvl_embed = held[:4]
+        self.word, self.head = tuple(held[4:6]), tuple(held[6:8])
+        self.shared = tuple(held[8:10]) if shared else None
 
     def stale(self) -> bool:
-        """True once the model's or the VQVAE's tensors changed since the cast (see :func:`weights_fingerprint`)."""
-        return weights_fingerprint(self.slots) != self.fingerprint
+        """True once a tensor of the model or the VQVAE was replaced or moved since this adapter was built (its
+        held tensors would point at the old ones): the Sampler then builds a new adapter."""
+        now = weights_fingerprint(self.slots)
+        return [f and f[0] for f in now] != [f and f[0] for f in self.fingerprint]
+
+    def sync(self, always: bool = True) -> None:
+        """Copy the model's current values into the held casts and derived tensors, in place (captured CUDA graphs
+        keep reading them). ``always=False`` skips it unless a version counter moved (an in-place edit through
+        torch: an optimizer step, ``load_state_dict``, ``p.copy_``), which misses edits through ``.data`` and of
+        inference tensors; ``always=True`` sees every edit, for one read of every weight and one write of the
+        casts (nothing but ``qkv_b`` when the compute dtype is the weights' own)."""
+        now = weights_fingerprint(self.slots)
+        if not always and now == self.fingerprint:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for held, t in self._pairs:
+                copy_unless_same(held, t)
+            for b, w in zip(self.blocks, self.block_weights):
+                b.sync_step_weights(w)
+            self.head_nm.sync_step_weights(self.head_ada)
+        self.fingerprint = now
 
     def weight_bytes(self) -> int:
-        """Bytes of the cast copies (tensors that are not the model's own)."""
+        """Bytes of the held tensors that are not the model's own (casts, and the concatenated qkv biases)."""
         own = {t.data_ptr() for d, name in self.slots if (t := d.get(name)) is not None}
-        held = [*self.word, *(self.shared or ()), *self.head_ada, *self.head, self.class_emb, self.pos_start,
-                self.pos_1LC, self.lvl_embed]
+        held = [h for h, _ in self._pairs] + list(self.head_ada)
         for w in self.block_weights:
             for f in dataclasses.fields(w):
                 v = getattr(w, f.name)

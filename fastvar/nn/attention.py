@@ -203,6 +203,12 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond_BD).view(-1, 1, 6, C)
 
 
+def copy_unless_same(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` (casting), unless ``dst`` is ``src``'s own memory."""
+    if dst.data_ptr() != src.data_ptr() or dst.dtype != src.dtype:
+        dst.copy_(src)
+
+
 @dataclasses.dataclass
 class BlockWeights:
     """A block's tensors for :meth:`AdaLNSelfAttn.sampling_step`: the module's own, or copies cast once to a
@@ -265,22 +271,44 @@ class AdaLNSelfAttn(nn.Module):
         w, b = weights.ada
         return F.linear(F.silu(cond_BD).to(w.dtype), w, b).view(-1, 1, 6, self.C)
 
-    def step_weights(self, dtype: Optional[torch.dtype] = None) -> BlockWeights:
-        """The tensors :meth:`sampling_step` reads: the module's own (``dtype`` None), else detached copies in
-        ``dtype`` (``scale_mul`` stays float32)."""
+    def _step_sources(self) -> Dict[str, object]:
+        """The module tensors behind every :class:`BlockWeights` tensor field."""
         a, ffn = self.attn, self.ffn
+        return dict(qkv_w=a.mat_qkv.weight, qkv_b=(a.q_bias, a.zero_k_bias, a.v_bias), proj_w=a.proj.weight,
+                    proj_b=a.proj.bias, fc1_w=ffn.fc1.weight, fc1_b=ffn.fc1.bias, fc2_w=ffn.fc2.weight,
+                    fc2_b=ffn.fc2.bias,
+                    ada=(self.ada_gss,) if self.shared_aln else (self.ada_lin[1].weight, self.ada_lin[1].bias),
+                    scale_mul=a.scale_mul_1H11 if a.attn_l2_norm else None)
 
-        def t(x):
-            return x if dtype is None else x.detach().to(dtype)
+    def step_weights(self, dtype: Optional[torch.dtype] = None) -> BlockWeights:
+        """The tensors :meth:`sampling_step` reads: the module's own (``dtype`` None), else detached tensors in
+        ``dtype`` (copies only where the dtype differs; ``scale_mul`` stays float32; ``qkv_b`` is always the
+        concatenation, a copy: :meth:`sync_step_weights` refreshes it)."""
+        def t(x, dt=dtype):
+            return x if dt is None else x.detach().to(dt)
 
-        ada = (t(self.ada_gss),) if self.shared_aln else (t(self.ada_lin[1].weight), t(self.ada_lin[1].bias))
+        src = self._step_sources()
+        a = self.attn
         return BlockWeights(
-            qkv_w=t(a.mat_qkv.weight), qkv_b=t(torch.cat((a.q_bias, a.zero_k_bias, a.v_bias))),
-            proj_w=t(a.proj.weight), proj_b=t(a.proj.bias), fc1_w=t(ffn.fc1.weight), fc1_b=t(ffn.fc1.bias),
-            fc2_w=t(ffn.fc2.weight), fc2_b=t(ffn.fc2.bias), ada=ada,
-            scale_mul=(a.scale_mul_1H11 if dtype is None else a.scale_mul_1H11.detach().float())
-            if a.attn_l2_norm else None,
+            qkv_w=t(src["qkv_w"]), qkv_b=t(torch.cat(src["qkv_b"])), proj_w=t(src["proj_w"]), proj_b=t(src["proj_b"]),
+            fc1_w=t(src["fc1_w"]), fc1_b=t(src["fc1_b"]), fc2_w=t(src["fc2_w"]), fc2_b=t(src["fc2_b"]),
+            ada=tuple(t(x) for x in src["ada"]),
+            scale_mul=None if src["scale_mul"] is None else t(src["scale_mul"], None if dtype is None else torch.float32),
             softmax_scale=float(a.scale), heads=a.num_heads, head_dim=a.head_dim, eps=self.ln_wo_grad.eps)
+
+    def sync_step_weights(self, w: BlockWeights) -> None:
+        """Copy the module's current values into ``w`` (made by :meth:`step_weights`) in place, so that a captured
+        CUDA graph keeps reading ``w``; tensors that are the module's own are skipped."""
+        for name, src in self._step_sources().items():
+            dst = getattr(w, name)
+            if name == "qkv_b":
+                for d, s in zip(dst.chunk(3), src):
+                    d.copy_(s)
+            elif name == "ada":
+                for d, s in zip(dst, src):
+                    copy_unless_same(d, s)
+            elif src is not None:
+                copy_unless_same(dst, src)
 
     def sampling_step(self, x: torch.Tensor, h: torch.Tensor, mod: torch.Tensor, cache: KVCache, start: int,
                       weights: Optional[BlockWeights] = None,
@@ -339,9 +367,14 @@ class AdaLNBeforeHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(D, 2 * C))
 
     def step_weights(self, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The AdaLN projection ``(weight, bias)``: the module's own (``dtype`` None), else copies in ``dtype``."""
+        """The AdaLN projection ``(weight, bias)``: the module's own (``dtype`` None), else tensors in ``dtype``."""
         lin = self.ada_lin[1]
         return (lin.weight, lin.bias) if dtype is None else (lin.weight.detach().to(dtype), lin.bias.detach().to(dtype))
+
+    def sync_step_weights(self, w: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Copy the projection's current values into ``w`` (made by :meth:`step_weights`) in place."""
+        for d, s in zip(w, (self.ada_lin[1].weight, self.ada_lin[1].bias)):
+            copy_unless_same(d, s)
 
     def modulation(self, cond_BD: torch.Tensor, weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                    ) -> torch.Tensor:

@@ -25,7 +25,7 @@ class Phi(nn.Conv2d):
         self.resi_ratio = abs(quant_resi)
 
     def forward(self, h_BChw: torch.Tensor) -> torch.Tensor:
-        return ref.phi(h_BChw, self.weight, self.bias, self.resi_ratio)
+        return ref.phi(h_BChw, (self.weight, self.bias, self.resi_ratio))
 
 
 class PhiShared(nn.Module):
@@ -119,19 +119,16 @@ class VectorQuantizer2(nn.Module):
                 f"quant_resi={self.quant_resi_ratio}")
 
     # ----- helpers -----
-    def phi(self, si: int, h: torch.Tensor, num_scales: Optional[int] = None) -> torch.Tensor:
-        """Phi of scale ``si`` (of ``num_scales``, default the quantizer's schedule) applied to ``h``."""
-        S = len(self.patch_hws) if num_scales is None else num_scales
-        return self.quant_resi[ref.scale_ratio(si, S)](h)
-
     def phi_params(self, si: int, num_scales: Optional[int] = None) -> ref.PhiParams:
         """Phi of scale ``si`` as ``(weight, bias, resi_ratio)`` for ``fastvar.ops``, or None (identity)."""
         S = len(self.patch_hws) if num_scales is None else num_scales
         mod = self.quant_resi[ref.scale_ratio(si, S)]
         return (mod.weight, mod.bias, mod.resi_ratio) if isinstance(mod, Phi) else None
 
-    def _phis(self, num_scales: int) -> List[ref.PhiParams]:
-        return [self.phi_params(si, num_scales) for si in range(num_scales)]
+    def phis(self, num_scales: Optional[int] = None) -> List[ref.PhiParams]:
+        """:meth:`phi_params` of every scale of a ``num_scales`` schedule (default: the quantizer's)."""
+        S = len(self.patch_hws) if num_scales is None else num_scales
+        return [self.phi_params(si, S) for si in range(S)]
 
     def _hws(self, v_patch_nums) -> Tuple[Tuple[int, int], ...]:
         return self.patch_hws if v_patch_nums is None else Schedule.of(v_patch_nums, "v_patch_nums").hws
@@ -153,17 +150,13 @@ class VectorQuantizer2(nn.Module):
         dtype = f_BChw.dtype
         if dtype != torch.float32:
             f_BChw = f_BChw.float()
-        B, C, H, W = f_BChw.shape
+        C = f_BChw.shape[1]
         self._check_latent(f_BChw, self.patch_hws)
         f_no_grad = f_BChw.detach()
-        f_rest = f_no_grad.clone()
-        f_hat = torch.zeros_like(f_rest)
         S = len(self.patch_hws)
         mean_vq_loss = f_BChw.new_zeros(())
-        for si, (ph, pw) in enumerate(self.patch_hws):
-            last = si == S - 1
-            z = (f_rest if last else ref.area_downsample(f_rest, (ph, pw))).permute(0, 2, 3, 1).reshape(-1, C)
-            idx = self.lookup(z)
+        for si, (_, idx, f_hat) in enumerate(ref.residual_quantize(f_no_grad, self.embedding.weight, self.patch_hws,
+                                                                    self.phis(S), self.lookup)):
             if self.training:
                 hit = idx.bincount(minlength=self.vocab_size).float()
                 ema = self.ema_vocab_hit_SV[si]
@@ -174,11 +167,6 @@ class VectorQuantizer2(nn.Module):
                 else:
                     ema.mul_(0.99).add_(hit.mul(0.01))
                 self.record_hit += 1
-            h = self.embedding(idx.view(B, ph, pw)).permute(0, 3, 1, 2)
-            h = (h if last else ref.bicubic_upsample(h, (H, W))).contiguous()
-            h = self.phi(si, h)
-            f_hat = f_hat + h
-            f_rest -= h
             mean_vq_loss = mean_vq_loss + F.mse_loss(f_hat.data, f_BChw).mul_(self.beta) + F.mse_loss(f_hat, f_no_grad)
         mean_vq_loss = mean_vq_loss * (1.0 / S)
         f_hat = (f_hat.data - f_no_grad).add_(f_BChw)
@@ -204,13 +192,13 @@ class VectorQuantizer2(nn.Module):
         self._check_latent(f_BChw, hws)
         codebook = self.embedding.weight.detach().float()
         if self.using_znorm:   # cosine lookup: the eager loop (the fused path implements the L2 lookup)
-            return ref.encode_multiscale(f_BChw.float(), codebook, hws, lambda si, h: self.phi(si, h, len(hws)),
-                                         to_fhat, lookup=self.lookup)
-        return ops.rq_encode(f_BChw.float(), codebook, hws, self._phis(len(hws)), to_fhat=to_fhat)
+            return ref.encode_multiscale(f_BChw.float(), codebook, hws, self.phis(len(hws)), to_fhat,
+                                         lookup=self.lookup)
+        return ops.rq_encode(f_BChw.float(), codebook, hws, self.phis(len(hws)), to_fhat=to_fhat)
 
     def idxBl_to_var_input(self, gt_ms_idx_Bl: List[torch.Tensor]) -> Optional[torch.Tensor]:
         """Teacher-forcing input ``(B, L - first_l, Cvae)`` float32 from per-scale indices."""
-        return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self._phis(len(self.patch_hws)),
+        return ops.rq_var_input(gt_ms_idx_Bl, self.embedding.weight, self.patch_hws, self.phis(len(self.patch_hws)),
                                 name="gt_ms_idx_Bl")
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor, h_BChw: torch.Tensor,
@@ -264,6 +252,6 @@ class VectorQuantizer2(nn.Module):
             f_hat = ms_h_BChw[0].new_zeros(B, self.Cvae, *self.patch_hws[0], dtype=torch.float32)
             for si, hw in enumerate(self.patch_hws):
                 f_hat = ref.bicubic_upsample(f_hat, hw)
-                f_hat.add_(self.phi(si, ms_h_BChw[si]))
+                f_hat.add_(ref.phi(ms_h_BChw[si], self.phi_params(si)))
                 out.append(f_hat)
         return out[-1] if last_one else out

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from fastvar.reference.quantize import PhiParams
 
 
 def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
@@ -64,3 +66,71 @@ def capturing(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return True
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# ------------------------------------------------------------------ residual quantization arguments
+def needs_grad(*tensors) -> bool:
+    """Grad mode is on and an input requires grad: the ops then run the eager reference (no Triton autograd)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def check_map(name: str, x) -> None:
+    check_tensor(name, x, ndim=4, dtypes=(torch.float32,))
+    if x.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+
+
+def check_hw(name: str, hw) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in hw)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of positive ints (h, w), got {hw!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{name} must be a pair of positive ints (h, w), got {hw!r}")
+    return h, w
+
+
+def check_codebook(codebook, C: Optional[int] = None, name: str = "codebook", finite: bool = True) -> None:
+    check_tensor(name, codebook, ndim=2, dtypes=(torch.float32,))
+    if codebook.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one row (V >= 1), got shape {tuple(codebook.shape)}")
+    if C is not None and codebook.shape[1] != C:
+        raise ValueError(f"{name} must have C={C} channels (shape (V, {C})), got shape {tuple(codebook.shape)}")
+    if finite and not capturing(codebook) and not bool(torch.isfinite(codebook).all()):
+        raise ValueError(f"{name} must be finite; it holds NaN or inf")
+
+
+def check_indices(name: str, idx: torch.Tensor, V: int) -> None:
+    if idx.numel() and not capturing(idx):
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= V:
+            raise ValueError(f"{name} must hold codebook indices in [0, {V}) (V={V}), got values in [{lo}, {hi}]")
+
+
+def check_phi(name: str, weight, bias, resi_ratio, C: int, like: torch.Tensor, like_name: str = "f") -> float:
+    if weight is not None:
+        check_tensor(f"{name} weight", weight, ndim=4, dtypes=(torch.float32,), shape=(C, C, 3, 3))
+        check_same((like_name, f"{name} weight"), (like, weight), what="device")
+    if bias is not None:
+        if weight is None:
+            raise ValueError(f"{name}: a bias needs a weight (Phi is the identity without a weight)")
+        check_tensor(f"{name} bias", bias, ndim=1, dtypes=(torch.float32,), shape=(C,))
+        check_same((like_name, f"{name} bias"), (like, bias), what="device")
+    return check_finite_scalar(f"{name} resi_ratio", resi_ratio)
+
+
+def check_phis(phis, S: int, C: int, like: torch.Tensor, like_name: str = "f") -> List[PhiParams]:
+    if not isinstance(phis, (list, tuple)) or len(phis) != S:
+        n = len(phis) if isinstance(phis, (list, tuple)) else type(phis).__name__
+        raise ValueError(f"phis must be a list of {S} entries (one per scale: (weight, bias, resi_ratio) or None), "
+                         f"got {n}")
+    out = []
+    for si, p in enumerate(phis):
+        if p is None:
+            out.append(None)
+            continue
+        if not isinstance(p, (list, tuple)) or len(p) != 3:
+            raise ValueError(f"phis[{si}] must be (weight, bias, resi_ratio) or None, got {type(p).__name__}")
+        r = check_phi(f"phis[{si}]", p[0], p[1], p[2], C, like, like_name)
+        out.append(None if p[0] is None else (p[0], p[1], r))
+    return out

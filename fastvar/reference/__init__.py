@@ -16,10 +16,12 @@ from .quantize import (
     idx_to_var_input,
     phi,
     phi_index,
+    phi_index_at,
     phi_ticks,
+    residual_quantize,
     rq_lookup,
+    rq_step,
     scale_ratio,
-    upsample_accumulate,
 )
 from .sampling import (
     cfg_mix,
@@ -32,4 +34,3 @@ from .sampling import (
 )
 from .adaln import adaln_modulate, gated_residual_adaln
 from .sampling import philox_uniform, sample_with_uniform
-from .quantize import phi_index_at

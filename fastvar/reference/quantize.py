@@ -5,16 +5,16 @@ Shapes: latents are ``(B, C, H, W)`` (``C = Cvae`` = 32 for VAR); a scale's toke
 
 - :func:`rq_lookup`: nearest code of every row, the official float32 formula, ties to the lowest index.
 - :func:`area_downsample` / :func:`bicubic_upsample`: the official interpolations.
-- :func:`phi`: the residual 3x3 convolution ``(1 - r) * h + r * conv(h)``.
+- :func:`phi`: the residual 3x3 convolution ``(1 - r) * h + r * conv(h)``, given by :data:`PhiParams`.
 - :func:`phi_index`: which Phi a scale uses (the official float64 tick rule).
-- :func:`upsample_accumulate`: the sampling step between scales (``get_next_autoregressive_input``).
-- :func:`encode_multiscale`: the per-scale encode loop (``f_to_idxBl_or_fhat``).
-- :func:`phi_fn_from_params` / :func:`upsample_accumulate_step`: the same with Phi given by its parameters
-  (what ``fastvar.ops`` takes), and the sampling step from token indices or a code map.
+- :func:`rq_step`: the step between scales (upsample the codes, Phi, accumulate, downsample the next input),
+  the one definition every loop below and ``fastvar.ops.upsample_accumulate_`` use.
+- :func:`residual_quantize` / :func:`encode_multiscale`: the per-scale encode loop (``f_to_idxBl_or_fhat``).
+- :func:`idx_to_var_input`: the teacher-forcing input (``idxBl_to_var_input``).
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,10 +46,15 @@ def bicubic_upsample(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bicubic")
 
 
-def phi(h: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], resi_ratio: float) -> torch.Tensor:
-    """The residual convolution Phi: ``h * (1 - r) + conv3x3(h) * r``; identity when ``weight`` is None."""
-    if weight is None:
+PhiParams = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]   # (weight, bias, resi_ratio) or None
+
+
+def phi(h: torch.Tensor, params: PhiParams) -> torch.Tensor:
+    """The residual convolution Phi: ``h * (1 - r) + conv3x3(h) * r`` for ``params = (weight, bias, r)``;
+    identity when ``params`` is None."""
+    if params is None:
         return h
+    weight, bias, resi_ratio = params
     return h.mul(1 - resi_ratio) + F.conv2d(h, weight, bias, stride=1, padding=1).mul_(resi_ratio)
 
 
@@ -81,19 +86,6 @@ def phi_index(si: int, num_scales: int, num_phis: int) -> int:
     return phi_index_at(scale_ratio(si, num_scales), num_phis)
 
 
-PhiFn = Callable[[int, torch.Tensor], torch.Tensor]   # (scale index, h) -> Phi_si(h)
-PhiParams = Optional[Tuple[torch.Tensor, Optional[torch.Tensor], float]]   # (weight, bias, resi_ratio) or None
-
-
-def phi_fn_from_params(phis: Sequence[PhiParams]) -> PhiFn:
-    """A :data:`PhiFn` from per-scale Phi parameters: ``phis[si]`` is ``(weight, bias, resi_ratio)``
-    (:func:`phi`) or None (identity)."""
-    def phi_fn(si: int, h: torch.Tensor) -> torch.Tensor:
-        p = phis[si]
-        return h if p is None else phi(h, p[0], p[1], p[2])
-    return phi_fn
-
-
 def code_map(idx_Bl: torch.Tensor, codebook: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """A scale's code vectors as the official code lays them out: ``(B, h*w)`` token indices -> embedding
     ``(B, h*w, C)`` -> a transposed ``(B, C, h, w)`` view. Its strides decide how ATen's CPU interpolate /
@@ -103,109 +95,96 @@ def code_map(idx_Bl: torch.Tensor, codebook: torch.Tensor, h: int, w: int) -> to
     return F.embedding(idx_Bl, codebook).transpose(1, 2).reshape(B, codebook.shape[1], h, w)
 
 
-def upsample_accumulate_step(
+def rq_step(
     f_hat: torch.Tensor,
     codes: torch.Tensor,
-    phi_weight: Optional[torch.Tensor],
-    phi_bias: Optional[torch.Tensor],
-    resi_ratio: float,
+    phi_params: PhiParams,
     next_hw: Optional[Tuple[int, int]],
     codebook: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """One sampling step with explicit Phi parameters (the definition of ``fastvar.ops.upsample_accumulate_``).
+    f_rest: Optional[torch.Tensor] = None,
+    contiguous: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The step between two scales of residual quantization: the one definition the encoder, the
+    teacher-forcing input, the sampler (official ``get_next_autoregressive_input``) and VAE training share.
 
     Args:
-        f_hat: ``(B, C, H, W)`` float32, updated **in place**.
-        codes: a ``(B, C, h, w)`` code map, or ``(B, h, w)`` int64 indices into ``codebook`` ``(V, C)``
-            (gathered as the official sampler does: embedding, then a channels-last ``(B, C, h, w)`` view).
-        phi_weight, phi_bias, resi_ratio: Phi (:func:`phi`; identity when ``phi_weight`` is None).
-        next_hw: the next scale's size, or None at the last scale.
+        f_hat: ``(B, C, H, W)`` float32 accumulated latent.
+        codes: the scale's codes, a ``(B, C, h, w)`` map (any strides), or ``(B, h, w)`` int64 indices into
+            ``codebook`` ``(V, C)``, gathered into the official sampler's view (:func:`code_map`).
+        phi_params: Phi of this scale (:func:`phi`).
+        next_hw: the next scale's ``(h', w')``, or None after the last scale.
+        f_rest: ``(B, C, H, W)`` residual still to quantize (the encoder's), or None.
+        contiguous: make the upsampled codes contiguous before Phi, as the official encoder does (the sampler
+            does not; on CPU the two layouts round the convolution differently).
     Returns:
-        ``area_downsample(f_hat, next_hw)`` after ``f_hat += Phi(bicubic(h -> H x W))`` (no upsample when
-        ``h`` already is ``H x W``), or ``f_hat`` when ``next_hw`` is None.
+        ``(f_hat, next)``: ``f_hat += Phi(u)`` with ``u`` the codes bicubic-upsampled to ``(H, W)`` (unless they
+        already have that size), and ``next`` = ``area_downsample(f_rest if given else f_hat, next_hw)`` (None
+        without ``next_hw``). ``f_rest -= Phi(u)`` in place. ``f_hat`` is updated in place, except when
+        ``Phi(u)`` requires grad (VAE training: autograd keeps the old ``f_hat``, as the official
+        ``f_hat = f_hat + h``): then a new tensor is returned.
     """
     if codes.dtype == torch.int64:
         B, h_, w_ = codes.shape
-        h = code_map(codes.reshape(B, h_ * w_), codebook, h_, w_)
-    else:
-        h = codes
+        codes = code_map(codes.reshape(B, h_ * w_), codebook, h_, w_)
     H, W = f_hat.shape[-2:]
-    if tuple(h.shape[-2:]) != (H, W):
-        h = bicubic_upsample(h, (H, W))
-    f_hat.add_(phi(h, phi_weight, phi_bias, resi_ratio))
-    return f_hat if next_hw is None else area_downsample(f_hat, next_hw)
+    u = codes if tuple(codes.shape[-2:]) == (H, W) else bicubic_upsample(codes, (H, W))
+    p = phi(u.contiguous() if contiguous else u, phi_params)
+    f_hat = f_hat + p if p.requires_grad and torch.is_grad_enabled() else f_hat.add_(p)
+    if f_rest is not None:
+        f_rest.sub_(p)
+    if next_hw is None:
+        return f_hat, None
+    return f_hat, area_downsample(f_hat if f_rest is None else f_rest, next_hw)
 
 
-def upsample_accumulate(
-    f_hat: torch.Tensor,
-    h: torch.Tensor,
-    si: int,
-    patch_hws: Sequence[Tuple[int, int]],
-    phi_fn: PhiFn,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The step between two sampling scales (official ``get_next_autoregressive_input``).
-
-    Args:
-        f_hat: ``(B, C, H, W)`` float32 accumulated latent, updated **in place**.
-        h: ``(B, C, h_si, w_si)`` the codes chosen at scale ``si``.
-        si: the scale just sampled.
-        patch_hws: the schedule as ``(h, w)`` pairs; ``(H, W) = patch_hws[-1]``.
-        phi_fn: ``phi_fn(si, x)`` applies Phi of scale ``si``.
-    Returns:
-        ``(f_hat, next)``: ``f_hat += Phi_si(bicubic(h -> H x W))`` and ``next`` = the area-downsampled
-        ``f_hat`` at the next scale's size. At the last scale ``f_hat += Phi_si(h)`` and ``next`` is ``f_hat``.
-    """
-    S = len(patch_hws)
-    if si != S - 1:
-        f_hat.add_(phi_fn(si, bicubic_upsample(h, patch_hws[-1])))
-        return f_hat, area_downsample(f_hat, patch_hws[si + 1])
-    f_hat.add_(phi_fn(si, h))
-    return f_hat, f_hat
-
-
-def encode_multiscale(
+def residual_quantize(
     f: torch.Tensor,
     codebook: torch.Tensor,
     patch_hws: Sequence[Tuple[int, int]],
-    phi_fn: PhiFn,
-    to_fhat: bool,
+    phis: Sequence[PhiParams],
     lookup: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-) -> List[torch.Tensor]:
-    """Multi-scale residual quantization of a latent (official ``f_to_idxBl_or_fhat``).
+) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Multi-scale residual quantization of a latent, scale by scale (official ``f_to_idxBl_or_fhat`` and the
+    loop of ``VectorQuantizer2.forward``).
 
     Args:
         f: ``(B, C, H, W)`` float32 latent; ``(H, W)`` must equal ``patch_hws[-1]``.
-        codebook: ``(V, C)``.
-        patch_hws: the schedule as ``(h, w)`` pairs.
-        phi_fn: ``phi_fn(si, x)`` applies Phi of scale ``si``.
-        to_fhat: return ``f_hat`` after every scale instead of the indices.
+        codebook: ``(V, C)`` (its rows are the codes; gradients reach it through ``f_hat``).
+        patch_hws: the schedule as ``(h, w)`` pairs; phis: Phi of every scale.
         lookup: ``lookup(z (N, C)) -> idx (N,)``; default :func:`rq_lookup` against ``codebook``.
-    Returns:
-        per scale, ``(B, h*w)`` int64 indices, or the ``(B, C, H, W)`` ``f_hat`` after that scale.
+    Yields:
+        per scale, ``(z, idx, f_hat)``: the residual rows that were quantized ``(B*h*w, C)``, their code indices
+        ``(B*h*w,)`` and the accumulated latent after the scale.
     """
     B, C, H, W = f.shape
+    S = len(patch_hws)
     f_rest = f.detach().clone()
     f_hat = torch.zeros_like(f_rest)
-    S = len(patch_hws)
-    out: List[torch.Tensor] = []
+    z = f_rest if S == 1 else area_downsample(f_rest, patch_hws[0])
     for si, (ph, pw) in enumerate(patch_hws):
-        last = si == S - 1
-        z = (f_rest if last else area_downsample(f_rest, (ph, pw))).permute(0, 2, 3, 1).reshape(-1, C)
-        idx = rq_lookup(z, codebook) if lookup is None else lookup(z)
-        h = F.embedding(idx.view(B, ph, pw), codebook).permute(0, 3, 1, 2)
-        h = (h if last else bicubic_upsample(h, (H, W))).contiguous()
-        h = phi_fn(si, h)
-        f_hat.add_(h)
-        f_rest.sub_(h)
-        out.append(f_hat.clone() if to_fhat else idx.reshape(B, ph * pw))
-    return out
+        z_rows = z.permute(0, 2, 3, 1).reshape(-1, C)
+        idx = rq_lookup(z_rows, codebook) if lookup is None else lookup(z_rows)
+        codes = F.embedding(idx.view(B, ph, pw), codebook).permute(0, 3, 1, 2)
+        next_hw = patch_hws[si + 1] if si + 1 < S else None
+        f_hat, z = rq_step(f_hat, codes, phis[si], next_hw, f_rest=f_rest, contiguous=True)
+        yield z_rows, idx, f_hat
+
+
+def encode_multiscale(f: torch.Tensor, codebook: torch.Tensor, patch_hws: Sequence[Tuple[int, int]],
+                      phis: Sequence[PhiParams], to_fhat: bool,
+                      lookup: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> List[torch.Tensor]:
+    """:func:`residual_quantize` collected: per scale, ``(B, h*w)`` int64 indices, or (``to_fhat``) a copy of
+    the ``(B, C, H, W)`` f_hat after that scale."""
+    B = f.shape[0]
+    return [f_hat.clone() if to_fhat else idx.view(B, -1)
+            for _, idx, f_hat in residual_quantize(f, codebook, patch_hws, phis, lookup)]
 
 
 def idx_to_var_input(
     idx_list: Sequence[torch.Tensor],
     codebook: torch.Tensor,
     patch_hws: Sequence[Tuple[int, int]],
-    phi_fn: PhiFn,
+    phis: Sequence[PhiParams],
 ) -> Optional[torch.Tensor]:
     """Teacher-forcing input from the per-scale indices (official ``idxBl_to_var_input``).
 
@@ -214,13 +193,9 @@ def idx_to_var_input(
     """
     B = idx_list[0].shape[0]
     C = codebook.shape[1]
-    H, W = patch_hws[-1]
-    S = len(patch_hws)
-    f_hat = torch.zeros(B, C, H, W, dtype=torch.float32, device=codebook.device)
+    f_hat = torch.zeros(B, C, *patch_hws[-1], dtype=torch.float32, device=codebook.device)
     nexts = []
-    for si in range(S - 1):
-        ph, pw = patch_hws[si]
-        h = code_map(idx_list[si], codebook, ph, pw)
-        f_hat.add_(phi_fn(si, bicubic_upsample(h, (H, W))))
-        nexts.append(area_downsample(f_hat, patch_hws[si + 1]).view(B, C, -1).transpose(1, 2))
+    for si in range(len(patch_hws) - 1):
+        f_hat, nxt = rq_step(f_hat, idx_list[si].view(B, *patch_hws[si]), phis[si], patch_hws[si + 1], codebook)
+        nexts.append(nxt.view(B, C, -1).transpose(1, 2))
     return torch.cat(nexts, dim=1) if nexts else None

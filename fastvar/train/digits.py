@@ -301,19 +301,12 @@ def restart_dead_codes(vae: VQVAE, opt: torch.optim.Optimizer, x: torch.Tensor, 
     vae.eval()
     hits = torch.zeros(q.vocab_size, dtype=torch.long)
     pool = []
-    S = len(q.patch_hws)
+    phis = q.phis(len(q.patch_hws))
     for i in range(0, len(x), batch):
         f = vae.quant_conv(vae.encoder(x[i:i + batch])).float()
-        B, C, H, W = f.shape
-        f_rest = f.clone()
-        for si, (ph, pw) in enumerate(q.patch_hws):
-            last = si == S - 1
-            z = (f_rest if last else ref_quant.area_downsample(f_rest, (ph, pw))).permute(0, 2, 3, 1).reshape(-1, C)
-            idx = q.lookup(z)
+        for z, idx, _ in ref_quant.residual_quantize(f, q.embedding.weight, q.patch_hws, phis, q.lookup):
             hits += idx.bincount(minlength=q.vocab_size)
             pool.append(z)
-            h = q.embedding(idx).view(B, ph, pw, C).permute(0, 3, 1, 2)
-            f_rest -= q.phi(si, h if last else ref_quant.bicubic_upsample(h, (H, W)))
     vae.train(was_training)
     dead = (hits == 0).nonzero().flatten()
     if len(dead):
