@@ -5,7 +5,6 @@
 #include <pybind11/stl.h>
 
 #include "fastvar_ext.h"
-#include "launch.h"
 
 #ifndef FASTVAR_MODULE
 #define FASTVAR_MODULE _C
@@ -15,7 +14,7 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(FASTVAR_MODULE, m) {
     m.doc() = "fastvar's CUDA C++ kernels on raw pointers (csrc/); called through fastvar/ops/cuda_ext.py";
-    m.attr("HOST_EMULATION") = py::bool_(!FV_GPU);
+    m.attr("HOST_EMULATION") = py::bool_(fv::host_emulation());
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);

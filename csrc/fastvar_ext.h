@@ -4,12 +4,22 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 #include <vector>
 
 namespace fv {
 
 constexpr int kMaxSampleV = 16384;   // sample_top_k_top_p: the row lives in shared memory (8 bytes per entry)
 constexpr int kMaxStepC = 64;       // upsample_accumulate_step with Phi's conv: <= 16 output channels per thread
+
+// Bad argument value or shape (Python ValueError) / wrong dtype (Python TypeError).
+struct ArgError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+struct DtypeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+// A CUDA call failed (Python RuntimeError): the message names the kernel and the CUDA error.
+struct CudaError : std::runtime_error { using std::runtime_error::runtime_error; };
+
+// True for the host build (FASTVAR_HOST_EMULATION: csrc/port.h), false for the CUDA one.
+bool host_emulation();
 
 // The sampling step between scales (csrc/upsample_step.cu): f_hat += Phi(bicubic(codes)) in place, then the
 // next scale's area-downsampled map into next_out (next_out = 0: none). Exactly one of src (a float32 code map

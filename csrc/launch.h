@@ -9,15 +9,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "fastvar_ext.h"
 #include "port.h"
 
 namespace fv {
-
-// Bad argument value or shape (Python ValueError) / wrong dtype (Python TypeError).
-struct ArgError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
-struct DtypeError : std::invalid_argument { using std::invalid_argument::invalid_argument; };
-// A CUDA call failed (Python RuntimeError): the message names the kernel and the CUDA error.
-struct CudaError : std::runtime_error { using std::runtime_error::runtime_error; };
 
 template <typename... Parts> std::string cat(const Parts&... parts) {
     std::ostringstream s;

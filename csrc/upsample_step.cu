@@ -31,6 +31,8 @@
 
 namespace fv {
 
+bool host_emulation() { return !FV_GPU; }
+
 constexpr int kStepThreads = 256;
 constexpr int kTileH = 8, kTileW = 8, kTilePix = kTileH * kTileW;
 constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2, kHaloPix = kHaloH * kHaloW;
