@@ -42,8 +42,8 @@ def _walk(q, idx, B, backend_name, monkeypatch, **kw):
 @pytest.mark.parametrize("tf32", [False, True], ids=["fp32", "tf32"])
 def test_step_against_eager_and_triton(seed, monkeypatch, patch_nums, B, tf32):
     """VAR's sizes (Cvae 32, V 4096): every next map and f_hat within 2x eager float32's error against the float64
-    step (eager under the same cudnn.allow_tf32; the CUDA kernel's conv is float32 FMAs either way), and close to
-    the Triton path's."""
+    step (eager under the same cudnn.allow_tf32; the CUDA kernel's conv is float32 FMAs either way), and within
+    REL[float32] of the Triton path's when neither uses TF32."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
     g = torch.Generator().manual_seed(seed)
     q = random_quantizer(patch_nums, C=32, V=4096, seed=seed).cuda()
@@ -56,7 +56,8 @@ def test_step_against_eager_and_triton(seed, monkeypatch, patch_nums, B, tf32):
         f_64, n_64 = _walk(q64, idx, B, "eager", monkeypatch)
     for si, (c, e, t, r) in enumerate(zip(n_cuda, n_eager, n_triton, n_64)):
         assert_like_eager(c, e, r.float(), f"seed {seed}: next map after scale {si}")
-        assert_rel(c, t, REL[torch.float32] if not tf32 else 1e-2, f"seed {seed}: vs Triton after scale {si}")
+        if not tf32:      # both float32 (in two summation orders); under TF32 the Triton path's conv is cuDNN's TF32
+            assert_rel(c, t, REL[torch.float32], f"seed {seed}: vs Triton after scale {si}")
     assert_like_eager(f_cuda, f_eager, f_64.float(), f"seed {seed}: f_hat")
 
 
