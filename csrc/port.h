@@ -120,12 +120,12 @@ template <typename T> FV_DEVICE T ldg(const T* p) {
 #endif
 }
 
-// double -> uint64, round to nearest (non-negative values below 2^63).
-FV_DEVICE unsigned long long double_to_u64_rn(double d) {
+// double -> uint64, rounded up (non-negative values below 2^63).
+FV_DEVICE unsigned long long double_to_u64_ru(double d) {
 #if FV_GPU
-    return __double2ull_rn(d);
+    return __double2ull_ru(d);
 #else
-    return (unsigned long long)std::nearbyint(d);
+    return (unsigned long long)std::ceil(d);
 #endif
 }
 

@@ -18,8 +18,8 @@
 // kernel's bit-serial search.
 //   top-k: the bin where the count of larger keys reaches k (the key of the k-th largest).
 //   top-p: the bin where the ascending cumulative mass first exceeds thr. The masses are summed in 60-bit
-//          fixed point (p * 2^60, rounded; integer atomics), which makes them exact in any order, hence
-//          deterministic, and within V * 2^-61 of the real sums: more accurate than any float32 order, so
+//          fixed point (p * 2^60, rounded up; integer atomics), which makes them exact in any order, hence
+//          deterministic, and within V * 2^-60 of the real sums: more accurate than any float32 order, so
 //          fastvar's token can differ from torch's only where the boundary entry's cumulative mass lies
 //          within torch's own float32 rounding of thr (the Triton kernel's caveat, ops/sampling.py).
 //
@@ -61,7 +61,9 @@ FV_DEVICE uint32_t key_of(float x) {
     return (b >> 31) ? ~b : (b | 0x80000000u);
 }
 
-FV_DEVICE unsigned long long mass_fixed(float p) { return double_to_u64_rn((double)p * kMassScale); }
+// rounded up: a positive p never becomes mass 0 (top_p = 1, thr = 0, keeps every entry of positive p, as torch's
+// float32 cumsum does)
+FV_DEVICE unsigned long long mass_fixed(float p) { return double_to_u64_ru((double)p * kMassScale); }
 
 template <int THREADS>
 FV_GLOBAL void FV_LAUNCH_BOUNDS(THREADS) sample_kernel(SampleArgs a) {

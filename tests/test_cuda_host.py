@@ -339,6 +339,10 @@ def test_sampler_top_k_and_top_p_edge_cases(ext):
     assert kept.nonzero().flatten().tolist() == [int(x.argmax())] and tok == int(x.argmax())
     assert _kept(ext, x, V, 0.0)[0].all() and _kept(ext, x, 0, 0.0)[0].all()      # k = V, k = 0: off
     assert _kept(ext, x, 0, 1.0)[0].all()                      # p = 1: thr 0, nothing has mass <= 0
+    tiny = torch.full((64,), -45.0)                             # p = exp(-45) ~ 3e-20 > 0: kept at top_p = 1 too
+    tiny[7] = 0.0
+    assert _kept(ext, tiny, 0, 1.0)[0].all()
+    assert _kept(ext, tiny, 0, 0.5)[0].nonzero().flatten().tolist() == [7]
     for top_p in (1e-9, 0.01, 0.3, 0.999):
         want = sref.top_k_top_p_filter_(x.clone()[None], 3, top_p, stable=True)[0] > -INF
         assert torch.equal(_kept(ext, x, 3, top_p)[0], want), top_p
