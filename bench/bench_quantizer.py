@@ -12,6 +12,10 @@ Providers side by side, VAR's quantizer sizes (V = 4096, Cvae = 32, share_quant_
   tiled over the codebook; gather + bicubic upsample, ``F.conv2d``, Phi + accumulate + area downsample;
 * ``fastvar-fused`` (``step`` / ``step_idx``): the step with Phi's convolution inside the Triton kernel
   (``fused_conv=True``): gather + bicubic upsample + conv + Phi + accumulate, then area downsample.
+* ``fastvar-cuda`` (``step`` / ``step_idx``, when the CUDA extension ``fastvar._C`` is built:
+  ``scripts/build_cuda.sh``): the step on ``csrc/upsample_step.cu`` (``FASTVAR_BACKEND=cuda`` for the call):
+  gather + bicubic upsample into a shared-memory tile with its halo, Phi's conv from it, accumulate; then area
+  downsample.
 
 Cases (``--ops``):
 
@@ -112,6 +116,25 @@ def _step_bytes(q, B):
     return S * 7 * full + 2 * small
 
 
+def _cuda_ext_built() -> bool:
+    """The fastvar-cuda provider runs where the CUDA extension is built and the tensors are on a GPU."""
+    from fastvar.ops._backend import cuda_extension
+    return torch.device(DEVICE).type == "cuda" and cuda_extension() is not None
+
+
+def _with_backend(name, fn):
+    """``fn()`` with ``FASTVAR_BACKEND=name`` (read by each op call; a few microseconds of host time)."""
+    old = os.environ.get("FASTVAR_BACKEND")
+    os.environ["FASTVAR_BACKEND"] = name
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["FASTVAR_BACKEND"]
+        else:
+            os.environ["FASTVAR_BACKEND"] = old
+
+
 def case_step(q, B, args, from_idx=False):
     from fastvar.reference import quantize as ref
     H, W = q.patch_hws[-1]
@@ -133,11 +156,15 @@ def case_step(q, B, args, from_idx=False):
                 q.get_next_autoregressive_input(si, S, f, maps[si], fused_conv=fused_conv)
 
     providers = {"eager": eager, "fastvar": lambda: walk(f_f, False), "fastvar-fused": lambda: walk(f_fc, True)}
-    f_fc = torch.zeros_like(f_f)
+    f_fc, f_cu = torch.zeros_like(f_f), torch.zeros_like(f_f)
+    if _cuda_ext_built():
+        providers["fastvar-cuda"] = lambda: _with_backend("cuda", lambda: walk(f_cu, False))
     for fn in providers.values():
         fn()
     checks = {"eager": "ref", "fastvar": f"rel_err={rel_err(f_f, f_e):.2e} bitwise={torch.equal(f_f, f_e)}",
               "fastvar-fused": f"rel_err={rel_err(f_fc, f_e):.2e} bitwise={torch.equal(f_fc, f_e)}"}
+    if "fastvar-cuda" in providers:
+        checks["fastvar-cuda"] = f"rel_err={rel_err(f_cu, f_e):.2e} bitwise={torch.equal(f_cu, f_e)}"
     return providers, checks, _step_bytes(q, B), None, f"B={B} S={S} HxW={H}x{W}"
 
 

@@ -15,6 +15,9 @@ row, ``rows = B * l`` with ``l = pn**2``. Providers:
 - ``fastvar-exact``: ``exponential_`` noise from the generator + the fused kernel (official tokens);
 - ``fastvar-exact-kernel``: the fused kernel alone on a pre-drawn noise tensor;
 - ``fastvar-fast``: the fused kernel with in-kernel Philox uniforms (no noise tensor).
+- ``fastvar-cuda``: the CUDA extension's kernel (``csrc/sampling.cu``, radix select; ``FASTVAR_BACKEND=cuda``
+  for the call) on the same pre-drawn noise, beside ``fastvar-exact-kernel`` (Triton); only when
+  ``fastvar._C`` is built (``scripts/build_cuda.sh``).
 
 fastvar providers run with ``validate=False`` (no device sync, as inside the sampler's CUDA graphs).
 Correctness is checked before timing (exact tokens vs the eager chain on the same noise, fast tokens
@@ -80,6 +83,29 @@ def check_correctness(logits, t, top_k, top_p, noise) -> str:
     return f"{diff} exact-token differences of {got.numel()}"
 
 
+def _with_backend(name, fn):
+    """``fn()`` with ``FASTVAR_BACKEND=name`` (read by each op call; a few microseconds of host time)."""
+    old = os.environ.get("FASTVAR_BACKEND")
+    os.environ["FASTVAR_BACKEND"] = name
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["FASTVAR_BACKEND"]
+        else:
+            os.environ["FASTVAR_BACKEND"] = old
+
+
+def check_cuda_ext(logits, t, top_k, top_p, noise) -> str:
+    """The CUDA extension's tokens against the official chain on the same noise, before timing it."""
+    want = official_chain_noise(logits, t, top_k, top_p, noise)
+    got = _with_backend("cuda", lambda: S.sample_cfg_top_k_top_p(logits, t, top_k, top_p, noise=noise))
+    diff = int((got != want).sum())
+    if diff > max(1, got.numel() // 10000):
+        raise SystemExit(f"correctness: fastvar-cuda differs from the official chain in {diff} of {got.numel()} tokens")
+    return f"; cuda: {diff} differences"
+
+
 def bench(args) -> int:
     import triton.testing
 
@@ -91,6 +117,10 @@ def bench(args) -> int:
     t = args.cfg * 0.5                                           # a mid-schedule guidance strength
     compiled = None if args.no_compile else torch.compile(official_chain_noise)
     gen = torch.Generator(device=dev).manual_seed(0)
+    from fastvar.ops._backend import cuda_extension
+    with_cuda = cuda_extension() is not None
+    if not with_cuda:
+        print("fastvar-cuda: skipped, the CUDA extension fastvar._C is not built (scripts/build_cuda.sh)")
     print(f"{name}  HBM ceiling {hbm_gb_s:g} GB/s  commit {commit}  V={args.V} top_k={args.top_k} top_p={args.top_p}")
     print(f"{'B':>3} {'pn':>3} {'rows':>6} {'provider':>22} {'ms':>9} {'GB/s':>8} {'%HBM':>6}")
     for B in args.batches:
@@ -99,6 +129,8 @@ def bench(args) -> int:
             logits = torch.randn(2 * B, l, V, device=dev, generator=gen) * 3
             noise = torch.empty(B * l, V, device=dev).exponential_(generator=gen)
             note = check_correctness(logits, t, args.top_k, args.top_p, noise)
+            if with_cuda:
+                note += check_cuda_ext(logits, t, args.top_k, args.top_p, noise)
             providers = {
                 "eager": lambda: official_chain(logits, t, args.top_k, args.top_p, gen),
                 "fastvar-exact": lambda: S.sample_cfg_top_k_top_p(logits, t, args.top_k, args.top_p,
@@ -108,6 +140,9 @@ def bench(args) -> int:
                 "fastvar-fast": lambda: S.sample_cfg_top_k_top_p(logits, t, args.top_k, args.top_p, mode="fast",
                                                                  seed=7, validate=False),
             }
+            if with_cuda:
+                providers["fastvar-cuda"] = lambda: _with_backend("cuda", lambda: S.sample_cfg_top_k_top_p(
+                    logits, t, args.top_k, args.top_p, noise=noise, validate=False))
             if compiled is not None:
                 providers["compile"] = lambda: compiled(logits, t, args.top_k, args.top_p,
                                                         torch.empty_like(noise).exponential_(generator=gen))

@@ -66,7 +66,9 @@ def test_op_without_the_forced_implementation_falls_back_once_with_a_warning(bac
 
 
 def test_auto_on_cuda_falls_back_with_one_warning(monkeypatch):
-    """On a CUDA tensor without the extension, auto picks Triton and warns once saying why."""
+    """On a CUDA tensor without the extension, auto picks Triton for an op whose CUDA implementation is
+    preferred, and warns once saying why."""
+    monkeypatch.setattr(_backend, "CUDA_PREFERRED", frozenset({"op", "other_op"}))
     monkeypatch.setattr(_backend, "_cuda_extension", lambda: (None, "the CUDA extension fastvar._C is not built"))
     monkeypatch.setattr(_backend, "_triton_import_error", lambda: None)
     dev = torch.device("cuda")
@@ -104,3 +106,23 @@ def test_auto_choice_skips_a_backend_that_cannot_take_these_inputs(monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"falls back from triton to eager: the Triton attention kernels need head dim"):
         assert _backend.select("op", impls, torch.device("cuda"), {"triton": why})() == "e"
     assert _backend.select("op", impls, torch.device("cuda"), {"triton": None})() == "t"
+
+
+def test_auto_order_picks_cuda_only_for_preferred_ops(monkeypatch, backend):
+    """Until a GPU benchmark shows a CUDA kernel faster, the automatic order skips the extension (silently: it
+    is not a fallback); ``CUDA_PREFERRED`` lists the ops where it wins, ``FASTVAR_BACKEND=cuda`` opts in."""
+    monkeypatch.setattr(_backend, "_cuda_extension", lambda: (object(), None))
+    monkeypatch.setattr(_backend, "_triton_import_error", lambda: None)
+    dev = torch.device("cuda")
+    assert _backend.CUDA_PREFERRED == frozenset(), "a CUDA-preferred op needs a recorded GPU benchmark"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.select("op", _impls(), dev)() == "triton"
+    monkeypatch.setattr(_backend, "CUDA_PREFERRED", frozenset({"op"}))
+    assert _backend.select("op", _impls(), dev)() == "cuda"
+    assert _backend.select("other", _impls(), dev)() == "triton"
+    monkeypatch.setattr(_backend, "CUDA_PREFERRED", frozenset())
+    backend("cuda")
+    assert _backend.select("op", _impls(), dev)() == "cuda"
+    for name in ("upsample_accumulate_", "sample_top_k_top_p", "sample_cfg_top_k_top_p"):
+        assert "cuda" in ops.OPS[name], f"{name} has no CUDA implementation registered"

@@ -1,7 +1,7 @@
 """Which implementation of an op runs: the CUDA extension, a Triton kernel, or the eager reference.
 
-Order of preference for CUDA tensors: ``cuda`` (fastvar's compiled extension) -> ``triton`` ->
-``eager``. CPU tensors use ``eager``: Triton compiles for GPUs only, and its CPU interpreter is for
+Order of preference for CUDA tensors: ``cuda`` (fastvar's compiled extension, only for the ops in
+``CUDA_PREFERRED``) -> ``triton`` -> ``eager``. CPU tensors use ``eager``: Triton compiles for GPUs only, and its CPU interpreter is for
 testing. ``FASTVAR_BACKEND=eager|triton|cuda`` forces one backend (read at every call, so tests
 can switch it); with ``TRITON_INTERPRET=1`` set before Triton is imported, ``triton`` runs on CPU
 tensors through the interpreter, which is how CI tests the kernels.
@@ -23,6 +23,11 @@ BACKENDS = ("cuda", "triton", "eager")
 ENV_VAR = "FASTVAR_BACKEND"
 
 _warned: set = set()
+
+# Ops whose CUDA-extension implementation the automatic order prefers to Triton. Empty: no GPU number yet shows
+# a CUDA kernel faster than its Triton one. Adding an op here needs that number (bench/, provider fastvar-cuda,
+# recorded in bench/results/ with the GPU, date and commit); until then FASTVAR_BACKEND=cuda opts in.
+CUDA_PREFERRED: frozenset = frozenset()
 
 
 def forced_backend() -> Optional[str]:
@@ -66,7 +71,7 @@ def _cuda_extension() -> Tuple[Optional[object], Optional[str]]:
             _probes["cuda"] = (_C, None)
         except ImportError as e:
             _probes["cuda"] = (None, f"the CUDA extension fastvar._C is not built ({e}); "
-                                     "this release ships Triton kernels only")
+                                     "scripts/build_cuda.sh builds it (nvcc, CMake, pybind11)")
     return _probes["cuda"]
 
 
@@ -129,7 +134,7 @@ def select(op: str, implementations: Dict[str, Callable], device: torch.device,
                 return implementations[backend]
     skipped = None
     for backend in (BACKENDS if device.type == "cuda" else ("eager",)):
-        if backend not in implementations:
+        if backend not in implementations or (backend == "cuda" and op not in CUDA_PREFERRED):
             continue
         why = unavailable_reason(backend, device) or unsupported.get(backend)
         if why is None:

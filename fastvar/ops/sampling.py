@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from fastvar.reference import sampling as ref
+from fastvar.ops import cuda_ext
 from fastvar.ops._backend import select, warn_once
 from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor
 
@@ -207,7 +208,7 @@ def _triton_impl(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return
     return tokens, (filtered if return_filtered else None)
 
 
-SAMPLE_IMPLS = {"eager": _eager_impl, "triton": _triton_impl}
+SAMPLE_IMPLS = {"eager": _eager_impl, "triton": _triton_impl, "cuda": cuda_ext.sample}
 
 
 # ------------------------------------------------------------------------------ public API

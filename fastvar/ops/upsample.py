@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvar.reference import quantize as ref
+from fastvar.ops import cuda_ext
 from fastvar.ops._backend import select
 from fastvar.ops._checks import (PhiParams, check_codebook, check_hw, check_indices, check_map, check_phi,
                                  check_phis, check_same, check_tensor, needs_grad)
@@ -198,7 +199,8 @@ def _op_upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next
     return nxt if next_hw is not None else None
 
 
-UPSAMPLE_ACCUMULATE_IMPLS = {"eager": _eager_upsample_accumulate, "triton": _op_upsample_accumulate}
+UPSAMPLE_ACCUMULATE_IMPLS = {"eager": _eager_upsample_accumulate, "triton": _op_upsample_accumulate,
+                             "cuda": cuda_ext.upsample_accumulate}
 
 
 def upsample_accumulate_(
