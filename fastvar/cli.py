@@ -14,6 +14,11 @@ class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _user_errors():
+    from fastvar.generate import GenerateError
+    return (CliError, GenerateError)
+
+
 # ---------------------------------------------------------------------------- info
 
 def _version(module: str) -> str:
@@ -97,25 +102,16 @@ def _device(name: str) -> torch.device:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# the official sampling settings of the released checkpoints (the bundled model brings its own)
-RELEASED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
-
-
 def load_models(args):
-    """``(vae, var, info)``: the checkpoints given, or the bundled digits model."""
-    from fastvar.models import load_vae_var
-    from fastvar.pretrained import load_digits
+    """``(vae, var, info)``: the checkpoints given, or the bundled digits model (:func:`fastvar.pretrained.load_models`)."""
+    from fastvar.pretrained import load_models as load
     if bool(args.var_ckpt) != bool(args.vae_ckpt):
         raise CliError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
     device, dtype = _device(args.device), DTYPES[args.dtype]
     try:
-        if not args.var_ckpt:
-            return load_digits(device=device, dtype=dtype)
-        vae, var = load_vae_var(args.var_ckpt, args.vae_ckpt, device=device, dtype=dtype)
+        return load(args.var_ckpt, args.vae_ckpt, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as e:
         raise CliError(str(e)) from None
-    k = min(RELEASED_SETTINGS["top_k"], var.V)
-    return vae, var, dict(RELEASED_SETTINGS, top_k=k, display_scale=1, class_names=None, num_per_class=1)
 
 
 def _upscale(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -223,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
     s.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="VAR compute dtype")
     s.add_argument("--out", default="grid.png", help="output PNG path")
+    from fastvar.generate import add_parser as add_generate
+    add_generate(sub)
     b = sub.add_parser("bench", help="end-to-end sampling benchmark: official eager loop, torch.compile, fastvar")
     b.add_argument("--models", nargs="+", default=["d16", "d20", "d24", "d30", "d36"])
     b.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
@@ -244,7 +242,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(cmd_sample(args))
         elif args.command == "bench":
             print(cmd_bench(args))
-    except CliError as e:
+        elif args.command == "generate":
+            from fastvar.generate import cmd_generate
+            line = cmd_generate(args)
+            if line:
+                print(line)
+    except _user_errors() as e:
         print(f"fastvar {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

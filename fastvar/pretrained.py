@@ -120,3 +120,23 @@ def sample_digits(var: VAR, info: Dict[str, Any], labels: Union[int, str, Sequen
         cfg=info["cfg"] if cfg is None else cfg,
         top_k=info["top_k"] if top_k is None else top_k,
         top_p=info["top_p"] if top_p is None else top_p)
+
+
+# the official sampling settings of the released checkpoints (the bundled model brings its own)
+RELEASED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
+
+
+def load_models(var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, device="cpu",
+                dtype: torch.dtype = torch.float32) -> Tuple[VQVAE, VAR, Dict[str, Any]]:
+    """``(vae, var, info)`` for sampling: released checkpoints (``load_vae_var``, with the released settings in
+    ``info``, top-k capped at the vocabulary), or the bundled digits model when neither path is given.
+    ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
+    if not var_ckpt and not vae_ckpt:
+        return load_digits(device=device, dtype=dtype)
+    if not (var_ckpt and vae_ckpt):
+        raise ValueError("pass both a VAR and a VQVAE checkpoint, or neither (the bundled digits model)")
+    from fastvar.models import load_vae_var
+    vae, var = load_vae_var(var_ckpt, vae_ckpt, device=device, dtype=dtype)
+    info = dict(RELEASED_SETTINGS, top_k=min(RELEASED_SETTINGS["top_k"], var.V), display_scale=1, class_names=None,
+                num_per_class=1)
+    return vae, var, info

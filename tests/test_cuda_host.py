@@ -34,17 +34,14 @@ NON_SQUARE = ((1, 2), (2, 3), (3, 5), (4, 4), (5, 7), (9, 11))     # 9 x 11: two
 
 
 @pytest.fixture(scope="session")
-def ext(request):
+def ext(request, tmp_path_factory):
     why = cuda_host.missing_tool()
     if why:
         pytest.skip(f"cuda_host: cannot build the host module of csrc/: {why}")
-    return cuda_host.build(str(request.config.cache.mkdir("fastvar_cuda_host")))
-
-
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
+    # kept between runs in pytest's cache folder (a fresh build per session when the cache plugin is off)
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("fastvar_cuda_host") if cache is not None else tmp_path_factory.mktemp("fastvar_cuda_host")
+    return cuda_host.build(str(folder))
 
 
 def assert_bits(out, expected, what):

@@ -44,8 +44,8 @@ class DropPath(nn.Module):
 # step, a fresh slice of the same buffer (``attn_bias_for_masking[:, :, :L, :L].to(dtype)``): the
 # slices share one owner (their ``_base``), so the buffer is checked once, not once per forward. A hit
 # needs that owner to be alive and to be the owner of the mask passed now: an address alone is not
-# enough, since a freed mask's memory is reused by the next tensor of its size (CI caught a malformed
-# mask accepted that way). A tensor modified in place bumps its version and is checked again.
+# enough, since a freed mask's memory is reused by the next tensor of its size, which may be malformed.
+# A tensor modified in place bumps its version and is checked again.
 # (Inference tensors have no version counter: they cannot change outside inference mode, so their key has none.)
 _verified_masks: Dict[tuple, Tuple[weakref.ref, Tuple[int, ...]]] = {}
 

@@ -134,3 +134,21 @@ def check_phis(phis, S: int, C: int, like: torch.Tensor, like_name: str = "f") -
         r = check_phi(f"phis[{si}]", p[0], p[1], p[2], C, like, like_name)
         out.append(None if p[0] is None else (p[0], p[1], r))
     return out
+
+
+# ------------------------------------------------------------------ the sampling kernels' per-row error codes
+SAMPLE_ERRORS = {1: "logits hold NaN", 2: "a row of logits is entirely -inf", 4: "logits hold +inf"}
+
+
+def raise_for_sample_errors(err: torch.Tensor, after_cfg: bool) -> None:
+    """``err``: the kernel's per-row codes (0 = fine). One reduction and one read back when all is well.
+    The messages are those of ``fastvar.ops.sampling.check_logits`` (the eager path), plus where."""
+    if not bool(err.any()):
+        return
+    rows = torch.nonzero(err).flatten()
+    r = int(rows[0])
+    code = int(err[r])
+    problem = next(text for bit, text in SAMPLE_ERRORS.items() if code & bit)
+    where = " after the CFG mix" if after_cfg else ""
+    raise ValueError(f"{problem}{where}; cannot sample (row {r} of {err.numel()} flattened rows; "
+                     f"{rows.numel()} bad row(s))")

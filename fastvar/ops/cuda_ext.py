@@ -9,12 +9,13 @@ Implementations registered in the ops' ``*_IMPLS`` dicts under ``"cuda"``, with 
   shared memory (``fused_conv`` is accepted and ignored: there is no ``F.conv2d`` variant). Two launches per
   scale: the step and the next scale's area downsample (``next_hw == (1, 1)``: ATen's ``mean()``, from torch).
   Its float32 convolution sums in another order than cuDNN / oneDNN (and never in TF32): held to float64 with
-  eager's error as the bound, like the Triton ``fused_conv`` path. C <= 64 with a convolution; larger C runs
-  the Triton implementation (one warning).
+  eager's error as the bound, like the Triton ``fused_conv`` path. C <= 64 with a convolution.
 - :func:`sample` (``SAMPLE_IMPLS``, ``fastvar/ops/sampling.py``): CFG + top-k + top-p + the draw in exact mode
   (the caller's Exp(1) noise): the same tokens as the Triton kernel and eager (the caveats of
-  ``fastvar/ops/sampling.py``). ``mode="fast"``, float64 logits and ``V > 16384`` run the Triton
-  implementation (one warning).
+  ``fastvar/ops/sampling.py``). Not ``mode="fast"``, float64 logits or ``V > 16384``.
+
+Inputs a kernel cannot take (:func:`step_unsupported`, :func:`sample_unsupported`) make the automatic choice skip
+it, with one warning; a forced ``FASTVAR_BACKEND=cuda`` raises saying why.
 
 The automatic backend order does not pick these yet (``fastvar/ops/_backend.py``: ``CUDA_PREFERRED``);
 ``FASTVAR_BACKEND=cuda`` opts in. The CPU tests run the same functions on the extension's host build
@@ -26,9 +27,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from fastvar.ops._backend import cuda_extension, warn_once
+from fastvar.ops._backend import cuda_extension
+from fastvar.ops._checks import capturing, raise_for_sample_errors
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_STEP_C = 64          # csrc/fastvar_ext.h: a thread's output channels of Phi's conv live in registers
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -104,17 +107,19 @@ def _(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook):
     return f_hat.new_empty(f_hat.shape[0], f_hat.shape[1], int(next_hw[0]), int(next_hw[1]))
 
 
+def step_unsupported(C: int, has_conv: bool) -> Optional[str]:
+    """Why the CUDA step cannot take these inputs (the automatic backend choice then skips it), or None."""
+    if has_conv and C > MAX_STEP_C:
+        return f"C={C} > {MAX_STEP_C} (the CUDA step keeps a thread's output channels in registers)"
+    return None
+
+
 def upsample_accumulate(f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw, codebook, fused_conv=False):
     """``UPSAMPLE_ACCUMULATE_IMPLS["cuda"]``: the signature of the Triton implementation (``fused_conv``
     ignored: the convolution is always in the kernel)."""
-    C = f_hat.shape[1]
-    if phi_weight is not None and C > 64:
-        from fastvar.ops import upsample
-        why = f"C={C} > 64 (the CUDA step keeps a thread's output channels in registers)"
-        warn_once(("upsample_accumulate_", "cuda", "C"), f"fastvar: upsample_accumulate_ falls back from cuda to "
-                                                        f"triton: {why}")
-        return upsample.UPSAMPLE_ACCUMULATE_IMPLS["triton"](f_hat, codes, phi_weight, phi_bias, resi_ratio, next_hw,
-                                                            codebook, fused_conv)
+    why = step_unsupported(f_hat.shape[1], phi_weight is not None)
+    if why is not None:
+        raise ValueError(f"the CUDA step cannot take these inputs: {why}; FASTVAR_BACKEND=triton can")
     nxt = _step_op(f_hat, codes, phi_weight, phi_bias, float(resi_ratio),
                    None if next_hw is None else [int(v) for v in next_hw], codebook)
     return nxt if next_hw is not None else None
@@ -157,12 +162,10 @@ def _sample_op(logits: torch.Tensor, noise: torch.Tensor, n_cond: int, has_cfg: 
                top_p: float, return_filtered: bool, validate: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The CUDA sampler as one graph node: ``(tokens, filtered or (0, V))``; raises on bad rows when
     ``validate`` (not while a CUDA graph is captured)."""
-    from fastvar.ops._checks import capturing
-    from fastvar.ops.sampling import _raise_for_errors
     tokens, err, filtered = sample_exact(logits, n_cond, cfg_t if has_cfg else None, top_k, top_p, noise,
                                          return_filtered)
     if validate and not capturing(logits):
-        _raise_for_errors(err, has_cfg)
+        raise_for_sample_errors(err, has_cfg)
     return tokens, (filtered if filtered is not None else logits.new_empty(0, logits.shape[-1], dtype=torch.float32))
 
 
@@ -173,20 +176,22 @@ def _(logits, noise, n_cond, has_cfg, cfg_t, top_k, top_p, return_filtered, vali
             logits.new_empty((rows if return_filtered else 0), V, dtype=torch.float32))
 
 
+def sample_unsupported(logits: torch.Tensor, noise: Optional[torch.Tensor]) -> Optional[str]:
+    """Why the CUDA sampler cannot take these inputs (the automatic backend choice then skips it), or None."""
+    if noise is None:
+        return "mode='fast' (the CUDA sampler implements the exact draw only)"
+    if logits.dtype not in _DTYPE_CODES:
+        return f"{logits.dtype} logits (the kernel reads float32, float16 and bfloat16)"
+    if logits.shape[-1] > MAX_SAMPLE_V:
+        return f"V={logits.shape[-1]} > {MAX_SAMPLE_V} (the row lives in shared memory)"
+    return None
+
+
 def sample(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return_filtered, validate):
     """``SAMPLE_IMPLS["cuda"]``: the signature of the Triton implementation (``fastvar/ops/sampling.py``)."""
-    from fastvar.ops import sampling
-    why = None
-    if noise is None:
-        why = "mode='fast' (the CUDA sampler implements the exact draw only)"
-    elif logits.dtype not in _DTYPE_CODES:
-        why = f"{logits.dtype} logits (the kernel reads float32, float16 and bfloat16)"
-    elif logits.shape[-1] > MAX_SAMPLE_V:
-        why = f"V={logits.shape[-1]} > {MAX_SAMPLE_V} (the row lives in shared memory)"
+    why = sample_unsupported(logits, noise)
     if why is not None:
-        warn_once(("sample_top_k_top_p", "cuda", why), f"fastvar: the CUDA sampler falls back to triton: {why}")
-        return sampling.SAMPLE_IMPLS["triton"](logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset,
-                                               return_filtered, validate)
+        raise ValueError(f"the CUDA sampler cannot take these inputs: {why}; FASTVAR_BACKEND=triton can")
     tokens, filtered = _sample_op(logits, noise, n_cond, cfg_t is not None, 0.0 if cfg_t is None else float(cfg_t),
                                   top_k, top_p, return_filtered, validate)
     return tokens, (filtered if return_filtered else None)

@@ -62,11 +62,10 @@ import torch
 from fastvar.reference import sampling as ref
 from fastvar.ops import cuda_ext
 from fastvar.ops._backend import select, warn_once
-from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor
+from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor, raise_for_sample_errors
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = ("exact", "fast")
-_ERR_TEXT = {1: "logits hold NaN", 2: "a row of logits is entirely -inf", 4: "logits hold +inf"}
 
 
 def check_top_k_top_p(top_k, top_p, V: Optional[int] = None):
@@ -96,20 +95,6 @@ def check_logits(logits: torch.Tensor) -> None:
 def _fp32(x: float) -> float:
     """The float32 rounding of a Python float, as torch rounds a scalar it combines with a float32 tensor."""
     return float(np.float32(x))
-
-
-def _raise_for_errors(err: torch.Tensor, after_cfg: bool) -> None:
-    """``err``: the kernel's per-row codes (0 = fine). One reduction and one read back when all is well.
-    The messages are :func:`check_logits`' (the eager path's), plus where."""
-    if not bool(err.any()):
-        return
-    rows = torch.nonzero(err).flatten()
-    r = int(rows[0])
-    code = int(err[r])
-    problem = next(text for bit, text in _ERR_TEXT.items() if code & bit)
-    where = " after the CFG mix" if after_cfg else ""
-    raise ValueError(f"{problem}{where}; cannot sample (row {r} of {err.numel()} flattened rows; "
-                     f"{rows.numel()} bad row(s))")
 
 
 # ------------------------------------------------------------------------------ implementations
@@ -177,7 +162,7 @@ def _fused_sample_op(logits: torch.Tensor, noise: Optional[torch.Tensor], seed_o
         filtered=filtered if return_filtered else None, has_cfg=has_cfg, has_top_k=0 < top_k < V,
         has_top_p=top_p > 0, interpret=logits.device.type != "cuda")
     if validate and not _capturing(logits):
-        _raise_for_errors(err, has_cfg)
+        raise_for_sample_errors(err, has_cfg)
     return tokens, filtered
 
 
@@ -268,7 +253,7 @@ def _run(op, impls, logits3, n_cond, cfg_t, top_k, top_p, generator, mode, seed,
         if noise is not None:
             raise ValueError("noise is for mode='exact'; mode='fast' draws its own random numbers from seed")
         seed_offset = _fast_seed(seed, offset, generator, device)
-    impl = select(op, impls, device)
+    impl = select(op, impls, device, {"cuda": cuda_ext.sample_unsupported(logits3, noise)})
     return impl(logits3, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return_filtered, bool(validate))
 
 

@@ -264,7 +264,8 @@ def upsample_accumulate_(
     if needs_grad(f_hat, codes, phi_weight, phi_bias, codebook):
         impl = _eager_upsample_accumulate
     else:
-        impl = select("upsample_accumulate_", UPSAMPLE_ACCUMULATE_IMPLS, f_hat.device)
+        impl = select("upsample_accumulate_", UPSAMPLE_ACCUMULATE_IMPLS, f_hat.device,
+                      {"cuda": cuda_ext.step_unsupported(C, phi_weight is not None)})
     if fused_conv and C > 64 and impl is not _eager_upsample_accumulate:
         raise ValueError(f"fused_conv=True keeps all channels of f_hat in one tile: C <= 64, got C={C}")
     nxt = impl(f_hat, codes, phi_weight, phi_bias, r, nhw, codebook, fused_conv)

@@ -90,7 +90,7 @@ def code_map(idx_Bl: torch.Tensor, codebook: torch.Tensor, h: int, w: int) -> to
     """A scale's code vectors as the official code lays them out: ``(B, h*w)`` token indices -> embedding
     ``(B, h*w, C)`` -> a transposed ``(B, C, h, w)`` view. Its strides decide how ATen's CPU interpolate /
     conv round: channels-last, except at B = 1, where the batch stride is C and ATen picks the contiguous
-    format (a permuted gather would differ there by ~3e-7, seen in bench_quantizer)."""
+    format (a permuted gather differs there by ~3e-7)."""
     B = idx_Bl.shape[0]
     return F.embedding(idx_Bl, codebook).transpose(1, 2).reshape(B, codebook.shape[1], h, w)
 

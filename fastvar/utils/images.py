@@ -26,11 +26,16 @@ def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 2, pa
     return grid
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """``(..., C, H, W)`` float in [0, 1] -> ``(..., H, W, C)`` uint8 (rounded to nearest), contiguous, on the CPU."""
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).movedim(-3, -1).contiguous().cpu()
+
+
 def to_uint8_hwc(image: torch.Tensor) -> bytes:
     """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major."""
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
-    return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy().tobytes()
+    return to_uint8(image).numpy().tobytes()
 
 
 def encode_png(image: torch.Tensor) -> bytes:

@@ -10,7 +10,7 @@ Compared with the official ``autoregressive_infer_cfg`` (same algorithm, same ra
 - on CUDA, each scale step is captured once per (batch, settings) in a CUDA graph and replayed.
 
 This module drives the scales: buffers per batch size, CUDA graphs and random numbers. The model's part
-of each scale is its adapter's (:class:`fastvar.models.var.VARAdapter`); the kernels live in ``fastvar.ops``.
+of each scale is its adapter's (:class:`fastvar.sampler.var.VARAdapter`); the kernels live in ``fastvar.ops``.
 """
 from __future__ import annotations
 
@@ -19,13 +19,27 @@ import contextlib
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from fastvar.labels import sampling_labels
-from fastvar.models.var import VARAdapter
+from fastvar.sampler.var import VARAdapter
 from fastvar.settings import SamplingSettings
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+SEED_RANGE = 2 ** 63        # torch.Generator.manual_seed takes [-2**63, 2**64); fastvar asks for [0, 2**63)
+
+
+def check_seeds(seeds, name: str = "seed") -> List[int]:
+    """Integer seeds in ``[0, 2**63)``; ``ValueError`` / ``TypeError`` naming ``name`` otherwise."""
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer in [0, 2**63), got {s!r}")
+        if not 0 <= int(s) < SEED_RANGE:
+            raise ValueError(f"{name} must be in [0, 2**63), got {s}")
+        out.append(int(s))
+    return out
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -223,26 +237,40 @@ class Sampler:
 
     def stream(self, labels: Union[torch.Tensor, Sequence[int], int, None], seed: Optional[int] = None,
                cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, *,
-               B: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[ScaleResult]:
+               B: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               image_seeds: Optional[Sequence[int]] = None) -> Iterator[ScaleResult]:
         """Sample, yielding a :class:`ScaleResult` as each scale finishes (coarse to fine).
 
         ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no class)
         with ``B``, or None (``B`` random classes). ``seed`` seeds a fresh generator on the model's
-        device (or pass ``generator``; None and None: the global RNG). ``top_k`` must be <= V.
-        Arguments are checked here, not at the first ``next()``.
+        device (or pass ``generator``; None and None: the global RNG): the batch draws its random numbers
+        together, in the official order, so the same seed gives the official model's tokens. ``image_seeds``
+        (instead): one seed per image (``B`` ints in ``[0, 2**63)``), each image drawing from its own
+        generator, so that an image does not depend on the batch it is sampled in (``fastvar generate``).
+        ``top_k`` must be <= V. Arguments are checked here, not at the first ``next()``.
         """
         settings = self.settings(cfg, top_k, top_p, more_smooth)
-        rng = generator if generator is not None else (
-            None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed)))
+        if image_seeds is not None:
+            if seed is not None or generator is not None:
+                raise ValueError("pass image_seeds, or seed / generator, not both")
+            rng = [torch.Generator(device=self.device).manual_seed(s) for s in check_seeds(image_seeds)]
+            if labels is None:
+                raise ValueError("image_seeds needs the labels of the images (labels=None draws them from one generator)")
+            B = len(rng) if B is None else B
+            if B != len(rng):
+                raise ValueError(f"image_seeds must hold B={B} seeds, got {len(rng)}")
+        else:
+            rng = generator if generator is not None else (
+                None if seed is None else torch.Generator(device=self.device).manual_seed(check_seeds([seed])[0]))
         if B is None:
             sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
             B = len(labels) if sized else 1
-        labels = sampling_labels(B, labels, self.model.num_classes, rng, self.device, name="labels")
+        labels = sampling_labels(B, labels, self.model.num_classes, None if isinstance(rng, list) else rng,
+                                 self.device, name="labels")
         return self._stream(labels, rng, settings)
 
     @torch.no_grad()
-    def _stream(self, labels: torch.Tensor, rng: Optional[torch.Generator],
-                settings: SamplingSettings) -> Iterator[ScaleResult]:
+    def _stream(self, labels: torch.Tensor, rng, settings: SamplingSettings) -> Iterator[ScaleResult]:
         if self.model.stale():      # a tensor replaced or moved since the casts were made
             self.refresh()
         else:
@@ -270,18 +298,20 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               image_seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Sample images ``(B, 3, H, W)`` in [0, 1]; arguments as :meth:`stream`."""
         last = None
-        for last in self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator):
+        for last in self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator,
+                                image_seeds=image_seeds):
             pass
         return last.preview()
 
     @torch.no_grad()
     def tokens(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None
-               ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               image_seeds: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Sample without decoding: ``(tokens per scale, final f_hat)``."""
-        results = list(self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator))
+        results = list(self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator,
+                                   image_seeds=image_seeds))
         return [r.tokens for r in results], results[-1].f_hat

@@ -1,0 +1,361 @@
+"""``fastvar generate``: many images for evaluation (FID-50k: 50 per class of 1,000), on one process or many.
+
+Runs as a plain process or unchanged under ``torchrun`` (one process per GPU, ``torch.distributed`` with NCCL on
+GPUs and gloo on CPU, across machines with torchrun's rendezvous; the output folder must be one shared folder):
+
+    fastvar generate --out-dir fid --num-per-class 50                      # bundled digits model, this process
+    torchrun --nproc_per_node 8 -m fastvar generate --out-dir fid --num-per-class 50 \\
+        --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --cfg 1.5 --top-k 900 --top-p 0.96
+
+What it guarantees:
+
+- **The same images whatever the world size, the batch size or interruptions.** Image ``i`` of class ``c`` draws
+  its random numbers from its own generator, seeded by :func:`image_seed` ``(seed, c, i)`` (``Sampler(...,
+  image_seeds=...)``), so it does not depend on the batch or the process that samples it: bit for bit on CPU in
+  float32 (a batch of one image is sampled as two copies of it, because PyTorch's CPU convolutions choose their
+  algorithm by memory layout, which differs at batch size 1); on GPUs as far as the kernels are deterministic
+  (cuBLAS and cuDNN may pick other algorithms for other batch sizes, which moves the last bits of the latent,
+  rarely a token). ``fastvar sample`` keeps the official batch-coupled random order.
+- **Output:** ``DIR/samples.npz`` with ``arr_0`` uint8 ``(N, H, W, 3)`` (the layout the reference FID / IS
+  evaluator reads) in class-major order and ``labels`` int64 ``(N,)``; ``DIR/manifest.json`` with the model,
+  settings, seed, versions and commit; ``DIR/grid.png`` with a few images of each class.
+- **Resumable:** every batch is written as its own shard (``DIR/shards/``, atomically: a file is whole or
+  absent). A run killed at any moment, every rank at once included, continues where it stopped when started
+  again with the same command (any world size or batch size), never losing or repeating an image, and ends with
+  the same ``samples.npz``. A restart with other settings stops with an error naming what differs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import re
+import time
+import zipfile
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+MANIFEST_FORMAT = "fastvar.generate/1"
+SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
+# what makes the images: a restart must match these (world size, batch size and timeout may change)
+IMAGE_KEYS = ("model", "classes", "num_per_class", "seed", "cfg", "top_k", "top_p", "more_smooth", "dtype")
+
+
+class GenerateError(Exception):
+    """A user error: one line, exit status 2."""
+
+
+def image_seed(seed: int, cls: int, index: int) -> int:
+    """The seed of image ``index`` of class ``cls``, in ``[0, 2**63)``: SHA-256 of the three numbers, so that
+    nearby triples give unrelated streams."""
+    digest = hashlib.sha256(f"fastvar.generate:{seed}:{cls}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ------------------------------------------------------------------------------------------ plan
+def parse_classes(text: str, num_classes: int) -> List[int]:
+    """``"all"`` or comma-separated class ids (each once), checked against the model."""
+    if text.strip().lower() == "all":
+        return list(range(num_classes))
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            c = int(part)
+        except ValueError:
+            raise GenerateError(f"--classes must be 'all' or comma-separated class ids, got {part!r} in {text!r}") from None
+        if not 0 <= c < num_classes:
+            raise GenerateError(f"--classes: class {c} is out of range; this model has classes 0..{num_classes - 1}")
+        if c in out:
+            raise GenerateError(f"--classes: class {c} is listed twice")
+        out.append(c)
+    if not out:
+        raise GenerateError(f"--classes must name at least one class, got {text!r}")
+    return out
+
+
+def done_ranges(shard_dir: str) -> List[Tuple[int, int]]:
+    """``[begin, end)`` id ranges of the finished shards (only whole files carry the final name)."""
+    if not os.path.isdir(shard_dir):
+        return []
+    return sorted((int(m.group(1)), int(m.group(2))) for m in map(SHARD.match, os.listdir(shard_dir)) if m)
+
+
+def todo_batches(n: int, done: Sequence[Tuple[int, int]], batch_size: int) -> List[Tuple[int, int]]:
+    """The ids in ``[0, n)`` no finished shard holds, as ``[begin, end)`` batches of at most ``batch_size``
+    consecutive ids."""
+    covered = np.zeros(n, dtype=bool)
+    for b, e in done:
+        covered[b:min(e, n)] = True
+    out, i = [], 0
+    while i < n:
+        if covered[i]:
+            i += 1
+            continue
+        j = i
+        while j < n and not covered[j] and j - i < batch_size:
+            j += 1
+        out.append((i, j))
+        i = j
+    return out
+
+
+# ------------------------------------------------------------------------------------ distributed
+class Group:
+    """This process's place among the ranks torchrun started (a single process without torchrun)."""
+
+    def __init__(self, timeout_s: float):
+        import torch.distributed as dist
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.active = self.world > 1
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        if self.active:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=self.timeout,
+                                    **({"device_id": self.device} if backend == "nccl" else {}))
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank; a rank that died or hangs ends the wait after the timeout with an error."""
+        if not self.active:
+            return
+        try:
+            if self.dist.get_backend() == "gloo":
+                self.dist.monitored_barrier(timeout=self.timeout)
+            else:
+                self.dist.barrier()
+        except Exception as e:
+            raise GenerateError(f"rank {self.rank}: the other ranks did not reach '{what}' within "
+                                f"{self.timeout.total_seconds():.0f} s (a rank failed?): {e}") from None
+
+    def close(self) -> None:
+        if self.active and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ output
+def _write_npz(path: str, arrays: Dict[str, np.ndarray]) -> None:
+    from fastvar.utils.files import atomic_write
+
+    def write(f):
+        np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def _save_shard(shard_dir: str, begin: int, end: int, images: np.ndarray, labels: np.ndarray) -> None:
+    _write_npz(os.path.join(shard_dir, f"ids_{begin:09d}_{end:09d}.npz"), {"images": images, "labels": labels})
+
+
+def assemble(out_dir: str, n: int) -> str:
+    """Join the shards into ``samples.npz`` (``arr_0``, ``labels``) without holding every image in memory: the
+    images go through a memory-mapped ``.npy`` into an uncompressed zip."""
+    shard_dir = os.path.join(out_dir, "shards")
+    ranges = done_ranges(shard_dir)
+    covered = np.zeros(n, dtype=np.int64)
+    for b, e in ranges:
+        covered[b:e] += 1
+    if (covered == 0).any():
+        missing = np.flatnonzero(covered == 0)
+        raise GenerateError(f"{out_dir}: {len(missing)} images have no shard (first id {missing[0]}); run again")
+    tmp_npy = os.path.join(out_dir, f".arr_0.{os.getpid()}.npy")
+    images = labels = None
+    try:
+        taken = np.zeros(n, dtype=bool)
+        for b, e in ranges:
+            with np.load(os.path.join(shard_dir, f"ids_{b:09d}_{e:09d}.npz")) as z:
+                imgs, labs = z["images"], z["labels"]
+            if images is None:
+                images = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.uint8, shape=(n, *imgs.shape[1:]))
+                labels = np.empty(n, dtype=np.int64)
+            keep = ~taken[b:e]              # two runs on one folder may have written the same ids: same images
+            images[b:e][keep], labels[b:e][keep] = imgs[keep], labs[keep]
+            taken[b:e] = True
+        images.flush()
+        final = os.path.join(out_dir, "samples.npz")
+        tmp_npz = os.path.join(out_dir, f".samples.{os.getpid()}.npz.tmp")
+        with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            zf.write(tmp_npy, "arr_0.npy")
+            with zf.open("labels.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, labels)
+        os.replace(tmp_npz, final)
+    finally:
+        del images
+        if os.path.exists(tmp_npy):
+            os.unlink(tmp_npy)
+    return final
+
+
+def _grid(out_dir: str, classes: Sequence[int], per_class: int, max_classes: int = 32, max_per_class: int = 8) -> str:
+    """``grid.png``: up to ``max_per_class`` images of each of the first ``max_classes`` classes, a row each."""
+    from fastvar.utils.images import make_grid, save_png
+    k = min(per_class, max_per_class)
+    with np.load(os.path.join(out_dir, "samples.npz"), mmap_mode="r") as z:
+        rows = [z["arr_0"][ci * per_class: ci * per_class + k] for ci in range(min(len(classes), max_classes))]
+    imgs = torch.from_numpy(np.concatenate(rows)).permute(0, 3, 1, 2).float().div_(255)
+    return save_png(make_grid(imgs, ncol=k), os.path.join(out_dir, "grid.png"))
+
+
+# ---------------------------------------------------------------------------------------- manifest
+def _model_identity(args) -> Dict[str, object]:
+    if not args.var_ckpt:
+        from fastvar.pretrained import DIGITS_PATH
+        return {"bundled": "digits", "bytes": os.path.getsize(DIGITS_PATH)}
+    return {"var_ckpt": os.path.abspath(args.var_ckpt), "var_bytes": os.path.getsize(args.var_ckpt),
+            "vae_ckpt": os.path.abspath(args.vae_ckpt), "vae_bytes": os.path.getsize(args.vae_ckpt)}
+
+
+def _manifest(args, classes, settings, image_hw) -> Dict[str, object]:
+    import fastvar
+    from fastvar.utils.benchmarking import git_commit
+    return {"format": MANIFEST_FORMAT, "model": _model_identity(args), "classes": list(classes),
+            "num_per_class": args.num_per_class, "seed": args.seed, "cfg": settings.cfg, "top_k": settings.top_k,
+            "top_p": settings.top_p, "more_smooth": settings.more_smooth, "dtype": args.dtype,
+            "image_hw": list(image_hw), "num_images": len(classes) * args.num_per_class,
+            "order": "class-major: image i of classes[c] is arr_0[c * num_per_class + i]",
+            "image_seed": "fastvar.generate.image_seed(seed, class, i)",
+            "versions": {"fastvar": fastvar.__version__, "torch": torch.__version__}, "commit": git_commit()}
+
+
+def check_or_write_manifest(out_dir: str, manifest: Dict[str, object]) -> None:
+    """First run: write the manifest. Restart: the settings that make the images must be the same."""
+    from fastvar.utils.files import atomic_write
+    path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise GenerateError(f"{path} is not a readable manifest ({e}); use another --out-dir") from None
+        if old.get("format") != MANIFEST_FORMAT:
+            raise GenerateError(f"{path} is not a fastvar generate manifest; use another --out-dir")
+        differ = [k for k in IMAGE_KEYS if old.get(k) != manifest[k]]
+        if differ:
+            what = "; ".join(f"{k}: {old.get(k)!r} before, {manifest[k]!r} now" for k in differ)
+            raise GenerateError(f"{out_dir} holds a run with other settings ({what}); use another --out-dir, or "
+                                "the same settings to resume it")
+        return
+    atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
+
+
+# ------------------------------------------------------------------------------------------- run
+def add_parser(sub) -> argparse.ArgumentParser:
+    g = sub.add_parser("generate", help="many images for FID / IS into one samples.npz (resumable, any number of "
+                                        "processes under torchrun)",
+                       description=__doc__.split("\n\n")[0])
+    g.add_argument("--out-dir", required=True, help="folder for samples.npz, manifest.json, grid.png and the shards")
+    g.add_argument("--num-per-class", type=int, required=True, help="images of each class (FID-50k: 50)")
+    g.add_argument("--classes", default="all", help="comma-separated class ids, or 'all' (default: all)")
+    g.add_argument("--seed", type=int, default=0, help="image i of class c uses image_seed(seed, c, i) (default: 0)")
+    g.add_argument("--batch-size", type=int, default=32, help="images sampled at once per process (default: 32)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's; 1.5 for checkpoints)")
+    g.add_argument("--top-k", type=int, default=None, help="top-k, 0 = off (default: the model's; 900)")
+    g.add_argument("--top-p", type=float, default=None, help="top-p, 0 = off (default: the model's; 0.96)")
+    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes (visualisation)")
+    g.add_argument("--var-ckpt", help="VAR checkpoint (default: the bundled digits model)")
+    g.add_argument("--vae-ckpt", help="VQVAE checkpoint")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="VAR compute dtype (default: float32)")
+    g.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a rank waits for the others before it stops with an error (default: 1800)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return g
+
+
+def _check_args(args) -> str:
+    if args.num_per_class < 1:
+        raise GenerateError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise GenerateError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if not args.timeout > 0:
+        raise GenerateError(f"--timeout must be positive, got {args.timeout}")
+    out_dir = os.path.abspath(os.path.expanduser(args.out_dir))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GenerateError(f"--out-dir {out_dir} exists and is not a folder")
+    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise GenerateError(f"--out-dir: {parent} is not a writable folder")
+    return out_dir
+
+
+def cmd_generate(args) -> str:
+    """Run (or resume) the generation; returns the final line. Errors: :class:`GenerateError`."""
+    from fastvar.pretrained import load_models
+    from fastvar.sampler import Sampler
+    from fastvar.utils.images import to_uint8
+    from fastvar.utils.progress import Progress
+    out_dir = _check_args(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    group = Group(args.timeout)
+    try:
+        if bool(args.var_ckpt) != bool(args.vae_ckpt):
+            raise GenerateError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
+        try:
+            vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise GenerateError(str(e)) from None
+        classes = parse_classes(args.classes, var.num_classes)
+        sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
+        try:
+            settings = sampler.settings(info["cfg"] if args.cfg is None else args.cfg,
+                                        info["top_k"] if args.top_k is None else args.top_k,
+                                        info["top_p"] if args.top_p is None else args.top_p, args.more_smooth)
+        except (TypeError, ValueError) as e:
+            raise GenerateError(str(e)) from None
+        K, n = args.num_per_class, len(classes) * args.num_per_class
+        image_hw = tuple(sampler.decode(torch.zeros(1, var.Cvae, *var.schedule.hws[-1], device=group.device)).shape[-2:])
+        shard_dir = os.path.join(out_dir, "shards")
+        if group.rank == 0:
+            os.makedirs(shard_dir, exist_ok=True)
+            check_or_write_manifest(out_dir, _manifest(args, classes, settings, image_hw))
+        group.barrier("manifest written")
+        batches = todo_batches(n, done_ranges(shard_dir), args.batch_size)
+        group.barrier("work planned")       # every rank planned from the same finished shards
+        mine = batches[group.rank::group.world]
+        prog = Progress(n, "[generate]", enabled=group.rank == 0 and not args.quiet)
+        start, made = time.perf_counter(), 0
+        for b, e in mine:
+            ids = list(range(b, e))
+            labels = [classes[i // K] for i in ids]
+            seeds = [image_seed(args.seed, classes[i // K], i % K) for i in ids]
+            pad = len(ids) == 1         # batch size 1 runs other CPU convolution algorithms: sample two copies
+            imgs = sampler.sample(labels * (2 if pad else 1), image_seeds=seeds * (2 if pad else 1),
+                                  cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p,
+                                  more_smooth=settings.more_smooth)[:len(ids)]
+            if not bool(torch.isfinite(imgs).all()):
+                raise GenerateError(f"the images of ids {b}..{e - 1} hold NaN or inf (a diverged model?); "
+                                    "nothing was written for them")
+            arr = to_uint8(imgs).numpy()
+            _save_shard(shard_dir, b, e, arr, np.asarray(labels, dtype=np.int64))
+            made += len(ids)
+            if group.rank == 0:
+                done = sum(e_ - b_ for b_, e_ in done_ranges(shard_dir))
+                rate = made * group.world / max(time.perf_counter() - start, 1e-9)
+                prog.update(min(done, n), f"{rate:.1f} img/s, ETA {max(n - done, 0) / max(rate, 1e-9):.0f} s")
+        group.barrier("all shards written")
+        elapsed = time.perf_counter() - start
+        if group.rank != 0:
+            return ""
+        path = assemble(out_dir, n)
+        grid = _grid(out_dir, classes, K)
+        if not args.quiet:
+            prog.close(f"{n} images")
+        per_device = made / elapsed if elapsed > 0 else float("nan")
+        return (f"wrote {n} images ({len(classes)} classes x {K}, {image_hw[0]}x{image_hw[1]} px) to {path} "
+                f"(grid: {grid}); this run sampled {sum(e - b for b, e in batches)} of them in {elapsed:.1f} s on "
+                f"{group.world} device(s): {per_device:.2f} images/s on rank 0")
+    finally:
+        group.close()

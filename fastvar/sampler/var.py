@@ -1,0 +1,261 @@
+"""What :class:`fastvar.Sampler` needs of a VAR, kept out of its driver: :class:`VARAdapter` holds a
+VAR's weights in the compute dtype and does the model's part of every scale; :class:`VARBuffers` holds the static
+buffers of one batch size. The Sampler itself only drives scales, CUDA graphs and random numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvar import ops
+from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, copy_unless_same
+from fastvar.reference import sampling as ref_sampling
+from fastvar.reference.quantize import scale_ratio
+from fastvar.schedule import Schedule
+from fastvar.settings import SamplingSettings
+
+
+def tensor_slots(*modules: nn.Module) -> List[Tuple[dict, str]]:
+    """Every parameter and buffer of ``modules`` as (its module's ``_parameters`` / ``_buffers``, name): read
+    through these, a tensor the model replaces is seen (walking ``parameters()`` again costs ~0.75 ms per
+    sample for d30 on a 2-core CPU; these lookups ~0.1 ms)."""
+    return [(d, name) for mod in modules for m in mod.modules() for d in (m._parameters, m._buffers)
+            for name, t in d.items() if t is not None]
+
+
+def weights_fingerprint(slots: List[Tuple[dict, str]]) -> tuple:
+    """Where each tensor lives and how often it was modified in place (its version counter): it changes
+    with an optimizer step, ``load_state_dict``, ``.to()``, a replaced parameter or an in-place edit of the
+    tensor. (Inference tensors have no version counter; they cannot change outside inference mode.)"""
+    out = []
+    for d, name in slots:
+        t = d.get(name)
+        out.append(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version))
+    return tuple(out)
+
+
+class VARAdapter:
+    """A VAR as :class:`fastvar.Sampler` drives it: fastvar's ``VAR`` or an official one after ``fastvar.patch``.
+
+    Holds the weights in the compute ``dtype`` (the model's own tensors where they already have it, casts
+    otherwise) and the per-batch buffers' layout, and does the model's part of every scale: the per-sample
+    conditioning (AdaLN modulation of every block and of the head, computed once per sample: the condition
+    never changes across scales), the transformer on the scale's tokens (:meth:`AdaLNSelfAttn.sampling_step` per
+    block, on KV caches preallocated for the whole schedule), the draw (CFG + top-k/top-p + the categorical
+    draw fused), and the quantizer's step to the next scale's input. The embeddings, the residual stream and
+    f_hat stay float32, as in the official sampling under ``torch.autocast`` (embeddings are not autocast, and
+    each block's low-precision output is added to the float32 stream).
+
+    ``fused_conv``: the quantizer step computes Phi's convolution inside its Triton kernel
+    (``ops.upsample_accumulate_``).
+    """
+
+    def __init__(self, var: nn.Module, vae: nn.Module, dtype: torch.dtype, fused_conv: bool = False):
+        schedule = getattr(var, "schedule", None)
+        if not isinstance(schedule, Schedule) or not hasattr(var, "blocks"):
+            raise TypeError(f"{type(var).__name__} is not a VAR fastvar can sample: expected fastvar.VAR or an "
+                            "official VAR patched by fastvar.patch")
+        quant = getattr(vae, "quantize", None)
+        if not hasattr(quant, "get_next_autoregressive_input_from_idx"):
+            raise TypeError("the VQVAE's quantizer is not fastvar's: call fastvar.patch(model) first")
+        if not all(isinstance(b, AdaLNSelfAttn) for b in var.blocks) or not isinstance(var.head_nm, AdaLNBeforeHead):
+            raise TypeError("the VAR's blocks are not fastvar's: call fastvar.patch(model) first")
+        if quant.schedule != schedule:
+            raise ValueError(f"the VQVAE's schedule {quant.schedule.patch_nums} differs from the VAR's "
+                             f"{schedule.patch_nums}")
+        self.var, self.vae, self.quant, self.schedule = var, vae, quant, schedule
+        self.dtype, self.fused_conv, self.device = dtype, bool(fused_conv), var.lvl_1L.device
+        self.V, self.C, self.Cvae, self.num_classes = var.V, var.C, var.Cvae, var.num_classes
+        # the CUDA graphs read the VQVAE's codebook and Phi as well as the transformer's weights
+        self.slots = tensor_slots(var, vae)
+        self.fingerprint = weights_fingerprint(self.slots)
+        shared = None if isinstance(var.shared_ada_lin, nn.Identity) else var.shared_ada_lin[1]
+        # (held tensor, model tensor): the embeddings in float32, the rest in the compute dtype
+        sources = [(torch.float32, var.class_emb.weight), (torch.float32, var.pos_start),
+                   (torch.float32, var.pos_1LC), (torch.float32, var.lvl_embed.weight),
+                   (dtype, var.word_embed.weight), (dtype, var.word_embed.bias), (dtype, var.head.weight),
+                   (dtype, var.head.bias)] + ([(dtype, shared.weight), (dtype, shared.bias)] if shared else [])
+        with torch.inference_mode(False), torch.no_grad():    # the held tensors are refreshed in place later
+            self._pairs = [(t.detach().to(dt), t) for dt, t in sources]
+            self.blocks = list(var.blocks)
+            self.block_weights = [b.step_weights(dtype) for b in self.blocks]
+            self.head_nm, self.head_ada = var.head_nm, var.head_nm.step_weights(dtype)
+        held = [h for h, _ in self._pairs]
+        self.class_emb, self.pos_start, self.pos_1LC, self.lvl_embed = held[:4]
+        self.word, self.head = tuple(held[4:6]), tuple(held[6:8])
+        self.shared = tuple(held[8:10]) if shared else None
+
+    def stale(self) -> bool:
+        """True once a tensor of the model or the VQVAE was replaced or moved since this adapter was built (its
+        held tensors would point at the old ones): the Sampler then builds a new adapter."""
+        now = weights_fingerprint(self.slots)
+        return [f and f[0] for f in now] != [f and f[0] for f in self.fingerprint]
+
+    def sync(self, always: bool = True) -> None:
+        """Copy the model's current values into the held casts and derived tensors, in place (captured CUDA graphs
+        keep reading them). ``always=False`` skips it unless a version counter moved (an in-place edit through
+        torch: an optimizer step, ``load_state_dict``, ``p.copy_``), which misses edits through ``.data`` and of
+        inference tensors; ``always=True`` sees every edit, for one read of every weight and one write of the
+        casts (nothing but ``qkv_b`` when the compute dtype is the weights' own)."""
+        now = weights_fingerprint(self.slots)
+        if not always and now == self.fingerprint:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            for held, t in self._pairs:
+                copy_unless_same(held, t)
+            for b, w in zip(self.blocks, self.block_weights):
+                b.sync_step_weights(w)
+            self.head_nm.sync_step_weights(self.head_ada)
+        self.fingerprint = now
+
+    def weight_bytes(self) -> int:
+        """Bytes of the held tensors that are not the model's own (casts, and the concatenated qkv biases)."""
+        own = {t.data_ptr() for d, name in self.slots if (t := d.get(name)) is not None}
+        held = [h for h, _ in self._pairs] + list(self.head_ada)
+        for w in self.block_weights:
+            for f in dataclasses.fields(w):
+                v = getattr(w, f.name)
+                held += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values() if t.data_ptr() not in own)
+
+    # ------------------------------------------------------------------ per batch size
+    def buffers(self, B: int) -> "VARBuffers":
+        return VARBuffers(self, B)
+
+    # ------------------------------------------------------------------ per sample
+    def condition(self, buf: "VARBuffers", labels: torch.Tensor) -> None:
+        """Class condition of ``labels`` ``(B,)`` (and the no-class half of CFG): every block's and the head's
+        modulation, the positions, the first scale's input; f_hat zeroed."""
+        B, C = buf.B, self.C
+        buf.labels[:B].copy_(labels)
+        buf.labels[B:].fill_(self.num_classes)
+        cond = F.embedding(buf.labels, self.class_emb)                            # (2B, C) float32
+        block_cond = cond if self.shared is None else \
+            F.linear(F.silu(cond).to(self.dtype), *self.shared).view(-1, 1, 6, C)
+        for mod, b, w in zip(buf.mods, self.blocks, self.block_weights):
+            mod.copy_(b.modulation(block_cond, w))
+        buf.head_mod.copy_(self.head_nm.modulation(cond, self.head_ada))
+        buf.lvl_pos.copy_(F.embedding(self.var.lvl_1L, self.lvl_embed) + self.pos_1LC)
+        first = self.schedule.first_l
+        buf.x_in[0].copy_(cond.unsqueeze(1).expand(2 * B, first, -1) + self.pos_start.expand(2 * B, first, -1)
+                          + buf.lvl_pos[:, :first])
+        buf.f_hat.zero_()
+
+    def draw_noise(self, buf: "VARBuffers", si: int, rng, more_smooth: bool) -> None:
+        """Scale ``si``'s random numbers, in the official order: the Exp(1) draw ``torch.multinomial`` makes,
+        then (``more_smooth``) the Gumbel noise. ``rng``: one ``torch.Generator`` (or None, the global one) for
+        the batch, as the official loop; or a list of one generator per image, each drawing its own rows, so
+        that an image does not depend on the batch it is sampled in."""
+        if not isinstance(rng, (list, tuple)):
+            buf.noise(si).exponential_(generator=rng)
+            if more_smooth:
+                buf.gumbel(si).exponential_(generator=rng)
+            return
+        rows = buf.noise(si).view(buf.B, -1)
+        for b, g in enumerate(rng):
+            rows[b].exponential_(generator=g)
+            if more_smooth:
+                buf.gumbel(si)[b].exponential_(generator=g)
+
+    # ------------------------------------------------------------------ per scale
+    def logits(self, buf: "VARBuffers", si: int) -> torch.Tensor:
+        """Every block and the head on scale ``si``'s tokens: float32 logits ``(2B, l, V)``."""
+        x, start, mods = buf.x_in[si], self.schedule.spans[si][0], buf.mods
+        ws = self.block_weights
+        h = ops.adaln_modulate(x, mods[0][:, :, 2], mods[0][:, :, 4], ws[0].eps)
+        for i, (b, w) in enumerate(zip(self.blocks, ws)):
+            if i + 1 < len(ws):
+                nxt = (mods[i + 1][:, :, 2], mods[i + 1][:, :, 4], ws[i + 1].eps)
+            else:
+                nxt = (buf.head_mod[:, :, 0], buf.head_mod[:, :, 1], self.head_nm.ln_wo_grad.eps)
+            x, h = b.sampling_step(x, h, mods[i], buf.caches[i], start, w, nxt)
+        return F.linear(h, *self.head).float()
+
+    def step(self, buf: "VARBuffers", si: int, settings: SamplingSettings) -> None:
+        """One scale on the static buffers: transformer, CFG + top-k/top-p + draw, codes, f_hat, next input."""
+        B, S = buf.B, len(self.schedule)
+        ratio = scale_ratio(si, S)
+        ph, pw = self.schedule.hws[si]
+        # CFG mix, top-k, top-p and the draw (argmax(p / noise), the draw torch.multinomial makes) fused; on CUDA
+        # a bad row draws -1 without a sync, checked once per sample (check_tokens)
+        drawn = ops.sample_cfg_top_k_top_p(self.logits(buf, si), settings.cfg * ratio, settings.top_k,
+                                           settings.top_p, noise=buf.noise(si), return_filtered=settings.more_smooth,
+                                           validate=self.device.type != "cuda")
+        tokens, logits = drawn if settings.more_smooth else (drawn, None)
+        buf.tokens[si].copy_(tokens)
+        tokens = tokens.clamp(0, self.V - 1)        # never index past the codebook, even on a bad row
+        if settings.more_smooth:
+            g = (logits.mul(1 + ratio) + (-buf.gumbel(si).log())) / ref_sampling.smooth_tau(ratio)
+            codes = (g.softmax(-1) @ self.quant.embedding.weight.unsqueeze(0)).transpose_(1, 2)
+            _, nxt = self.quant.get_next_autoregressive_input(si, S, buf.f_hat, codes.reshape(B, self.Cvae, ph, pw),
+                                                              fused_conv=self.fused_conv)
+        else:   # the codes are gathered inside the upsample kernel: no (B, Cvae, h, w) map
+            _, nxt = self.quant.get_next_autoregressive_input_from_idx(si, S, buf.f_hat, tokens, validate=False,
+                                                                       fused_conv=self.fused_conv)
+        if si + 1 < S:
+            b0, b1 = self.schedule.spans[si + 1]
+            x_next = F.linear(nxt.view(B, self.Cvae, -1).transpose(1, 2).to(self.dtype), *self.word)
+            x_next = x_next + buf.lvl_pos[:, b0:b1]
+            buf.x_in[si + 1][:B].copy_(x_next)
+            buf.x_in[si + 1][B:].copy_(x_next)
+
+    def check_tokens(self, buf: "VARBuffers") -> None:
+        """On CUDA the draw does not stop the GPU to validate logits: a row of NaN, +inf or only -inf logits
+        draws -1. One check per sample turns that into a clear error."""
+        for si, t in enumerate(buf.tokens):
+            if bool((t < 0).any()):
+                raise ValueError(f"the logits of scale {si} hold NaN, +inf or a row that is entirely -inf "
+                                 "(a diverged model or weights?); cannot sample")
+
+    @torch.no_grad()
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]."""
+        dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
+        return self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+
+
+class VARBuffers:
+    """Static buffers of one batch size ``B``: the KV caches, the per-sample modulation, the per-scale inputs,
+    noise and tokens, and f_hat. CUDA graphs captured on them replay for every sample of that batch size.
+
+    One noise buffer serves every scale (each scale draws into it just before it runs): ``B*l*V`` float32 per
+    scale would be 0.7 GB at B = 64 and 256 px, 2.3 GB at 512 px.
+    """
+
+    def __init__(self, m: VARAdapter, B: int):
+        dev, dt, C, L, V = m.device, m.dtype, m.C, m.schedule.L, m.V
+        lens = m.schedule.lens
+        self.B, self.lens, self.V = B, lens, V
+        with torch.inference_mode(False):      # usable inside and outside inference mode alike
+            self.caches = [KVCache(L, w.heads, w.head_dim).allocate(2 * B, dt, dev) for w in m.block_weights]
+            self.labels = torch.zeros(2 * B, dtype=torch.long, device=dev)
+            self.mods = torch.empty(len(m.blocks), 2 * B, 1, 6, C, dtype=dt, device=dev)
+            self.head_mod = torch.empty(2 * B, 1, 2, C, dtype=dt, device=dev)
+            self.lvl_pos = torch.empty(1, L, C, dtype=torch.float32, device=dev)
+            self.x_in = [torch.empty(2 * B, n, C, dtype=torch.float32, device=dev) for n in lens]
+            # ones, not empty: the graph warm-up runs every scale step before later scales' noise is drawn,
+            # and a NaN from uninitialised memory would make the draw pick a column past V
+            self._noise = torch.ones(B * max(lens) * V, dtype=torch.float32, device=dev)
+            self._gumbel: Optional[torch.Tensor] = None
+            self.tokens = [torch.empty(B, n, dtype=torch.long, device=dev) for n in lens]
+            self.f_hat = torch.zeros(B, m.Cvae, *m.schedule.hws[-1], dtype=torch.float32, device=dev)
+
+    def noise(self, si: int) -> torch.Tensor:
+        """``(B*l, V)`` view for scale ``si``: the Exp(1) draw of ``torch.multinomial``."""
+        return self._noise[: self.B * self.lens[si] * self.V].view(self.B * self.lens[si], self.V)
+
+    def gumbel(self, si: int) -> torch.Tensor:
+        """``(B, l, V)`` view for scale ``si``: the Gumbel noise of ``more_smooth`` (allocated on first use)."""
+        if self._gumbel is None:
+            with torch.inference_mode(False):
+                self._gumbel = torch.ones_like(self._noise)
+        return self._gumbel[: self.B * self.lens[si] * self.V].view(self.B, self.lens[si], self.V)
+
+    def nbytes(self) -> int:
+        tensors = [*self.x_in, *self.tokens, self.labels, self.mods, self.head_mod, self.lvl_pos, self._noise,
+                   self.f_hat] + ([self._gumbel] if self._gumbel is not None else [])
+        return sum(c.nbytes() for c in self.caches) + sum(t.numel() * t.element_size() for t in tensors)
