@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from fastvar import ops
 from fastvar.models import infinity_schedules as schedules
 from fastvar.nn.attention import AdaLNBeforeHead, SharedAdaLin
 from fastvar.nn.infinity import CrossAttnBlock, FastRMSNorm, MultipleLayers, TextAttentivePool
@@ -364,20 +365,20 @@ class Infinity(nn.Module):
                             x = ref.cfg_mix(x, cfg)
                             x = torch.cat((x, x), 0)
                         layer += 1
-                if cfg != 1 and on_logits:
-                    logits = ref.cfg_mix(self.get_logits(x, cond_BD).mul(1 / tau_list[si]), cfg)
-                else:
-                    logits = self.get_logits(x[:B], cond_BD[:B]).mul(1 / tau_list[si])
-                logits = logits.reshape(B, -1, 2)
-                if record is not None:
-                    record["logits"].append(logits.clone())
-                noise = ref.bit_noise(logits.shape[0] * logits.shape[1], rng, logits.device)
-                sampled = ref.sample_bits_with_noise(logits, top_k, top_p, noise)
+                mix = cfg if (cfg != 1 and on_logits) else None
+                raw = self.get_logits(x, cond_BD) if mix is not None else self.get_logits(x[:B], cond_BD[:B])
+                raw = raw.reshape(raw.shape[0], -1, 2)
+                if record is not None:          # what entered the official sampler: after 1/tau and guidance
+                    mixed = raw.mul(1 / tau_list[si])
+                    record["logits"].append(ref.cfg_mix(mixed, mix) if mix is not None else mixed)
+                noise = ref.bit_noise(B * raw.shape[1], rng, raw.device)
+                sampled, codes = ops.sample_bits(raw, B, cfg=mix, tau=tau_list[si], top_k=top_k, top_p=top_p,
+                                                 noise=noise, grid=(h, w), patchify=bool(self.apply_spatial_patchify))
                 if si < gt_leak:
                     bits = gt_ls_Bl[si]
-                else:
+                    codes = ref.bits_to_codes(bits)
+                elif record is not None:
                     bits = ref.tokens_to_vae_bits(sampled.reshape(B, h, w, -1), self.apply_spatial_patchify)
-                codes = ref.bits_to_codes(bits)
                 summed, nxt = ref.bitwise_step(summed, codes, vae_sched, si, self.apply_spatial_patchify)
                 if record is not None:
                     record["noise"].append(noise)

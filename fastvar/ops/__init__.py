@@ -4,11 +4,13 @@ tensors' device and what is installed; ``FASTVAR_BACKEND=eager|triton|cuda`` for
 Each op module exports its functions in ``__all__`` and its implementations by backend in ``OPS``.
 """
 from . import adaln as _adaln, attention as _attention, quantize as _quantize, sampling as _sampling
-from . import cross_attention as _cross_attention
+from . import bit_sampling as _bit_sampling, cross_attention as _cross_attention
 from .adaln import *  # noqa: F401,F403
 from .attention import *  # noqa: F401,F403
 from .quantize import *  # noqa: F401,F403
 from .sampling import *  # noqa: F401,F403
 from .cross_attention import *  # noqa: F401,F403
+from .bit_sampling import *  # noqa: F401,F403
 
-OPS = {**_adaln.OPS, **_attention.OPS, **_quantize.OPS, **_sampling.OPS, **_cross_attention.OPS}
+OPS = {**_adaln.OPS, **_attention.OPS, **_quantize.OPS, **_sampling.OPS, **_cross_attention.OPS,
+       **_bit_sampling.OPS}

@@ -4,6 +4,8 @@ API, argument checks and backend choice.
 See :func:`fastvar.reference.infinity.varlen_attention` for the definition. Sequence ``i`` is the q rows
 ``[cu_seqlens_q[i], cu_seqlens_q[i+1])`` attending, without a mask, to the k/v rows
 ``[cu_seqlens_k[i], cu_seqlens_k[i+1])`` (flash-attn's ``varlen`` layout, no flash-attn needed).
+Backends (``CROSS_ATTENTION_IMPLS``): ``eager`` (the reference, a loop over sequences) and ``triton``
+(:mod:`fastvar.triton_kernels.cross_attention`, through the ``fastvar::varlen_cross_attention`` custom op).
 Forward only (sampling and teacher-forced evaluation); no autograd.
 """
 # No ``from __future__ import annotations``: torch.library reads the custom op's annotations as types.
@@ -11,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from fastvar.ops._backend import select
+from fastvar.ops._backend import select, warn_once
 from fastvar.ops._checks import check_finite_scalar, check_same, check_tensor
 from fastvar.reference import infinity as ref
 
@@ -22,7 +24,37 @@ def _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max
     return ref.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale)
 
 
-CROSS_ATTENTION_IMPLS = {"eager": _eager}
+@torch.library.custom_op("fastvar::varlen_cross_attention", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+               cu_seqlens_k: torch.Tensor, softmax_scale: float, max_seqlen_q: int, max_seqlen_k: int) -> torch.Tensor:
+    """The Triton varlen cross-attention as one graph node (no autograd)."""
+    from fastvar.triton_kernels.cross_attention import varlen_cross_attention_fwd
+    return varlen_cross_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+@_varlen_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max_seqlen_k):
+    return q.new_empty(q.shape)
+
+
+def _triton_unsupported(q: torch.Tensor) -> Optional[str]:
+    from fastvar.triton_kernels.cross_attention import MAX_HEAD_DIM
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"the Triton kernel takes head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+    if q.dtype == torch.float64:
+        return "float64 (the kernel computes in float32)"
+    return None
+
+
+def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max_seqlen_k):
+    why = _triton_unsupported(q)
+    if why is not None:
+        warn_once(("varlen_cross_attention", why), f"fastvar: varlen_cross_attention falls back to eager: {why}")
+        return _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max_seqlen_k)
+    return _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max_seqlen_k)
+
+
+CROSS_ATTENTION_IMPLS = {"eager": _eager, "triton": _triton}
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> None:
