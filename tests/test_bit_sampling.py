@@ -8,7 +8,6 @@ draw a removed value; negative controls (a wrong temperature, no top-p) must fai
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 

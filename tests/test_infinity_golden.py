@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import golden_infinity as golden
 from fastvar.models import infinity_schedules as schedules

@@ -8,7 +8,7 @@ The convolution nets are plain PyTorch; the quantizer follows :mod:`fastvar.refe
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
