@@ -9,3 +9,6 @@ __all__.append("patch")
 from .sampler import Sampler
 
 __all__.append("Sampler")
+from .models import BSQVAE, Infinity, load_infinity
+
+__all__ += ["BSQVAE", "Infinity", "load_infinity"]

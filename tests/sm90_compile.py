@@ -235,6 +235,34 @@ def adaln_cases():
                             x_new=torch.empty_like(x))
 
 
+def infinity_cases():
+    """Infinity's kernels at the 2B/8B sizes: the bit sampler (the 1024 px last scale, 64 x 64 tokens of 32 bits;
+    the 8B patchify layout) and the varlen cross-attention (image blocks at D=128, the 8B text pool at D=224)."""
+    from fastvar.triton_kernels import bit_sampling as BS, cross_attention as CA
+    B = 2
+    for dtype in (torch.bfloat16, torch.float32):
+        name = str(dtype).split(".")[-1]
+        for (h, w, d, patchify) in ((64, 64, 32, False), (45, 90, 14, True)):
+            n = h * w * d * (4 if patchify else 1)
+            logits = torch.randn(2 * B, n, 2).to(dtype)
+            noise = torch.empty(B * n, 2).exponential_()
+            bits, err = torch.empty(B * n, dtype=torch.uint8), torch.empty(B * n, dtype=torch.int32)
+            with variant(f"bit sampling {name} d={d} patchify={int(patchify)} cfg+top-p+codes"):
+                BS.bit_sampling_fwd(logits, noise, bits, err, B, 2.0, 3.0, -2.0, 0.03, has_cfg=True, has_top_p=True,
+                                    codes=torch.empty(B * n), code=0.17, w=w, d_t=n // (h * w), d=d,
+                                    patchify=patchify, interpret=False)
+        with variant(f"bit sampling {name} top-k 1, no cfg, bits only"):
+            BS.bit_sampling_fwd(logits[:B], noise, bits, err, B, 1.0, top_k1=True, interpret=False)
+        H = 2
+        for D, lq, lk in ((128, 4096, 300), (224, 1, 512)):
+            q = torch.randn(B * lq, H, D).to(dtype)
+            k, v = torch.randn(B * lk, 2, H, D).to(dtype).unbind(1)
+            cu_q = torch.arange(0, (B + 1) * lq, lq, dtype=torch.int32)
+            cu_k = torch.arange(0, (B + 1) * lk, lk, dtype=torch.int32)
+            with variant(f"cross attention {name} D={D} Lq={lq} Lk={lk}"):
+                CA.varlen_cross_attention_fwd(q, k, v, cu_q, cu_k, lq, lk, D ** -0.5, interpret=False)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="every attention tile configuration, not the first")
@@ -247,6 +275,7 @@ def main(argv=None) -> int:
         quantizer_cases()
         sampling_cases()
         adaln_cases()
+        infinity_cases()
     print(f"# triton {triton.__version__}, target {TARGET}, {len(RECORDS)} kernels in {time.time() - start:.0f} s")
     print(f"{'variant':62s} {'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s}")
     for r in RECORDS:

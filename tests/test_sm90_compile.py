@@ -25,6 +25,7 @@ KERNELS = {
     "_upsample_phi_accumulate_fwd_kernel",
     "_adaln_fwd_kernel",
 }
+KERNELS |= {"_bit_sampling_fwd_kernel", "_varlen_cross_attn_fwd_kernel"}      # Infinity
 
 # Spills ptxas reports (Triton 3.9) that the code documents; anything else spilling is a regression.
 DOCUMENTED_SPILLS = {

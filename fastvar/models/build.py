@@ -10,6 +10,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from fastvar.models.families import reject_other_family
 from fastvar.models.var import VAR
 from fastvar.models.vqvae import VQVAE
 from fastvar.utils.files import load_tensors
@@ -120,6 +121,7 @@ def infer_schedule(sd: Mapping[str, torch.Tensor]) -> Tuple[ScaleSpec, ...]:
 
 def var_config_from_state_dict(sd: Mapping[str, torch.Tensor], patch_nums=None) -> Dict[str, Any]:
     """Constructor arguments of the VAR that produced ``sd``."""
+    reject_other_family(sd, "VAR", "VAR state dict")
     w = _require(sd, "word_embed.weight", "VAR")
     depth_ids = _indices(sd, r"blocks\.(\d+)\.")
     if not depth_ids:
@@ -137,6 +139,7 @@ def var_config_from_state_dict(sd: Mapping[str, torch.Tensor], patch_nums=None) 
 
 def vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], patch_nums) -> Dict[str, Any]:
     """Constructor arguments of the VQVAE that produced ``sd`` (``quant_resi`` ratio: the official 0.5)."""
+    reject_other_family(sd, "VQVAE", "VQVAE state dict")
     emb = _require(sd, "quantize.embedding.weight", "VQVAE")
     conv_in = _require(sd, "encoder.conv_in.weight", "VQVAE")
     ch = conv_in.shape[0]

@@ -1,0 +1,155 @@
+"""Loading Infinity + BSQ VAE pairs from official state dicts or checkpoint files (configs inferred from the
+tensors), with the official inference settings (``pad_to_multiplier=128``, shared AdaLN, 2D RoPE...)."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from fastvar.models.bsq_vae import BSQVAE
+from fastvar.models.build import check_state_dict
+from fastvar.models.families import reject_other_family
+from fastvar.models.infinity import Infinity
+from fastvar.utils.files import load_tensors
+
+# The official inference loader's constructor settings (tools/run_infinity.load_infinity)
+OFFICIAL_INFERENCE = dict(shared_aln=True, pad_to_multiplier=128, add_lvl_embeding_only_first_block=1,
+                          text_maxlen=512, norm_eps=1e-6, drop_path_rate=0.1, cond_drop_rate=0.1)
+
+
+def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
+
+
+def _require(sd: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    if key not in sd:
+        bare = key.replace(".conv.", ".").replace(".norm.", ".")     # a VAE file without the wrapper names
+        if bare in sd:
+            return sd[bare]
+        raise ValueError(f"{what} state dict has no {key!r}: it is not an official {what} checkpoint")
+    return sd[key]
+
+
+def bsq_vae_config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Constructor arguments of the :class:`BSQVAE` that produced ``sd``."""
+    reject_other_family(sd, "BSQ VAE", "BSQ VAE state dict")
+    conv_in = _require(sd, "encoder.conv_in.conv.weight", "BSQ VAE")
+    ch = conv_in.shape[0]
+    levels = _indices(sd, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise ValueError("BSQ VAE state dict has no encoder.down.* keys")
+    ch_mult = tuple(_require(sd, f"encoder.down.{i}.block.0.conv1.conv.weight", "BSQ VAE").shape[0] // ch
+                    for i in levels)
+    return dict(codebook_dim=_require(sd, "encoder.conv_out.conv.weight", "BSQ VAE").shape[0], base_ch=ch,
+                ch_mult=ch_mult, num_res_blocks=len(_indices(sd, r"encoder\.down\.0\.block\.(\d+)\.")))
+
+
+def infinity_config_from_state_dict(sd: Mapping[str, torch.Tensor], codebook_dim: int) -> Dict[str, Any]:
+    """Constructor arguments of the :class:`Infinity` that produced ``sd`` (besides ``vae_local``), with the
+    official inference settings; ``codebook_dim`` is the VAE's d (patchify when the tokens carry 4d bits)."""
+    reject_other_family(sd, "Infinity", "Infinity state dict")
+    we = _require(sd, "word_embed.weight", "Infinity")
+    C, d_t = we.shape
+    chunks = _indices(sd, r"block_chunks\.(\d+)\.")
+    if chunks:
+        per_chunk = len(_indices(sd, r"block_chunks\.0\.module\.(\d+)\."))
+        depth, block_chunks = len(chunks) * per_chunk, len(chunks)
+        first = "block_chunks.0.module.0."
+    else:
+        depth, block_chunks = len(_indices(sd, r"blocks\.(\d+)\.")), 1
+        first = "blocks.0."
+    if depth == 0:
+        raise ValueError("Infinity state dict has no block_chunks.* or blocks.* keys")
+    if d_t == codebook_dim:
+        patchify = 0
+    elif d_t == 4 * codebook_dim:
+        patchify = 1
+    else:
+        raise ValueError(f"Infinity state dict: word_embed takes {d_t} bits per token, but the VAE has d={codebook_dim} "
+                         f"(expected d, or 4d with spatial patchify): the two checkpoints do not belong together")
+    hidden = _require(sd, first + "ffn.fc1.weight", "Infinity").shape[0]
+    mlp_ratio = 4.0 if round(C * 4 / 256) * 256 == hidden else hidden / C
+    cfg = dict(OFFICIAL_INFERENCE)
+    cfg.update(text_channels=_require(sd, "text_norm.weight", "Infinity").shape[0],
+               text_maxlen=_require(sd, "cfg_uncond", "Infinity").shape[0], embed_dim=C, depth=depth,
+               num_heads=_require(sd, first + "sa.scale_mul_1H11", "Infinity").shape[1], mlp_ratio=mlp_ratio,
+               block_chunks=block_chunks, shared_aln=first + "ada_gss" in sd, apply_spatial_patchify=patchify,
+               cross_attn_layer_scale=1.0 if first + "ca_gamma" in sd else -1.0)
+    return cfg
+
+
+def _unwrap(obj, what: str, keys=("state_dict",)) -> Dict[str, torch.Tensor]:
+    for k in keys:
+        if isinstance(obj, Mapping) and isinstance(obj.get(k), Mapping):
+            obj = obj[k]
+            break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{what} checkpoint must hold a state dict (names -> tensors), got {type(obj).__name__}")
+    return dict(obj)
+
+
+def _add_wrapper_names(vae: nn.Module, sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map ``x.weight`` to ``x.conv.weight`` / ``x.norm.weight`` where only the wrapped name exists, as the
+    official ``load_cnn`` accepts names without the ``Conv``/``Normalize`` wrappers."""
+    own = vae.state_dict()
+    out = {}
+    for k, v in sd.items():
+        if k not in own:
+            head, _, leaf = k.rpartition(".")
+            for wrap in ("conv", "norm"):
+                if f"{head}.{wrap}.{leaf}" in own:
+                    k = f"{head}.{wrap}.{leaf}"
+                    break
+        out[k] = v
+    for k in ("quantizer.lfq.mask", "quantize.lfq.mask"):       # a buffer the file may lack: 2^(d-1) ... 1
+        if k not in out and k in own:
+            out[k] = 2 ** torch.arange(own[k].shape[0] - 1, -1, -1)
+    return out
+
+
+def infinity_from_state_dicts(infinity_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor], *,
+                              device: Union[str, torch.device] = "cpu",
+                              infinity_config: Optional[Mapping[str, Any]] = None,
+                              vae_config: Optional[Mapping[str, Any]] = None) -> Tuple[BSQVAE, Infinity]:
+    """Build the models that match two official state dicts (configs inferred unless given) and load them
+    strictly, in float32. Returns ``(vae, infinity)`` in eval mode."""
+    vae_cfg = dict(vae_config or bsq_vae_config_from_state_dict(vae_sd))
+    with torch.device("meta"):
+        vae = BSQVAE(**vae_cfg)
+    vae_sd = _add_wrapper_names(vae, vae_sd)
+    check_state_dict(vae, vae_sd, "BSQ VAE")
+    vae.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in vae_sd.items()},
+                        strict=True, assign=True)
+    vae = vae.to(device).eval()
+    inf_cfg = dict(infinity_config or infinity_config_from_state_dict(infinity_sd, vae.codebook_dim))
+    with torch.device("meta"):
+        model = Infinity(vae, **inf_cfg)
+    sd = dict(infinity_sd)
+    if "cfg_uncond" in sd and sd["cfg_uncond"].shape != model.cfg_uncond.shape:
+        raise ValueError(f"Infinity state dict: cfg_uncond is {tuple(sd['cfg_uncond'].shape)}, the model's "
+                         f"{tuple(model.cfg_uncond.shape)}; pass infinity_config with that text_maxlen")
+    check_state_dict(model, sd, "Infinity")
+    nn.Module.load_state_dict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
+                              strict=True, assign=True)
+    return vae, model.to(device).eval()
+
+
+def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, os.PathLike], *,
+                  device: Union[str, torch.device] = "cpu", **infinity_overrides) -> Tuple[BSQVAE, Infinity]:
+    """Load official checkpoint files (``infinity_2b_reg.pth`` + ``infinity_vae_d32_reg.pth``), read with
+    ``torch.load(weights_only=True)``. A transformer file holds the state dict (or one under
+    ``"state_dict"``); a VAE file holds it under ``"vae"`` (the official layout) or plainly. Depth, width,
+    heads, chunks, text width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
+    arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` float32, eval mode; a state dict that
+    does not match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family.
+    The 8B model's sharded weights are not read (merge the shards into one state dict first)."""
+    inf_sd = _unwrap(load_tensors(infinity_ckpt, "Infinity checkpoint"), "Infinity")
+    vae_sd = _unwrap(load_tensors(vae_ckpt, "BSQ VAE checkpoint"), "BSQ VAE", keys=("vae", "state_dict"))
+    vae_cfg = bsq_vae_config_from_state_dict(vae_sd)
+    inf_cfg = infinity_config_from_state_dict(inf_sd, vae_cfg["codebook_dim"])
+    inf_cfg.update(infinity_overrides)
+    return infinity_from_state_dicts(inf_sd, vae_sd, device=device, infinity_config=inf_cfg, vae_config=vae_cfg)

@@ -1,0 +1,262 @@
+"""Drop-in modules of the Infinity transformer with the official names (``infinity/models/basic.py``), so
+official state dicts load both ways.
+
+``FastRMSNorm``: ``weight``. ``CrossAttention``: ``mat_q`` (a parameter ``(1, H, c)`` for the attentive
+pool, else a ``Linear``), ``mat_kv``, ``v_bias``, ``zero_k_bias``, ``proj``. ``SelfAttention``:
+``mat_qkv``, ``q_bias``, ``v_bias``, ``zero_k_bias``, ``scale_mul_1H11``, ``proj``. ``CrossAttnBlock``:
+``sa``, ``ca``, ``ffn.fc1``, ``ffn.fc2``, ``ca_norm``, ``ada_gss`` (shared AdaLN) or ``ada_lin.1``.
+``MultipleLayers``: ``module.{j}``. The head's ``AdaLNBeforeHead``, ``FFN`` and ``SharedAdaLin`` are VAR's
+(same names and computation), from :mod:`fastvar.nn.attention`.
+
+Text conditioning arrives as ``ca_kv = (kv_compact (N, C), cu_seqlens_k (B + 1,) int32, max_seqlen_k)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastvar import ops
+from fastvar.nn.attention import FFN, DropPath
+from fastvar.reference import infinity as ref
+
+CaKV = Tuple[torch.Tensor, torch.Tensor, int]
+
+
+class FastRMSNorm(nn.Module):
+    """RMSNorm of the text features (official ``FastRMSNorm``): ``x * rsqrt(mean(x^2) + eps) * weight``."""
+
+    def __init__(self, C: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        super().__init__()
+        self.C, self.eps, self.elementwise_affine = C, eps, elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(C))
+        else:
+            self.register_buffer("weight", torch.ones(C))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ref.text_rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"C={self.C}, eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
+
+
+def _packed_cross_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale):
+    """The official float32 -> bf16 -> float32 varlen call on fastvar's op."""
+    def attend(q_, k_, v_, cq, ck, s):
+        return ops.varlen_cross_attention(q_, k_, v_, cq, ck, s, max_seqlen_q=max_seqlen_q,
+                                          max_seqlen_k=max_seqlen_k, validate=False)
+    return ref.official_cross_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, attention=attend)
+
+
+class CrossAttention(nn.Module):
+    """Attention from image tokens (or, for the attentive pool, one learned query per prompt) to the packed
+    text features (official ``CrossAttention``; ``cos_attn`` is forced off, as officially).
+
+    ``forward(q, ca_kv)``: ``q`` ``(B, Lq, C)`` (ignored with ``for_attn_pool``); returns ``(B, Lq, C)``
+    (``Lq = 1`` for the pool). Keys/values are ``mat_kv(kv_compact) + (0, v_bias)``; scale ``1/sqrt(c)``;
+    each image's queries form one packed sequence over its prompt's tokens, computed as the official
+    bfloat16 flash-attn call (see :func:`fastvar.reference.infinity.official_cross_attention`).
+    """
+
+    def __init__(self, for_attn_pool: bool = False, embed_dim: int = 768, kv_dim: int = 4096, num_heads: int = 12,
+                 proj_drop: float = 0.0, cos_attn: bool = False):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.for_attn_pool, self.embed_dim, self.kv_dim = for_attn_pool, embed_dim, kv_dim
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.cos_attn = False
+        self.scale = 1 / self.head_dim ** 0.5
+        if for_attn_pool:
+            q = torch.empty(1, num_heads, self.head_dim)
+            nn.init.trunc_normal_(q, mean=0, std=(1 / embed_dim / 3) ** 0.5)
+            self.mat_q = nn.Parameter(q)
+        else:
+            self.mat_q = nn.Linear(embed_dim, embed_dim, bias=True)
+        self.mat_kv = nn.Linear(kv_dim, embed_dim * 2, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop, inplace=True) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, q: Optional[torch.Tensor], ca_kv: CaKV) -> torch.Tensor:
+        kv_compact, cu_seqlens_k, max_seqlen_k = ca_kv
+        N = kv_compact.shape[0]
+        kv = F.linear(kv_compact, self.mat_kv.weight, torch.cat((self.zero_k_bias, self.v_bias)))
+        kv = kv.view(N, 2, self.num_heads, self.head_dim)
+        if self.for_attn_pool:
+            B, Lq = cu_seqlens_k.shape[0] - 1, 1
+            q_compact = self.mat_q.repeat(B, 1, 1).to(kv.dtype)
+        else:
+            B, Lq = q.shape[:2]
+            q_compact = self.mat_q(q).view(-1, self.num_heads, self.head_dim)
+        cu_seqlens_q = torch.arange(0, Lq * (B + 1), Lq, dtype=torch.int32, device=q_compact.device)
+        k, v = kv.unbind(dim=1)
+        out = _packed_cross_attention(q_compact.contiguous(), k, v, cu_seqlens_q, cu_seqlens_k, Lq,
+                                      int(max_seqlen_k), self.scale)
+        return self.proj_drop(self.proj(out.reshape(B, Lq, -1)))
+
+    def extra_repr(self) -> str:
+        return f"Cq={self.embed_dim}, Ckv={self.kv_dim}, heads={self.num_heads}, pool={self.for_attn_pool}"
+
+
+class TextAttentivePool(nn.Module):
+    """The pooled text condition (official ``TextAttentivePool``): one learned query per prompt over its
+    tokens; heads ``Ct5 // 128`` (``Ct5 // 64`` when ``D > 4096``). ``forward(ca_kv)`` -> ``(B, D)``."""
+
+    def __init__(self, Ct5: int, D: int):
+        super().__init__()
+        self.Ct5, self.D = Ct5, D
+        self.head_dim = 64 if D > 4096 else 128
+        if Ct5 < self.head_dim or Ct5 % self.head_dim:
+            raise ValueError(f"text_channels (C_t5={Ct5}) must be a multiple of {self.head_dim}: the attentive pool "
+                             f"has C_t5 // {self.head_dim} heads")
+        self.num_heads = Ct5 // self.head_dim
+        self.ca = CrossAttention(for_attn_pool=True, embed_dim=D, kv_dim=Ct5, num_heads=self.num_heads)
+
+    def forward(self, ca_kv: CaKV) -> torch.Tensor:
+        return self.ca(None, ca_kv).squeeze(1)
+
+
+class InfinityKVCache:
+    """Preallocated keys and values of one self-attention layer for a whole sampling run: ``(B, H, capacity,
+    c)`` storage (the layout of the official concatenated cache), handed to ``ops.kv_cached_attention`` as
+    ``(B, capacity, H, c)`` views. ``length`` tokens are filled."""
+
+    def __init__(self, B: int, H: int, capacity: int, c: int, dtype: torch.dtype, device):
+        self.k = torch.empty(B, H, capacity, c, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+
+class SelfAttention(nn.Module):
+    """Infinity's self-attention (official ``SelfAttention`` with ``cos_attn=True``): q and k L2-normalised,
+    q scaled by ``exp(min(scale_mul_1H11, ln 100))`` per head, 2D RoPE on both, softmax scale 1.
+
+    ``forward(x, attn_bias, rope)``: ``x`` ``(B, L, C)``; ``rope`` ``(2, L, c/2)`` the cos/sin rows of x's
+    tokens. Teacher forcing: ``attn_bias`` the ``(1, 1, L, L)`` additive mask (the padded block-causal mask of
+    the official forward). With ``kv_caching(True)`` every call is one scale of sampling: keys and values go
+    into a preallocated cache (``cache_capacity`` tokens) and the queries attend to all cached tokens.
+    """
+
+    def __init__(self, embed_dim: int = 768, num_heads: int = 12, proj_drop: float = 0.0, cos_attn: bool = True):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not cos_attn:
+            raise ValueError("cos_attn must be True: every released Infinity model uses cosine attention")
+        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        self.cos_attn = True
+        self.scale = 1.0
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+        self.mat_qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.v_bias = nn.Parameter(torch.zeros(embed_dim))
+        self.register_buffer("zero_k_bias", torch.zeros(embed_dim))
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = nn.Dropout(proj_drop, inplace=True) if proj_drop > 0 else nn.Identity()
+        self.caching = False
+        self.kv_cache: Optional[InfinityKVCache] = None
+        self.cache_capacity: Optional[int] = None
+
+    def kv_caching(self, enable: bool) -> None:
+        """Start (True) or end (False) a sampling run; either way the previous cache is dropped."""
+        self.caching, self.kv_cache = bool(enable), None
+
+    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], rope: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        H, c = self.num_heads, self.head_dim
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, H, c)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
+        q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
+        v = v.contiguous()
+        q, k = ref.apply_rope2d(q, k, rope)
+        if self.caching:
+            cache = self.kv_cache
+            if cache is None or cache.k.shape[0] != B:
+                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, q.dtype, q.device)
+            if cache.length + L > cache.k.shape[2]:
+                raise ValueError(f"the KV cache holds {cache.k.shape[2]} tokens; {cache.length} are used and this "
+                                 f"scale adds {L} (cache_capacity is the schedule's token count)")
+            out = ops.kv_cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          cache.k.transpose(1, 2), cache.v.transpose(1, 2), cache.length,
+                                          softmax_scale=self.scale)
+            cache.length += L
+            out = out.reshape(B, L, C)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+            out = out.transpose(1, 2).reshape(B, L, C)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, cos_attn=True, rope2d=True"
+
+
+class CrossAttnBlock(nn.Module):
+    """An Infinity block (official ``CrossAttnBlock``): AdaLN self-attention, cross-attention to the text,
+    AdaLN FFN, with gated residuals.
+
+    ``forward(x, cond_BD, ca_kv, attn_bias, rope)``: ``x`` ``(B, L, C)`` float32; ``cond_BD`` the shared
+    ``(B, 1, 6, C)`` modulation (``shared_aln``) or the ``(B, D)`` condition; ``ca_kv`` the packed text keys
+    source; ``attn_bias``, ``rope`` as :class:`SelfAttention`.
+    """
+
+    def __init__(self, embed_dim: int, kv_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6, shared_aln: bool = True, drop: float = 0.0, drop_path: float = 0.0,
+                 cross_attn_layer_scale: float = -1.0, cos_attn: bool = True):
+        super().__init__()
+        self.C, self.D = embed_dim, cond_dim
+        self.drop_path_rate = drop_path
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.sa = SelfAttention(embed_dim=embed_dim, num_heads=num_heads, proj_drop=drop, cos_attn=cos_attn)
+        self.ca = CrossAttention(embed_dim=embed_dim, kv_dim=kv_dim, num_heads=num_heads, proj_drop=drop)
+        self.ffn = FFN(in_features=embed_dim, hidden_features=round(embed_dim * mlp_ratio / 256) * 256, drop=drop)
+        self.norm_eps = norm_eps
+        self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
+        self.ca_norm = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=True)
+        self.shared_aln = shared_aln
+        if shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, embed_dim) / embed_dim ** 0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(inplace=False), nn.Linear(cond_dim, 6 * embed_dim))
+        if cross_attn_layer_scale >= 0:
+            self.ca_gamma = nn.Parameter(cross_attn_layer_scale * torch.ones(embed_dim))
+        else:
+            self.ca_gamma = 1
+
+    def modulation(self, cond_BD: torch.Tensor):
+        """gamma1, gamma2, scale1, scale2, shift1, shift2, each ``(B, 1, C)``."""
+        if self.shared_aln:
+            return ref.shared_modulation(self.ada_gss, cond_BD)
+        return self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
+
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: CaKV, attn_bias: Optional[torch.Tensor],
+                rope: torch.Tensor) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
+        x_sa = ops.adaln_modulate(x, scale1, shift1, self.norm_eps).to(x.dtype)
+        x_sa = self.sa(x_sa, attn_bias, rope)
+        x = x + self.drop_path(x_sa.mul_(gamma1))
+        x = x + self.ca(self.ca_norm(x), ca_kv).mul_(self.ca_gamma)
+        h = ops.adaln_modulate(x, scale2, shift2, self.norm_eps).to(x.dtype)
+        return x + self.drop_path(self.ffn(h).mul(gamma2))
+
+    def extra_repr(self) -> str:
+        gamma = "<learnable>" if isinstance(self.ca_gamma, nn.Parameter) else self.ca_gamma
+        return f"shared_aln={self.shared_aln}, ca_gamma={gamma}"
+
+
+class MultipleLayers(nn.Module):
+    """A chunk of consecutive blocks (official ``MultipleLayers``): ``module.{j}``."""
+
+    def __init__(self, blocks, num_blocks_in_a_chunk: int, index: int):
+        super().__init__()
+        self.module = nn.ModuleList(blocks[index:index + num_blocks_in_a_chunk])
+
+    def forward(self, x, cond_BD, ca_kv, attn_bias, rope):
+        for m in self.module:
+            x = m(x, cond_BD, ca_kv, attn_bias, rope)
+        return x
