@@ -149,6 +149,28 @@ def test_cuda_graphs_give_the_same_tokens(dtype):
         assert torch.equal(fa, fb)
     assert graphed.memory()["graphs"] > 0          # bytes the captured graphs reserved
     graphed.free()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("change", ["EMA .data lerp_", "codebook replaced", "codebook in place"])
+def test_cuda_graphs_follow_weight_changes(change):
+    """The captured graphs read the held casts and the VQVAE's codebook and Phi: after an edit (a replaced VQVAE
+    tensor included, which the graphs would otherwise read from freed memory) the replays equal a new sampler's."""
+    vae, var = tiny_vae_var((1, 2, (2, 3), 4))
+    with torch.no_grad():
+        for b in var.blocks:
+            b.ada_lin[1].weight.normal_(0, 0.05)
+        var.head.weight.mul_(100)
+    vae, var = vae.cuda(), var.cuda()
+    graphed = Sampler(var, vae, dtype=torch.bfloat16, cuda_graphs=True)
+    kw = dict(seed=5, top_k=0, top_p=0.0)
+    before, _ = graphed.tokens([1, 2], **kw)
+    graphed.tokens([1, 2], **kw)                    # replays
+    _edit(var, vae, change)
+    after, _ = graphed.tokens([1, 2], **kw)
+    fresh, _ = Sampler(var, vae, dtype=torch.bfloat16, cuda_graphs=False).tokens([1, 2], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(after, fresh)), "the graphs replayed stale weights"
+    assert not all(torch.equal(a, b) for a, b in zip(after, before)), "the change did not change the tokens"
     assert graphed.memory()["graphs"] == 0
 
 
