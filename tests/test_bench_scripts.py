@@ -191,6 +191,23 @@ def test_bench_sampling_study(monkeypatch, tmp_path):
     assert all(int(r["token_differences"]) <= int(r["rows_gap_below_2e_20"]) for r in rows)
 
 
+def test_bench_adaln(stub_timing, monkeypatch, tmp_path):
+    from tolerances import REL
+    bench = load_on_cpu("bench_adaln", monkeypatch)
+    monkeypatch.setattr(bench, "WIDTHS", {"tiny": 48})
+    monkeypatch.setattr(bench, "SCHEDULES", {"s": (1, 2)})
+    out = tmp_path / "adaln.csv"
+    assert bench.main(["--batches", "1", "2", "--out", str(out)]) == 0
+    rows = read_rows(out, "adaln")
+    assert sorted((r["case"], r["provider"], r["dtype"], r["B"]) for r in rows) == sorted(
+        (op, p, dt, b) for op in bench.OPS for p in ("eager", "fastvar") for dt in bench.DTYPES for b in ("1", "2"))
+    for r in rows:
+        errs = dict(kv.split("_rel_err=") for kv in r["check"].split())
+        assert set(errs) == ({"h"} if r["case"] == "adaln_modulate" else {"h", "x_new"}), r
+        assert all(float(e) <= REL[getattr(torch, r["dtype"])] for e in errs.values()), r
+        assert r["N"] == str(2 * int(r["B"])) and r["l"] == "5" and float(r["GB/s"]) > 0
+
+
 def test_bench_e2e(monkeypatch, tmp_path):
     """``bench/bench_e2e.py`` is ``fastvar bench``: the smoke model on CPU, the common rows plus the per-scale ones
     (the providers themselves are covered by tests/test_cli.py)."""
