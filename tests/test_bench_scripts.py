@@ -218,3 +218,26 @@ def test_bench_e2e(monkeypatch, tmp_path):
     rows = read_rows(path, "e2e")
     assert [r["scale"] for r in rows] == ["", "0", "1", "2", "3"]
     assert all(r["case"] == "d2-smoke" and r["provider"] == "fastvar" and float(r["ms"]) > 0 for r in rows)
+
+
+def test_contributing_table_matches_the_tree():
+    """CONTRIBUTING.md's per-op table names files that exist, and every op, Triton kernel, test of an op and
+    benchmark of the tree has its row (the end-to-end benchmark aside)."""
+    import re
+    root = os.path.dirname(BENCH)
+    text = open(os.path.join(root, "CONTRIBUTING.md")).read()
+    table = re.search(r"\| op \| reference \| Triton kernel \| CUDA kernel \| op \| test \| bench \|\n\|[-|]+\|\n"
+                      r"((?:\|.*\|\n)+)", text).group(1)
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.splitlines()]
+    for op, reference, kernel, cuda, op_file, test, bench in rows:
+        assert (kernel, op_file, test, bench) == (f"triton_kernels/{op}.py", f"fastvar/ops/{op}.py",
+                                                  f"tests/test_{op}.py", f"bench/bench_{op}.py"), op
+        for f in (reference, kernel, cuda, op_file, test, bench):
+            assert not f or os.path.exists(os.path.join(root, f)), f"{op}: {f} does not exist"
+    ops = {r[0] for r in rows}
+    in_tree = {f[:-3] for f in os.listdir(os.path.join(root, "fastvar", "ops")) if not f.startswith("_")
+               and f.endswith(".py")} - {"cuda_ext"}
+    assert ops == in_tree
+    assert ops == {f[:-3] for f in os.listdir(os.path.join(root, "triton_kernels"))
+                   if not f.startswith("_") and f.endswith(".py")}
+    assert {f"bench_{op}.py" for op in ops} | {"bench_e2e.py"} == {f for f in os.listdir(BENCH) if f.endswith(".py")}
