@@ -132,7 +132,6 @@ def study(args) -> int:
         if not triton_interpret():
             print("--study needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernel in the CPU interpreter")
             return 2
-        os.environ["FASTVAR_BACKEND"] = "triton"
     name = torch.cuda.get_device_name(dev) if on_cuda else "cpu (Triton interpreter)"
     V, per_batch = args.V, args.study_batch
     gen = torch.Generator(device=dev).manual_seed(args.seed)
@@ -150,7 +149,8 @@ def study(args) -> int:
             want = ratio.argmax(-1)
             top2 = ratio.topk(2, dim=-1).values
             near += int(((top2[:, 0] - top2[:, 1]) < top2[:, 0] * 2.0 ** -20).sum())
-            got = S.sample_cfg_top_k_top_p(logits, args.cfg * 0.5, top_k, top_p, noise=noise)[0]
+            got = with_backend("triton", functools.partial(S.sample_cfg_top_k_top_p, logits, args.cfg * 0.5, top_k,
+                                                           top_p, noise=noise))[0]
             diffs += int((got != want).sum())
             n += rows
         rec = dict(metadata(dev), device=name, bench="sampling_study", V=V, rows=n, top_k=top_k, top_p=top_p,

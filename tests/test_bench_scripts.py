@@ -184,11 +184,13 @@ def test_bench_sampling(stub_timing, monkeypatch, tmp_path):
 def test_bench_sampling_study(monkeypatch, tmp_path):
     """``--study`` runs the fused kernel in the interpreter on CPU and writes its agreement counts."""
     bench = load_on_cpu("bench_sampling", monkeypatch)
+    backend = os.environ.get("FASTVAR_BACKEND")
     out = tmp_path / "study.csv"
     assert bench.main(["--study", "48", "--study-batch", "24", "--V", "16", "--top-k", "4", "--out", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert [(r["rows"], r["top_k"]) for r in rows] == [("48", "0"), ("48", "4")]
     assert all(int(r["token_differences"]) <= int(r["rows_gap_below_2e_20"]) for r in rows)
+    assert os.environ.get("FASTVAR_BACKEND") == backend      # the study's backend is its own, not the next test's
 
 
 def test_bench_adaln(stub_timing, monkeypatch, tmp_path):
