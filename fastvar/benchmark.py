@@ -1,4 +1,4 @@
-"""End-to-end sampling benchmark (``fastvar bench``, ``bench/bench_sampling.py``).
+"""End-to-end sampling benchmark (``fastvar bench``, ``bench/bench_e2e.py``).
 
 Providers, side by side in one run, on random weights at the released sizes (speed does not depend
 on weight values):
@@ -10,15 +10,16 @@ on weight values):
 - ``fastvar-fused`` (not run by default): the same with ``fused_step_conv=True`` (Phi's convolution
   inside the sampling step's kernel: two launches per scale instead of three).
 
-Reported per (model, batch, provider): ms per batch and per image, images/s, the speedup over eager,
-a per-scale breakdown (fastvar, fastvar-fused), the VAE decode timed separately, and the transformer FLOP floor
-(its FLOPs divided by the measured dense bf16 GEMM rate of this GPU). Outputs are checked before timing:
-shapes always; in float32 the first scale's tokens must equal the official loop's.
-Results go to a CSV with the device name, date, commit and shapes.
+Rows in the layout of every benchmark (``fastvar.utils.benchmarking.COLUMNS``: median, p20, p80 of the wall
+time of whole samples, transformer TFLOP/s, peak memory, speedup over eager, the check), then ``model``, ``L``,
+``batch``, ``dtype``, ``scale``, ms per image, images/s, the VAE decode timed separately and the transformer FLOP
+floor (its FLOPs over the measured dense GEMM rate); fastvar's per-scale breakdown: one row per scale (``scale``).
+Outputs are checked before timing: shapes always; in float32 the first scale's tokens must equal the official
+loop's. Results: ``<out_dir>/e2e_<gpu>_<date>.csv``.
 """
 from __future__ import annotations
 
-import datetime
+import functools
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -28,7 +29,7 @@ from fastvar.models import build_vae_var
 from fastvar.reference import var_sampling
 from fastvar.sampler import Sampler
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
-from fastvar.utils.benchmarking import device_name, git_commit, results_path, write_csv
+from fastvar.utils.benchmarking import metadata, result_row, results_path, write_csv
 
 MODELS = {  # name: (depth, shared_aln, schedule)
     "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
@@ -37,20 +38,26 @@ MODELS = {  # name: (depth, shared_aln, schedule)
 SMOKE_MODEL = ("d2-smoke", 2, False, (1, 2, 3, 4), 32, 64, 8)   # name, depth, shared, schedule, ch, V, Cvae
 
 
-def timed(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in ms (CUDA-synchronised)."""
+def timed(fn, device: torch.device, reps: int, warmup: int = 1):
+    """Wall times of ``fn()`` in ms (CUDA-synchronised): (median, p20, p80), and the peak memory of the
+    calls above what was allocated before them in MB (None on CPU)."""
+    cuda = device.type == "cuda"
+    sync = functools.partial(torch.cuda.synchronize, device) if cuda else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
+    base = torch.cuda.memory_allocated(device) if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    times.sort()
+    mem = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20 if cuda else None
+    return tuple(times[int(q * (len(times) - 1) + 0.5)] for q in (0.5, 0.2, 0.8)), mem
 
 
 def gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -58,7 +65,7 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = timed(lambda: a @ b, device, reps=5 if device.type == "cuda" else 2)
+    ms = timed(lambda: a @ b, device, reps=5 if device.type == "cuda" else 2)[0][0]
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
@@ -83,11 +90,12 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if device.type != "cuda" and not smoke:
         raise RuntimeError("the sampling benchmark needs a CUDA GPU (use --smoke to check the code path on CPU)")
-    dev_name, commit = device_name(device), git_commit()
-    date = datetime.date.today().isoformat()
+    meta = metadata(device)
     floor_rate = gemm_tflops(device, dtype if device.type == "cuda" else torch.float32)
-    log(f"# {dev_name} | {date} | commit {commit} | {dtype} | dense GEMM {floor_rate:.1f} TFLOP/s measured")
+    log(f"# {meta['device']} | {meta['date']} | commit {meta['commit']} | {dtype} | dense GEMM {floor_rate:.1f} "
+        f"TFLOP/s measured")
     rows: List[Dict] = []
+    peak = "fp32_tflops" if dtype == torch.float32 else "bf16_tflops"
     specs = [SMOKE_MODEL] if smoke else [(m, *MODELS[m], 160, 4096, 32) for m in models]
     for name, depth, shared, schedule, ch, V, Cvae in specs:
         vae, var = build_vae_var(device, patch_nums=schedule, depth=depth, shared_aln=shared, ch=ch, V=V, Cvae=Cvae,
@@ -123,33 +131,38 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 out = runs[p]()
                 tokens[p] = out[0] if p.startswith("fastvar") else out[1]
                 assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.schedule.lens], p
+            checks = {p: "shapes ok" for p in providers}
             if dtype == torch.float32 and {"eager", "fastvar"} <= set(tokens):
                 assert torch.equal(tokens["eager"][0], tokens["fastvar"][0]), "fastvar's first-scale tokens differ"
                 same = sum(int((a == b).sum()) for a, b in zip(tokens["eager"], tokens["fastvar"]))
+                checks["fastvar"] = f"tokens equal to eager's: {same}/{B * var.L}"
                 log(f"  tokens equal to the official loop's: {same}/{B * var.L}")
             floor_ms = transformer_flops(var, B) / (floor_rate * 1e12) * 1e3
             f_hat = fast.tokens(labels, seed=0, **kw)[1]
-            decode_ms = timed(lambda: fast.decode(f_hat), device, reps)
-            base, row_of = None, {}
+            decode_ms = timed(lambda: fast.decode(f_hat), device, reps)[0][0]
+            keys = dict(model=name, L=var.L, batch=B, dtype=str(dtype))
+            shape = f"B={B} L={var.L} {str(dtype).removeprefix('torch.')}"
+            base = None
             for p in providers:
-                ms = timed(runs[p], device, reps)
-                base = ms if p == "eager" else base
-                row = dict(device=dev_name, date=date, commit=commit, model=name, L=var.L, batch=B, dtype=str(dtype),
-                           provider=p, ms=round(ms, 3), ms_per_image=round(ms / B, 3),
-                           images_per_s=round(1e3 * B / ms, 2), speedup_vs_eager=round(base / ms, 2) if base else "",
-                           flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3))
+                ms, mem = timed(runs[p], device, reps)
+                base = ms[0] if p == "eager" else base
+                row = result_row(meta, "e2e", name, p, shape, ms, flops=transformer_flops(var, B), peak=peak,
+                                 peak_mb=mem, speedup=base / ms[0] if base else None, check=checks[p], **keys,
+                                 scale="", ms_per_image=round(ms[0] / B, 3), images_per_s=round(1e3 * B / ms[0], 2),
+                                 flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3))
                 rows.append(row)
-                row_of[p] = row
-                log(f"{name:9s} B={B:3d} {p:8s} {ms:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
+                log(f"{name:9s} B={B:3d} {p:8s} {ms[0]:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
             for p, sampler in (("fastvar", fast), ("fastvar-fused", fused)):
                 if p in providers:
-                    per_scale = " ".join(f"{t:.3f}" for t in scale_breakdown(sampler, labels, kw, device))
-                    row_of[p]["fastvar_per_scale_ms"] = per_scale
-                    log(f"  per scale ({p}, ms): {per_scale}")
+                    per_scale = scale_breakdown(sampler, labels, kw, device)
+                    for si, t in enumerate(per_scale):
+                        rows.append(result_row(meta, "e2e", name, p, shape, (t, None, None), check=checks[p], **keys,
+                                               scale=si))
+                    log(f"  per scale ({p}, ms): {' '.join(f'{t:.3f}' for t in per_scale)}")
         vae = var = fast = fused = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
-            write_csv(rows, results_path(out_dir, "sampling", dict(device=dev_name, date=date)), log)
+            write_csv(rows, results_path(out_dir, "e2e", meta), log)
     return rows
 
 

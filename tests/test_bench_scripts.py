@@ -1,7 +1,8 @@
 """The benchmark scripts' plumbing on CPU (their timings need a GPU; their code paths must not wait for one):
-providers built, outputs checked against the reference, every row and column written. Timing is stubbed
-(``do_bench`` calls the function once) and the shapes are tiny; fastvar's providers run the eager backend
-(the kernels have their own tests), except in one quantizer test that runs the step on the Triton kernels."""
+providers built, outputs checked against the reference, every row written in the common layout. Timing is
+stubbed (``do_bench`` calls the function once and reports 1 us; peak memory and GPU operations are fixed
+numbers) and the shapes are tiny; fastvar's providers run the eager backend (the kernels have their own tests),
+except in the tests marked ``interpreter``."""
 import csv
 import importlib.util
 import os
@@ -10,20 +11,32 @@ import pytest
 import torch
 
 from fastvar.utils import benchmarking
+from fastvar.utils.benchmarking import COLUMNS, Case
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def load_on_cpu(name, monkeypatch):
-    """``bench/<name>.py`` as a module, on CPU: no GPU check, CPU metadata, no plot."""
+    """``bench/<name>.py`` as a module, on CPU: no GPU check of its own, no plot."""
     spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(BENCH, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "DEVICE", "cpu")
-    monkeypatch.setattr(module, "require_cuda", lambda script: True)
-    monkeypatch.setattr(module, "metadata", lambda: benchmarking.metadata(torch.device("cpu")))
-    monkeypatch.setattr(module, "plot", lambda path: None)
+    monkeypatch.setattr(module, "DEVICE", "cpu", raising=False)
+    monkeypatch.setattr(module, "require_cuda", lambda script: True, raising=False)
+    monkeypatch.setattr(module, "plot", lambda *a, **k: None, raising=False)
     return module
+
+
+def read_rows(path, bench):
+    """The CSV's rows, after checking the common leading columns and the metadata of every row."""
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames[:len(COLUMNS)]) == COLUMNS
+        rows = list(reader)
+    assert rows
+    for r in rows:
+        assert r["device"].startswith("cpu") and r["commit"] and r["date"] and r["torch"] and r["bench"] == bench
+    return rows
 
 
 @pytest.fixture
@@ -32,64 +45,201 @@ def stub_timing(monkeypatch):
 
     def do_bench(fn, warmup=None, rep=None, quantiles=None):
         fn()
-        return [1.0, 0.9, 1.1]
+        return [1e-3, 0.9e-3, 1.1e-3]
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(benchmarking, "peak_mb", lambda fn: 0.0)
+    monkeypatch.setattr(benchmarking, "device_ops_per_call", lambda fn: 6)
+    monkeypatch.setattr(benchmarking, "require_cuda", lambda script: True)
     monkeypatch.setenv("FASTVAR_BACKEND", "eager")
 
 
-def test_bench_attention_writes_every_row(stub_timing, monkeypatch, tmp_path):
+def test_runner_rows_speedups_and_out_of_memory(stub_timing, monkeypatch, tmp_path):
+    """One row per timed provider with the work rates and speedups; an out-of-memory provider or case is skipped
+    and the run goes on."""
+    import triton.testing
+    ms = {"eager": 2.0, "fast": 0.5, "other": 1.0}
+
+    def do_bench(fn, warmup=None, rep=None, quantiles=None):
+        name = fn()
+        if name == "huge":
+            raise torch.cuda.OutOfMemoryError("stub")
+        return [ms[name], ms[name] * 0.9, ms[name] * 1.1]
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+
+    def build():
+        return [Case("a", {p: (lambda p=p: p) for p in ("eager", "huge", "fast", "other")},
+                     {"eager": "ref", "fast": "ok"}, "n=4", keys={"n": 4}, nbytes={"fast": 2e6, "eager": 4e6},
+                     flops=1e9, also_vs=("fast",), scales=3)]
+
+    def oom():
+        raise torch.cuda.OutOfMemoryError("stub")
+    args = type("Args", (), dict(warmup=1, rep=1, out=str(tmp_path / "x.csv")))
+    path, written = benchmarking.run_cases("unit", [("ok", build), ("oom", oom)], args, str(tmp_path), log=print)
+    rows = read_rows(path, "unit")
+    assert [{k: str(v) for k, v in r.items()} for r in written] == rows
+    by = {r["provider"]: r for r in rows}
+    assert list(by) == ["eager", "fast", "other"]
+    assert (by["fast"]["ms"], by["fast"]["ms_p20"], by["fast"]["speedup_vs_eager"]) == ("0.5000", "0.4500", "4.000")
+    assert by["fast"]["GB/s"] == "4.0" and by["eager"]["GB/s"] == "2.0" and by["other"]["GB/s"] == ""
+    assert by["fast"]["TFLOP/s"] == "2.00" and by["fast"]["pct_peak"] == "" and by["fast"]["check"] == "ok"
+    assert by["other"]["speedup_vs_fast"] == "0.500" and by["eager"]["speedup_vs_fast"] == ""
+    assert all(r["gpu_ops"] == "6" and r["gpu_ops_per_scale"] == "2.0" and r["n"] == "4" for r in rows)
+
+
+def test_ceiling_fractions():
+    meta = dict(benchmarking.metadata(torch.device("cpu")), device="NVIDIA H100 80GB HBM3")
+    row = benchmarking.result_row(meta, "unit", "c", "p", "", (1.0, None, None), nbytes=3.35e9, flops=989e9,
+                                  peak="bf16_tflops")
+    assert (row["GB/s"], row["pct_hbm"], row["TFLOP/s"], row["pct_peak"]) == ("3350.0", "100.0", "989.00", "100.0")
+
+
+def test_bench_attention(stub_timing, monkeypatch, tmp_path):
     bench = load_on_cpu("bench_attention", monkeypatch)
     monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 2, 16)})
     monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3), 2, 2, 16)})
     out = tmp_path / "attention.csv"
     providers = ["sdpa-dense", "fastvar", "sdpa-precat", "sdpa-cat"]
     assert bench.main(["--cases", "tiny", "kv-tiny", "--providers", *providers, "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out)))
+    rows = read_rows(out, "attention")
     training = [r for r in rows if r["case"] == "tiny"]
     assert {(r["provider"], r["mode"]) for r in training} == {(p, m) for p in ("sdpa-dense", "fastvar")
                                                              for m in ("fwd", "fwd+bwd")}
-    assert all(r["speedup_vs_sdpa"] == "1.000" and float(r["rel_err"]) < 0.05 for r in training)
+    assert all(r["speedup_vs_eager"] == "1.000" and float(r["check"].removeprefix("rel_err=")) < 0.05
+               for r in training)
     steps = [r for r in rows if r["case"] == "kv-tiny"]
     assert sorted((r["provider"], int(r["scale"])) for r in steps) == sorted(
         (p, s) for p in ("sdpa-precat", "sdpa-cat", "fastvar") for s in range(3))
-    assert all(r["speedup_vs_sdpa"] == "1.000" for r in steps)
-    assert all(r["device"].startswith("cpu") and r["commit"] for r in rows)
+    assert all(r["speedup_vs_eager"] == "1.000" and r["TFLOP/s"] for r in steps)
 
 
-def test_bench_quantizer_writes_every_row(stub_timing, monkeypatch, tmp_path):
-    bench = load_on_cpu("bench_quantizer", monkeypatch)
+def test_bench_upsample(stub_timing, monkeypatch, tmp_path):
+    bench = load_on_cpu("bench_upsample", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
-    monkeypatch.setattr(bench, "peak_mb", lambda fn: 0.0)
-    monkeypatch.setattr(bench, "device_ops_per_call", lambda fn: 6)
-    out = tmp_path / "quantizer.csv"
+    out = tmp_path / "upsample.csv"
     assert bench.main(["--batches", "1", "2", "--schedules", "256", "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out)))
-    assert sorted({(r["op"], r["batch"]) for r in rows}) == sorted((op, b) for op in bench.OPS for b in ("1", "2"))
-    assert {(r["op"], r["provider"]) for r in rows} == {(op, p) for op in bench.OPS for p in ("eager", "fastvar")} | {
+    rows = read_rows(out, "upsample")
+    assert {(r["case"], r["batch"], r["schedule"]) for r in rows} == {(op, b, "256") for op in bench.OPS
+                                                                      for b in ("1", "2")}
+    assert {(r["case"], r["provider"]) for r in rows} == {(op, p) for op in bench.OPS for p in ("eager", "fastvar")} | {
         (op, "fastvar-fused") for op in ("step", "step_idx")}
     for r in rows:
         if r["provider"] != "eager":          # the eager backend here: the same computation, the same bits
-            assert r["check"].startswith("disagree=0/") or r["check"].startswith("rel_err=0.00e+00"), r
-        assert r["gpu_ops_per_scale"] == ("2.0" if r["op"].startswith("step") else "")
+            assert r["check"] == "rel_err=0.00e+00 bitwise=True", r
+        assert r["gpu_ops_per_scale"] == ("2.0" if r["case"].startswith("step") else ""), r
+        assert float(r["GB/s"]) > 0
 
 
 @pytest.mark.interpreter
-def test_bench_quantizer_step_on_the_triton_kernels(stub_timing, monkeypatch, tmp_path):
+def test_bench_upsample_step_on_the_triton_kernels(stub_timing, monkeypatch, tmp_path):
     """The step providers on the Triton kernels (interpreter): ``fastvar`` keeps the eager bits where the
     interpolation's rounding is ATen's, ``fastvar-fused`` (its own conv sums) stays within float32 tolerance."""
     from tolerances import REL
     from tolerances import bit_exact_expected
     monkeypatch.setenv("FASTVAR_BACKEND", "triton")
-    bench = load_on_cpu("bench_quantizer", monkeypatch)
+    bench = load_on_cpu("bench_upsample", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
-    monkeypatch.setattr(bench, "peak_mb", lambda fn: 0.0)
-    monkeypatch.setattr(bench, "device_ops_per_call", lambda fn: 6)
-    out = tmp_path / "quantizer.csv"
+    out = tmp_path / "upsample.csv"
     assert bench.main(["--ops", "step_idx", "--batches", "2", "--schedules", "256", "--out", str(out)]) == 0
-    checks = {r["provider"]: r["check"] for r in csv.DictReader(open(out))}
+    checks = {r["provider"]: r["check"] for r in read_rows(out, "upsample")}
     assert set(checks) == {"eager", "fastvar", "fastvar-fused"}
     if bit_exact_expected():
         assert checks["fastvar"].endswith("bitwise=True"), checks
     for provider in ("fastvar", "fastvar-fused"):
         err = float(checks[provider].split()[0].removeprefix("rel_err="))
         assert err <= REL[torch.float32], checks
+
+
+def test_bench_rq_lookup(stub_timing, monkeypatch, tmp_path):
+    bench = load_on_cpu("bench_rq_lookup", monkeypatch)
+    monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
+    out = tmp_path / "rq_lookup.csv"
+    assert bench.main(["--batches", "1", "2", "--schedules", "256", "--out", str(out)]) == 0
+    rows = read_rows(out, "rq_lookup")
+    assert sorted((r["case"], r["provider"], r["batch"]) for r in rows) == sorted(
+        (op, p, b) for op in bench.OPS for p in ("eager", "fastvar") for b in ("1", "2"))
+    for r in rows:
+        rows_checked = 9 * int(r["batch"]) if r["case"] == "lookup" else 14 * int(r["batch"])
+        if r["provider"] == "fastvar" or r["case"] == "lookup":
+            assert r["check"] == f"disagree=0/{rows_checked}", r
+        assert float(r["GB/s"]) > 0 and float(r["TFLOP/s"]) > 0
+
+
+def test_bench_sampling(stub_timing, monkeypatch, tmp_path):
+    bench = load_on_cpu("bench_sampling", monkeypatch)
+    out = tmp_path / "sampling.csv"
+    assert bench.main(["--batches", "1", "2", "--scales", "1", "3", "--V", "64", "--top-k", "10", "--no-compile",
+                       "--out", str(out)]) == 0
+    rows = read_rows(out, "sampling")
+    providers = ("eager", "fastvar-exact", "fastvar-exact-kernel", "fastvar-fast")
+    assert sorted((r["provider"], r["B"], r["pn"]) for r in rows) == sorted(
+        (p, b, pn) for p in providers for b in ("1", "2") for pn in ("1", "3"))
+    for r in rows:
+        assert r["check"] == f"0 exact-token differences of {int(r['rows'])}", r
+        exact = r["provider"] != "fastvar-fast"      # the fast mode moves no noise tensor
+        nbytes = (3 if exact else 2) * int(r["rows"]) * 64 * 4 + int(r["rows"]) * 8
+        assert r["GB/s"] == f"{nbytes / 1e3:.1f}", r
+
+
+@pytest.mark.interpreter
+def test_bench_sampling_study(monkeypatch, tmp_path):
+    """``--study`` runs the fused kernel in the interpreter on CPU and writes its agreement counts."""
+    bench = load_on_cpu("bench_sampling", monkeypatch)
+    backend = os.environ.get("FASTVAR_BACKEND")
+    out = tmp_path / "study.csv"
+    assert bench.main(["--study", "48", "--study-batch", "24", "--V", "16", "--top-k", "4", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [(r["rows"], r["top_k"]) for r in rows] == [("48", "0"), ("48", "4")]
+    assert all(int(r["token_differences"]) <= int(r["rows_gap_below_2e_20"]) for r in rows)
+    assert os.environ.get("FASTVAR_BACKEND") == backend      # the study's backend is its own, not the next test's
+
+
+def test_bench_adaln(stub_timing, monkeypatch, tmp_path):
+    from tolerances import REL
+    bench = load_on_cpu("bench_adaln", monkeypatch)
+    monkeypatch.setattr(bench, "WIDTHS", {"tiny": 48})
+    monkeypatch.setattr(bench, "SCHEDULES", {"s": (1, 2)})
+    out = tmp_path / "adaln.csv"
+    assert bench.main(["--batches", "1", "2", "--out", str(out)]) == 0
+    rows = read_rows(out, "adaln")
+    assert sorted((r["case"], r["provider"], r["dtype"], r["B"]) for r in rows) == sorted(
+        (op, p, dt, b) for op in bench.OPS for p in ("eager", "fastvar") for dt in bench.DTYPES for b in ("1", "2"))
+    for r in rows:
+        errs = dict(kv.split("_rel_err=") for kv in r["check"].split())
+        assert set(errs) == ({"h"} if r["case"] == "adaln_modulate" else {"h", "x_new"}), r
+        assert all(float(e) <= REL[getattr(torch, r["dtype"])] for e in errs.values()), r
+        assert r["N"] == str(2 * int(r["B"])) and r["l"] == "5" and float(r["GB/s"]) > 0
+
+
+def test_bench_e2e(monkeypatch, tmp_path):
+    """``bench/bench_e2e.py`` is ``fastvar bench``: the smoke model on CPU, the common rows plus the per-scale ones
+    (the providers themselves are covered by tests/test_cli.py)."""
+    bench = load_on_cpu("bench_e2e", monkeypatch)
+    assert bench.main(["--smoke", "--batches", "1", "--providers", "fastvar", "--dtype", "float32", "--reps", "1",
+                       "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("e2e_*.csv")
+    rows = read_rows(path, "e2e")
+    assert [r["scale"] for r in rows] == ["", "0", "1", "2", "3"]
+    assert all(r["case"] == "d2-smoke" and r["provider"] == "fastvar" and float(r["ms"]) > 0 for r in rows)
+
+
+def test_contributing_table_matches_the_tree():
+    """CONTRIBUTING.md's per-op table names files that exist, and every op, Triton kernel, test of an op and
+    benchmark of the tree has its row (the end-to-end benchmark aside)."""
+    import re
+    root = os.path.dirname(BENCH)
+    text = open(os.path.join(root, "CONTRIBUTING.md")).read()
+    table = re.search(r"\| op \| reference \| Triton kernel \| CUDA kernel \| op \| test \| bench \|\n\|[-|]+\|\n"
+                      r"((?:\|.*\|\n)+)", text).group(1)
+    rows = [[c.strip().strip("`") for c in line.strip("|").split("|")] for line in table.splitlines()]
+    for op, reference, kernel, cuda, op_file, test, bench in rows:
+        assert (kernel, op_file, test, bench) == (f"triton_kernels/{op}.py", f"fastvar/ops/{op}.py",
+                                                  f"tests/test_{op}.py", f"bench/bench_{op}.py"), op
+        for f in (reference, kernel, cuda, op_file, test, bench):
+            assert not f or os.path.exists(os.path.join(root, f)), f"{op}: {f} does not exist"
+    ops = {r[0] for r in rows}
+    in_tree = {f[:-3] for f in os.listdir(os.path.join(root, "fastvar", "ops")) if not f.startswith("_")
+               and f.endswith(".py")} - {"cuda_ext"}
+    assert ops == in_tree
+    assert ops == {f[:-3] for f in os.listdir(os.path.join(root, "triton_kernels"))
+                   if not f.startswith("_") and f.endswith(".py")}
+    assert {f"bench_{op}.py" for op in ops} | {"bench_e2e.py"} == {f for f in os.listdir(BENCH) if f.endswith(".py")}

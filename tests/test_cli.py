@@ -1,4 +1,5 @@
 """The ``fastvar`` command as a new user runs it."""
+import csv
 import os
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import torch
 import fastvar
 from builders import tiny_vae_var
 from fastvar.cli import main
+from fastvar.utils.benchmarking import COLUMNS
 
 
 def run_cli(*args, cwd=None):
@@ -108,13 +110,17 @@ def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
                  "--dtype", "float32", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "d2-smoke" in out and "per scale (fastvar, ms)" in out and "per scale (fastvar-fused, ms)" in out
-    csvs = list(tmp_path.glob("sampling_*.csv"))
+    csvs = list(tmp_path.glob("e2e_*.csv"))
     assert len(csvs) == 1
-    lines = csvs[0].read_text().splitlines()
-    header = lines[0]
-    assert sum(",fastvar-fused," in line for line in lines[1:]) == 1
-    for col in ("device", "date", "commit", "model", "batch", "provider", "ms", "images_per_s", "flop_floor_ms"):
-        assert col in header.split(",")
+    rows = list(csv.DictReader(open(csvs[0])))
+    assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS)
+    for col in ("model", "batch", "scale", "ms_per_image", "images_per_s", "flop_floor_ms", "vae_decode_ms"):
+        assert col in rows[0]
+    whole = [r for r in rows if r["scale"] == ""]
+    assert [r["provider"] for r in whole] == ["eager", "fastvar", "fastvar-fused"]
+    assert all(float(r["ms"]) > 0 and r["bench"] == "e2e" and r["case"] == "d2-smoke" for r in whole)
+    for p in ("fastvar", "fastvar-fused"):       # the per-scale breakdown: one row per scale of the smoke schedule
+        assert [int(r["scale"]) for r in rows if r["provider"] == p and r["scale"]] == [0, 1, 2, 3]
 
 
 def test_bench_without_gpu_says_so(capsys):

@@ -24,7 +24,7 @@ tiny shapes (V <= 3) sum in another order and differ in the last bit of some dis
 single-row lookups changed index; 0 of 32768 random / near-code rows differ from eager; the golden indices
 (both files, every scale, through the interpreter) are identical. How rare order-sensitive rows are: the
 float32 official argmin equals the float64 exact one on 262144 of 262144 random rows. Against cuBLAS on a
-GPU: to be measured (tests/test_rq_lookup.py::test_lookup_gpu_against_eager_cuda, bench/bench_quantizer.py).
+GPU: to be measured (tests/test_rq_lookup.py::test_lookup_gpu_against_eager_cuda, bench/bench_rq_lookup.py).
 """
 from __future__ import annotations
 

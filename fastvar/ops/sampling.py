@@ -41,10 +41,10 @@ probability about that gap per row (~5e-7 at 2^-20, measured 4e-7); the top-p
 boundary adds a difference only when the boundary entry's cumulative mass is within float32
 rounding of ``1 - p`` *and* that entry wins the draw (~1e-8 per row). On a GPU the kernel uses
 libdevice's ``expf``, the exp torch's CUDA softmax uses. Measured (CPU, Triton interpreter,
-``bench/results/sample_kernel_study_cpu_*``): 1 token difference in 10.5 M random rows (V = 64,
+``bench/results/sampling_study_cpu_*``): 1 token difference in 10.5 M random rows (V = 64,
 with and without top-k/top-p), in a row whose two best ratios were within 2^-20; 0 differences over
 the golden VAR runs (2 x 680 tokens at V = 4096, top-k 900 / top-p 0.96 and none). GPU rates: owed
-(``bench/bench_sample_kernel.py --study``).
+(``bench/bench_sampling.py --study``).
 
 Bad input: NaN (after the CFG mix), ``+inf``, or a row that is entirely ``-inf`` raise ``ValueError``
 naming the row. The Triton kernel writes a per-row error code; with ``validate=True`` (default) the op

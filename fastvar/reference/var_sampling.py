@@ -1,4 +1,4 @@
-"""The official sampling loop, step for step, in eager PyTorch: the baseline of ``bench/bench_sampling.py``.
+"""The official sampling loop, step for step, in eager PyTorch: the baseline of ``bench/bench_e2e.py``.
 
 ``official_autoregressive_infer_cfg`` runs VAR's ``autoregressive_infer_cfg`` as the official code does
 (VAR_SPEC.md section 3): the AdaLN projections recomputed for every block at every scale, the KV

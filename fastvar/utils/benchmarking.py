@@ -1,13 +1,16 @@
-"""What every benchmark records: the device and its ceilings, the date, the commit, the versions."""
+"""What every benchmark records (the device and its ceilings, the date, the commit, the versions) and the one
+runner, row layout and plot of ``bench/``: a script builds :class:`Case` s (providers, their correctness checks,
+the work of one call), :func:`run_cases` times them and writes rows in the layout of :data:`COLUMNS`."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import os
 import platform
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -42,21 +45,18 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_name(device: Optional[torch.device] = None) -> str:
-    device = torch.device("cuda" if device is None else device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def metadata(device: Optional[torch.device] = None) -> Dict[str, str]:
-    """The columns every result row starts with."""
+    """The columns every result row starts with: the device (``device`` None: the GPU if one is here), the
+    date, the commit, the versions."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device is None else device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    return {"device": device_name(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+    return {"device": name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
             "torch": torch.__version__, "triton": triton_version}
 
 
@@ -67,14 +67,16 @@ def results_path(folder: str, prefix: str, meta: Dict[str, str]) -> str:
 
 
 def write_csv(rows: List[Dict], path: str, log=print) -> None:
-    """Write result rows (the union of their keys as columns, in first-seen order) to ``path``."""
+    """Write result rows (the union of their keys as columns, in first-seen order) to ``path``; ``log`` None:
+    silently."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    log(f"wrote {path} ({len(rows)} rows)")
+    if log:
+        log(f"wrote {path} ({len(rows)} rows)")
 
 
 def timing_options(parser, prefix: str) -> None:
@@ -93,26 +95,6 @@ def require_cuda(script: str) -> bool:
     return False
 
 
-def pyplot():
-    """``matplotlib.pyplot`` on the Agg backend, or None (and a line saying so) when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return None
-    return plt
-
-
-def save_plot(fig, csv_path: str) -> str:
-    """Saves ``fig`` beside the CSV (``.csv`` -> ``.png``); returns the PNG's path."""
-    fig.tight_layout()
-    png = csv_path[:-4] + ".png"
-    fig.savefig(png, dpi=120)
-    return png
-
-
 def device_ops_per_call(fn) -> Optional[int]:
     """GPU operations (kernels, memsets, copies) one call of ``fn`` issues, counted by the profiler after a
     warm-up call (which compiles and autotunes), or None when the profiler records none (e.g. no CUPTI)."""
@@ -126,8 +108,186 @@ def device_ops_per_call(fn) -> Optional[int]:
     return n or None
 
 
+def compare(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """A check column: ``out`` against the reference's output, relative error and bit equality."""
+    return f"rel_err={rel_err(out, ref):.2e} bitwise={torch.equal(out, ref)}"
+
+
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     """``max|a - ref| / max|ref|`` in float64; the absolute error when ``ref`` is all zeros."""
     a, ref = a.double(), ref.double()
     scale = ref.abs().max().item()
     return (a - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+# ------------------------------------------------------------------------------------------ one row layout
+# The leading columns of every benchmark's CSV; the script's own key columns follow them.
+COLUMNS = ("device", "date", "commit", "torch", "triton", "bench", "case", "provider", "shape", "ms", "ms_p20",
+           "ms_p80", "GB/s", "pct_hbm", "TFLOP/s", "pct_peak", "peak_MB", "gpu_ops", "speedup_vs_eager", "check")
+
+
+def _fmt(x, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def result_row(meta: Dict[str, str], bench: str, case: str, provider: str, shape: str, ms: Sequence[Optional[float]],
+               nbytes: Optional[float] = None, flops: Optional[float] = None, peak: str = "fp32_tflops",
+               peak_mb: Optional[float] = None, gpu_ops: Optional[int] = None, speedup: Optional[float] = None,
+               check: str = "", **keys) -> Dict[str, object]:
+    """One CSV row in the common layout (:data:`COLUMNS`, then ``keys``). ``ms``: (median, p20, p80), the
+    quantiles None where not measured; ``nbytes`` / ``flops``: the work of one call (None: blank columns);
+    ``peak``: the :func:`ceiling` key ``TFLOP/s`` is a fraction of."""
+    med, p20, p80 = ms
+    gbs = nbytes / med / 1e6 if nbytes else None
+    tflops = flops / med / 1e9 if flops else None
+    hbm, top = ceiling(meta["device"], "hbm_tbs", None), ceiling(meta["device"], peak, None)
+    row = dict(meta, bench=bench, case=case, provider=provider, shape=shape, ms=_fmt(med, ".4f"),
+               ms_p20=_fmt(p20, ".4f"), ms_p80=_fmt(p80, ".4f"))
+    row.update({"GB/s": _fmt(gbs, ".1f"), "pct_hbm": _fmt(gbs and hbm and 100 * gbs / (hbm * 1e3), ".1f"),
+                "TFLOP/s": _fmt(tflops, ".2f"), "pct_peak": _fmt(tflops and top and 100 * tflops / top, ".1f"),
+                "peak_MB": _fmt(peak_mb, ".1f"), "gpu_ops": gpu_ops or "", "speedup_vs_eager": _fmt(speedup, ".3f"),
+                "check": check})
+    row.update(keys)
+    return row
+
+
+# ------------------------------------------------------------------------------------------ the runner
+@dataclasses.dataclass
+class Case:
+    """Providers timed side by side on the same inputs: ``providers`` {name: fn()}, the baseline ``eager`` first
+    (so that every later row carries its speedup); ``checks`` {provider: its correctness check, computed before
+    timing}; ``nbytes`` / ``flops`` the work of one call, the same for every provider (so the columns compare)
+    or {provider: number}; ``keys`` the script's own columns; ``also_vs`` other providers to compare to (a
+    ``speedup_vs_<name>`` column each); ``scales`` > 0: a ``gpu_ops_per_scale`` column."""
+    name: str
+    providers: Dict[str, Callable[[], object]]
+    checks: Dict[str, str]
+    shape: str
+    keys: Dict[str, object] = dataclasses.field(default_factory=dict)
+    nbytes: Union[None, float, Dict[str, float]] = None
+    flops: Union[None, float, Dict[str, float]] = None
+    peak: str = "fp32_tflops"
+    eager: str = "eager"
+    also_vs: Tuple[str, ...] = ()
+    scales: int = 0
+
+
+def peak_mb(fn) -> float:
+    """Peak memory of one call of ``fn`` above what was allocated before it, in MB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def run_cases(bench: str, cases: Iterable[Tuple[str, Callable[[], Union[Case, Sequence[Case]]]]], args,
+              results_dir: str, log=print) -> Tuple[str, List[Dict]]:
+    """On a GPU, times every provider of every case with ``triton.testing.do_bench`` (median, p20, p80 of CUDA
+    events; ``args.warmup``, ``args.rep``), then its peak memory and GPU operations per call, and writes a row each
+    to ``args.out`` or ``<results_dir>/<bench>_<gpu>_<date>.csv``, rewritten after every row (a run cut off keeps
+    what it measured). ``cases``: (label, build) pairs; ``build()`` makes the inputs, checks every provider and
+    returns one :class:`Case` or several; out of memory skips that case, or that provider. Returns (path, rows)."""
+    import triton.testing
+    if not require_cuda(f"bench_{bench}.py"):
+        raise SystemExit(2)
+    os.environ.setdefault("FASTVAR_BACKEND", "triton")       # fastvar's providers: the Triton kernels
+    meta = metadata()
+    path, rows = args.out or results_path(results_dir, bench, meta), []
+    log(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; HBM "
+        f"{ceiling(meta['device'], 'hbm_tbs')} TB/s, bf16 {ceiling(meta['device'], 'bf16_tflops')} TFLOP/s, "
+        f"fp32 {ceiling(meta['device'], 'fp32_tflops')} TFLOP/s")
+    for label, build in cases:
+        try:
+            built = build()
+        except torch.cuda.OutOfMemoryError:
+            log(f"{label}: out of memory while checking; skipped")
+            torch.cuda.empty_cache()
+            continue
+        for case in [built] if isinstance(built, Case) else built:
+            ms_of = {}
+            for name, fn in case.providers.items():
+                try:
+                    ms = triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+                    mem, n_ops = peak_mb(fn), device_ops_per_call(fn)
+                except torch.cuda.OutOfMemoryError:
+                    log(f"{label} {case.name} {name}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                ms_of[name] = ms[0]
+                vs = {f"speedup_vs_{p}": _fmt(ms_of[p] / ms[0] if p in ms_of else None, ".3f") for p in case.also_vs}
+                if case.scales:
+                    vs["gpu_ops_per_scale"] = _fmt(n_ops and n_ops / case.scales, ".1f")
+                per = [w.get(name) if isinstance(w, dict) else w for w in (case.nbytes, case.flops)]
+                row = result_row(meta, bench, case.name, name, case.shape, ms, *per, case.peak, mem, n_ops,
+                                 ms_of[case.eager] / ms[0] if case.eager in ms_of else None,
+                                 case.checks.get(name, ""), **case.keys, **vs)
+                rows.append(row)
+                write_csv(rows, path, log=None)
+                log(f"{label:24s} {case.name:8s} {name:20s} {ms[0]:9.4f} ms [{ms[1]:.4f}, {ms[2]:.4f}]"
+                    f"  {row['GB/s'] or '-':>7s} GB/s  {row['TFLOP/s'] or '-':>7s} TFLOP/s  peak {row['peak_MB']} MB"
+                    f"  x{row['speedup_vs_eager'] or '-'}  ops {n_ops}  {row['check']}")
+        del built
+        torch.cuda.empty_cache()
+    log(f"\nresults: {path}")
+    return path, rows
+
+
+def with_backend(name: str, fn):
+    """``fn()`` with ``FASTVAR_BACKEND=name`` (read by each op call; a few microseconds of host time)."""
+    old = os.environ.get("FASTVAR_BACKEND")
+    os.environ["FASTVAR_BACKEND"] = name
+    try:
+        return fn()
+    finally:
+        del os.environ["FASTVAR_BACKEND"]
+        if old is not None:
+            os.environ["FASTVAR_BACKEND"] = old
+
+
+def cuda_extension_built(device) -> bool:
+    """A ``fastvar-cuda`` provider runs where the CUDA extension is built and the tensors are on a GPU."""
+    from fastvar.ops._backend import cuda_extension
+    return torch.device(device).type == "cuda" and cuda_extension() is not None
+
+
+# ------------------------------------------------------------------------------------------ the plot
+def plot(path: str, x: str, panels: Sequence[str], y: str = "ms", where: Optional[Callable[[Dict], bool]] = None):
+    """One panel per value of the ``panels`` columns, one line per provider: ``y`` against ``x`` (log scales;
+    ``x`` categorical when not numeric), saved beside the CSV (``.png``); rows filtered by ``where``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib not installed: no plot")
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get(y) and (where is None or where(r))]
+    if not rows:
+        return None
+    groups = list(dict.fromkeys(tuple(r[c] for c in panels) for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.4 * len(groups) + 1, 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        sel = [r for r in rows if tuple(r[c] for c in panels) == group]
+        xs = list(dict.fromkeys(r[x] for r in sel))
+        numeric = all(v.replace(".", "", 1).isdigit() for v in xs)
+        for provider in dict.fromkeys(r["provider"] for r in sel):
+            pts = sorted((float(r[x]) if numeric else xs.index(r[x]), float(r[y])) for r in sel
+                         if r["provider"] == provider)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+        if numeric:
+            ax.set_xscale("log", base=2)
+        else:
+            ax.set_xticks(range(len(xs)), xs, fontsize=8)
+        ax.set_yscale("log")
+        ax.set(title=" ".join(group), xlabel=x)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(y)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['bench']}, {rows[0]['device']}, {rows[0]['date']}, {rows[0]['commit']}", fontsize=9)
+    fig.tight_layout()
+    png = path[:-4] + ".png"
+    fig.savefig(png, dpi=120)
+    print(f"plot: {png}")
+    return png
