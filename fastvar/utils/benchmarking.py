@@ -189,10 +189,15 @@ def run_cases(bench: str, cases: Iterable[Tuple[str, Callable[[], Union[Case, Se
     to ``args.out`` or ``<results_dir>/<bench>_<gpu>_<date>.csv``, rewritten after every row (a run cut off keeps
     what it measured). ``cases``: (label, build) pairs; ``build()`` makes the inputs, checks every provider and
     returns one :class:`Case` or several; out of memory skips that case, or that provider. Returns (path, rows)."""
-    import triton.testing
     if not require_cuda(f"bench_{bench}.py"):
         raise SystemExit(2)
-    os.environ.setdefault("FASTVAR_BACKEND", "triton")       # fastvar's providers: the Triton kernels
+    # fastvar's providers run the Triton kernels unless a backend is forced; the caller's setting is restored
+    return with_backend(os.environ.get("FASTVAR_BACKEND") or "triton",
+                        lambda: _run_cases(bench, cases, args, results_dir, log))
+
+
+def _run_cases(bench, cases, args, results_dir, log):
+    import triton.testing
     meta = metadata()
     path, rows = args.out or results_path(results_dir, bench, meta), []
     log(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; HBM "
