@@ -8,7 +8,13 @@ on weight values):
 - ``compile``: the same loop with every block under ``torch.compile``;
 - ``fastvar``: :class:`fastvar.Sampler` (fused ops, preallocated caches, CUDA graphs);
 - ``fastvar-fused`` (not run by default): the same with ``fused_step_conv=True`` (Phi's convolution
-  inside the sampling step's kernel: two launches per scale instead of three).
+  inside the sampling step's kernel: two launches per scale instead of three);
+- ``fastvar-generate`` (not run by default): what ``fastvar generate`` runs per batch: the Sampler with one
+  generator per image (``image_seeds``) and the VAE decode.
+
+Every row also projects the hours of FID-50k (50,000 images, decode included: the VAE decode timed separately
+is added to the providers that do not decode) on one GPU and on eight (``fastvar generate`` under torchrun: the
+ranks share no data, so eight GPUs take an eighth of the time, plus start-up).
 
 Rows in the layout of every benchmark (``fastvar.utils.benchmarking.COLUMNS``: median, p20, p80 of the wall
 time of whole samples, transformer TFLOP/s, peak memory, speedup over eager, the check), then ``model``, ``L``,
@@ -122,6 +128,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                                                                                   decode=False, block_fn=compiled, **kw),
                 "fastvar": lambda: fast.tokens(labels, seed=0, **kw),
                 "fastvar-fused": lambda: fused.tokens(labels, seed=0, **kw),
+                "fastvar-generate": lambda: fast.sample(labels, image_seeds=list(range(B)), **kw),
             }
             # correctness before timing: one token map per scale of the right size from every provider; in
             # float32, the first scale's tokens equal the official loop's (later scales may part on a near
@@ -129,6 +136,9 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
             tokens = {}
             for p in providers:
                 out = runs[p]()
+                if p == "fastvar-generate":
+                    assert out.shape[0] == B and torch.isfinite(out).all(), p
+                    continue
                 tokens[p] = out[0] if p.startswith("fastvar") else out[1]
                 assert [tuple(t.shape) for t in tokens[p]] == [(B, n) for n in var.schedule.lens], p
             checks = {p: "shapes ok" for p in providers}
@@ -146,10 +156,12 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
             for p in providers:
                 ms, mem = timed(runs[p], device, reps)
                 base = ms[0] if p == "eager" else base
+                fid_h = 50_000 * (ms[0] + (0 if p == "fastvar-generate" else decode_ms)) / B / 3.6e6
                 row = result_row(meta, "e2e", name, p, shape, ms, flops=transformer_flops(var, B), peak=peak,
                                  peak_mb=mem, speedup=base / ms[0] if base else None, check=checks[p], **keys,
                                  scale="", ms_per_image=round(ms[0] / B, 3), images_per_s=round(1e3 * B / ms[0], 2),
-                                 flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3))
+                                 flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3),
+                                 fid50k_hours_1gpu=round(fid_h, 3), fid50k_hours_8gpu=round(fid_h / 8, 3))
                 rows.append(row)
                 log(f"{name:9s} B={B:3d} {p:8s} {ms[0]:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--models", nargs="+", default=["d16", "d20", "d24", "d30", "d36"])
     b.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     b.add_argument("--providers", nargs="+", default=["eager", "compile", "fastvar"],
-                   choices=["eager", "compile", "fastvar", "fastvar-fused"])
+                   choices=["eager", "compile", "fastvar", "fastvar-fused", "fastvar-generate"])
     b.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     b.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     b.add_argument("--out-dir", default=None, help="folder for the CSV (default: print only)")

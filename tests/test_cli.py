@@ -107,17 +107,19 @@ def test_sample_unwritable_output_fails_before_sampling(tmp_path, checkpoints, c
 def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
     """`fastvar bench --smoke`: the benchmark's code path on a tiny CPU model (timings mean nothing)."""
     assert main(["bench", "--smoke", "--batches", "2", "--providers", "eager", "fastvar", "fastvar-fused",
-                 "--dtype", "float32", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+                 "fastvar-generate", "--dtype", "float32", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "d2-smoke" in out and "per scale (fastvar, ms)" in out and "per scale (fastvar-fused, ms)" in out
     csvs = list(tmp_path.glob("e2e_*.csv"))
     assert len(csvs) == 1
     rows = list(csv.DictReader(open(csvs[0])))
     assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS)
-    for col in ("model", "batch", "scale", "ms_per_image", "images_per_s", "flop_floor_ms", "vae_decode_ms"):
+    for col in ("model", "batch", "scale", "ms_per_image", "images_per_s", "flop_floor_ms", "vae_decode_ms",
+                "fid50k_hours_1gpu", "fid50k_hours_8gpu"):
         assert col in rows[0]
     whole = [r for r in rows if r["scale"] == ""]
-    assert [r["provider"] for r in whole] == ["eager", "fastvar", "fastvar-fused"]
+    assert [r["provider"] for r in whole] == ["eager", "fastvar", "fastvar-fused", "fastvar-generate"]
+    assert all(float(r["fid50k_hours_1gpu"]) > 8 * float(r["fid50k_hours_8gpu"]) * 0.99 > 0 for r in whole)
     assert all(float(r["ms"]) > 0 and r["bench"] == "e2e" and r["case"] == "d2-smoke" for r in whole)
     for p in ("fastvar", "fastvar-fused"):       # the per-scale breakdown: one row per scale of the smoke schedule
         assert [int(r["scale"]) for r in rows if r["provider"] == p and r["scale"]] == [0, 1, 2, 3]
