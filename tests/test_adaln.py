@@ -17,7 +17,7 @@ def _inputs(N, l, C, dtype, device, noncontig):
     return x, y, gamma, scale, shift
 
 
-@pytest.mark.parametrize("N,l,C", [(1, 1, 8), (3, 7, 37), (2, 13, 128)])
+@pytest.mark.parametrize("N,l,C", [(1, 1, 8), (3, 7, 37), (2, 13, 128), (5, 29, 24)])   # R = 145: 3 interpreter tiles
 @pytest.mark.parametrize("noncontig", [False, True])
 def test_adaln_matches_reference(cpu_backend, N, l, C, noncontig):
     x, y, gamma, scale, shift = _inputs(N, l, C, torch.float32, "cpu", noncontig)

@@ -1,6 +1,6 @@
 """Fused adaptive LayerNorm for VAR's sampling step.
 
-One program per token row ``r`` of ``(R, C)`` rows, sample ``n = r // l`` (``l`` tokens per sample):
+``BLOCK_R`` token rows ``r`` of ``(R, C)`` rows per program, sample ``n = r // l`` (``l`` tokens per sample):
 
     x_new[r] = x[r] + y[r] * gamma[n]                     (HAS_RESIDUAL)
     h[r]     = (x_new[r] - mean) * rstd * (1 + scale[n]) + shift[n]
@@ -8,8 +8,11 @@ One program per token row ``r`` of ``(R, C)`` rows, sample ``n = r // l`` (``l``
 
 One read of x (and y) and one write of h (and x_new) instead of the 4-6 passes of the eager chain
 (layer_norm, add, mul, add, and for the residual mul, add). The whole row sits in registers:
-C <= 16384 (VAR: 1024-2304).
+C <= 16384 (VAR: 1024-2304). On a GPU a program holds one row (``BLOCK_R = 1``); the interpreter takes 64 rows
+per program, which it runs as one numpy step instead of 64 (its cost is per program: the patched official
+model's sampling test on the Triton kernels took ~430 s of CPU with one row per program).
 """
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -20,26 +23,27 @@ from fastvar.triton_kernels._device import on_tensor_device
 def _adaln_fwd_kernel(
     X, Y, GAMMA, SCALE, SHIFT, H, XNEW,
     stride_x, stride_y, stride_h, stride_xnew, stride_mod,
-    C, l, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
+    R, C, l, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    n = row // l
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = rows // l
     cols = tl.arange(0, BLOCK_C)
-    mask = cols < C
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mod = n[:, None] * stride_mod + cols[None, :]
     if HAS_RESIDUAL:
-        y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GAMMA + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(GAMMA + mod, mask=mask, other=0.0).to(tl.float32)
         x = x + y * g
-        tl.store(XNEW + row * stride_xnew + cols, x.to(XNEW.dtype.element_ty), mask=mask)
-    mean = tl.sum(x, axis=0) / C
-    diff = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / C + eps)
-    scale = tl.load(SCALE + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + n * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-    h = diff * rstd * (1.0 + scale) + shift
-    tl.store(H + row * stride_h + cols, h.to(H.dtype.element_ty), mask=mask)
+        tl.store(XNEW + rows[:, None] * stride_xnew + cols[None, :], x.to(XNEW.dtype.element_ty), mask=mask)
+    mean = tl.sum(x, axis=1) / C
+    diff = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / C + eps)
+    scale = tl.load(SCALE + mod, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + mod, mask=mask, other=0.0).to(tl.float32)
+    h = diff * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
 
 
 @on_tensor_device
@@ -51,10 +55,11 @@ def adaln_fwd(x, scale, shift, eps, y=None, gamma=None, h=None, x_new=None):
     has_res = y is not None
     block = triton.next_power_of_2(C)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    _adaln_fwd_kernel[(R,)](
+    block_r = 1 if x.is_cuda else 64
+    _adaln_fwd_kernel[(triton.cdiv(R, block_r),)](
         x, y if has_res else x, gamma if has_res else scale, scale, shift, h, x_new if has_res else h,
         x.stride(0), (y if has_res else x).stride(0), h.stride(0), (x_new if has_res else h).stride(0),
-        scale.stride(0), C, R // N, float(eps),
-        HAS_RESIDUAL=has_res, BLOCK_C=block, num_warps=num_warps,
+        scale.stride(0), R, C, R // N, float(np.float32(eps)),
+        HAS_RESIDUAL=has_res, BLOCK_R=block_r, BLOCK_C=block, num_warps=num_warps,
     )
     return h, x_new
