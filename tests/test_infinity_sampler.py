@@ -6,7 +6,6 @@ import torch
 
 import golden_infinity as golden
 from fastvar import dynamic_resolution as S
-from fastvar.reference import infinity as ref
 from fastvar.sampler import Sampler
 from fastvar.settings import InfinitySettings
 from test_infinity_golden import SETTINGS, fragile_bits
