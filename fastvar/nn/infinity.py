@@ -133,6 +133,18 @@ class InfinityKVCache:
         self.length = 0
 
 
+def kv_cached_rope_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                             scale_mul: torch.Tensor, rope: torch.Tensor, softmax_scale: float = 1.0) -> torch.Tensor:
+    """Infinity's KV-cached self-attention of one scale: ``qkv`` ``(N, l, 3, H, c)`` the projection; q and k
+    L2-normalised (q times ``exp(min(scale_mul, ln 100))``) and rotated by ``rope`` ``(2, l, c/2)``, keys and values
+    written into the ``(N, H, capacity, c)`` caches at ``[start, start + l)``, the queries attending to all
+    ``start + l`` cached tokens (``ops.kv_cached_attention``: norm and rotation fused in the Triton kernel).
+    Returns ``(N, l, H, c)``."""
+    q, k, v = qkv.unbind(2)
+    return ops.kv_cached_attention(q, k, v, k_cache.transpose(1, 2), v_cache.transpose(1, 2), start,
+                                   softmax_scale=softmax_scale, scale_mul=scale_mul, rope=rope)
+
+
 class SelfAttention(nn.Module):
     """Infinity's self-attention (official ``SelfAttention`` with ``cos_attn=True``): q and k L2-normalised,
     q scaled by ``exp(min(scale_mul_1H11, ln 100))`` per head, 2D RoPE on both, softmax scale 1.
@@ -172,23 +184,22 @@ class SelfAttention(nn.Module):
         H, c = self.num_heads, self.head_dim
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, H, c)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
-        q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
-        v = v.contiguous()
-        q, k = ref.apply_rope2d(q, k, rope)
-        if self.caching:
+        if self.caching:       # the q/k norm and the rotation happen inside the step (fused in the Triton kernel)
             cache = self.kv_cache
             if cache is None or cache.k.shape[0] != B:
-                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, q.dtype, q.device)
+                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, qkv.dtype,
+                                                        qkv.device)
             if cache.length + L > cache.k.shape[2]:
                 raise ValueError(f"the KV cache holds {cache.k.shape[2]} tokens; {cache.length} are used and this "
                                  f"scale adds {L} (cache_capacity is the schedule's token count)")
-            out = ops.kv_cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          cache.k.transpose(1, 2), cache.v.transpose(1, 2), cache.length,
-                                          softmax_scale=self.scale)
+            out = kv_cached_rope_attention(qkv, cache.k, cache.v, cache.length, self.scale_mul_1H11, rope, self.scale)
             cache.length += L
             out = out.reshape(B, L, C)
         else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
+            q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
+            v = v.contiguous()
+            q, k = ref.apply_rope2d(q, k, rope)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
             out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))
@@ -314,12 +325,7 @@ class CrossAttnBlock(nn.Module):
         H, c = w.heads, w.head_dim
         h = ops.adaln_modulate(x, s1, sh1, w.eps)
         qkv = F.linear(h, w.qkv_w, w.qkv_b).view(N, l, 3, H, c)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # N, H, l, c
-        q, k = ref.qk_norm(q, k, w.scale_mul)
-        v = v.contiguous()
-        q, k = ref.apply_rope2d(q, k, rope)
-        a = ops.kv_cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), k_cache.transpose(1, 2),
-                                    v_cache.transpose(1, 2), start, softmax_scale=1.0)
+        a = kv_cached_rope_attention(qkv, k_cache, v_cache, start, w.scale_mul, rope)
         x = x + F.linear(a.reshape(N, l, C), w.proj_w, w.proj_b).mul_(g1)
         # cross-attention to the text: LayerNorm in float32, the packed call as the module makes it
         cq = F.linear(F.layer_norm(x, (C,), w.ca_norm_w, w.ca_norm_b, w.ca_eps).to(w.ca_q_w.dtype), w.ca_q_w, w.ca_q_b)
