@@ -342,3 +342,14 @@ def test_cuda_graphs_give_the_same_bits(dtype):
     assert graphed.memory()["graphs"] > 0
     graphed.free()
     assert graphed.memory()["graphs"] == 0
+
+
+def test_model_api_under_bf16_autocast(pair):
+    """The official demo samples under torch.autocast: the model's own loop keeps a float32 residual stream (the
+    eager baseline of scripts/bench_infinity.py)."""
+    vae, model = pair
+    with torch.autocast("cpu", torch.bfloat16):
+        _, _, img = model.autoregressive_infer_cfg(vae=vae, scale_schedule=SCHED, label_B_or_BLT=text([3, 2]), B=2,
+                                                   g_seed=0, cfg_list=[2.0] * 7, tau_list=[0.5] * 7, top_p=0.9,
+                                                   cfg_insertion_layer=[0], vae_type=vae.codebook_dim, ret_img=True)
+    assert img.dtype == torch.uint8 and img.shape == (2, 256, 256, 3)
