@@ -326,15 +326,22 @@ def test_nan_logits_raise_a_clear_error(pair):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_give_the_same_bits(dtype):
     """Each scale step captured once per (run, settings) and replayed: the bits and latent of the same Sampler
-    without graphs, for two seeds (the second replays the first's graphs), a longer prompt (text buffers grow,
+    without graphs, for two seeds (the second replays the first's graphs), a long negative prompt (text buffers grow,
     graphs recaptured) and an unguided setting (other graphs on the same buffers)."""
     vae, model = tiny_pair(C=256, heads=2, Ct5=256, seed=1)
     vae, model = vae.cuda(), model.cuda()
     plain = Sampler(model, vae, dtype=dtype, cuda_graphs=False)
     graphed = Sampler(model, vae, dtype=dtype, cuda_graphs=True)
-    for lens, seed, cfg in (([3, 5], 0, 3.0), ([3, 5], 1, 3.0), ([3, 40], 2, 3.0), ([3, 5], 3, 1.0)):
-        t = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in text(lens, Ct5=256, seed=seed))
-        kw = dict(scale_schedule=SCHED_WIDE, cfg=cfg, tau=0.5, top_p=0.9, cfg_insertion_layer=[0, -1])
+
+    def cuda(t):
+        return None if t is None else tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in t)
+
+    # a long negative prompt (288 rows > the 2 * 2 * 64 preallocated) makes the text buffers grow
+    for lens, seed, cfg, neg in (([3, 5], 0, 3.0, None), ([3, 5], 1, 3.0, None), ([3, 5], 2, 3.0, [150, 130]),
+                                 ([3, 5], 3, 1.0, None)):
+        t = cuda(text(lens, Ct5=256, seed=seed))
+        kw = dict(scale_schedule=SCHED_WIDE, cfg=cfg, tau=0.5, top_p=0.9, cfg_insertion_layer=[0, -1],
+                  negative=cuda(neg and text(neg, Ct5=256, seed=9)))
         a, la = plain.tokens(t, seed, **kw)
         b, lb = graphed.tokens(t, seed, **kw)
         assert all(torch.equal(x, y) for x, y in zip(a, b)), f"prompts {lens} seed {seed}: bits differ with graphs"
