@@ -6,6 +6,16 @@ GPUs and gloo on CPU, across machines with torchrun's rendezvous; the output fol
     fastvar generate --out-dir fid --num-per-class 50                      # bundled digits model, this process
     torchrun --nproc_per_node 8 -m fastvar generate --out-dir fid --num-per-class 50 \\
         --var-ckpt var_d16.pth --vae-ckpt vae_ch160v4096z32.pth --cfg 1.5 --top-k 900 --top-p 0.96
+    fastvar generate --out-dir t2i --num-per-class 4 --infinity-ckpt infinity_2b_reg.pth \\
+        --vae-ckpt infinity_vae_d32_reg.pth --prompts prompts.pt --cfg 3 --tau 0.5 --h-div-w 1.0 --pn 1M
+
+Infinity (text-to-image): the prompts are precomputed text features (no text encoder is loaded), a ``.pt`` file
+(``torch.load(weights_only=True)``) holding a list of ``(len_i, C_t5)`` float tensors, one per prompt (the T5
+features of its tokens), or a dict with that list under ``"features"``; or a ``.safetensors`` file whose keys are
+the prompt indices ``"0"``, ``"1"``, ... (needs the ``safetensors`` package). Prompts play the part of classes:
+``--classes`` picks prompt indices, ``--num-per-class`` images are made of each, ``labels`` holds prompt indices.
+An Infinity image has the same bits and latent at any batch size; its decoded pixels may move by one uint8 level
+(the BSQ VAE's CPU convolutions round by batch size: 5.5e-5 measured on a [0, 1] pixel).
 
 What it guarantees:
 
@@ -43,6 +53,7 @@ MANIFEST_FORMAT = "fastvar.generate/1"
 SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
 # what makes the images: a restart must match these (world size, batch size and timeout may change)
 IMAGE_KEYS = ("model", "classes", "num_per_class", "seed", "cfg", "top_k", "top_p", "more_smooth", "dtype")
+INFINITY_IMAGE_KEYS = IMAGE_KEYS + ("tau", "cfg_insertion_layer", "scale_schedule", "prompts")
 
 
 class GenerateError(Exception):
@@ -57,11 +68,13 @@ def image_seed(seed: int, cls: int, index: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ plan
-def parse_classes(text: str, num_classes: int) -> List[int]:
-    """``"all"`` or comma-separated class ids (each once), checked against the model."""
+def parse_classes(text: str, num_classes: int, noun: str = "class", holder: str = "model") -> List[int]:
+    """``"all"`` or comma-separated class ids (each once), checked against the model (Infinity: prompt indices,
+    ``noun="prompt"``, checked against the prompt file)."""
     if text.strip().lower() == "all":
         return list(range(num_classes))
     out = []
+    plural = "classes" if noun == "class" else noun + "s"
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -69,11 +82,11 @@ def parse_classes(text: str, num_classes: int) -> List[int]:
         try:
             c = int(part)
         except ValueError:
-            raise GenerateError(f"--classes must be 'all' or comma-separated class ids, got {part!r} in {text!r}") from None
+            raise GenerateError(f"--classes must be 'all' or comma-separated {noun} ids, got {part!r} in {text!r}") from None
         if not 0 <= c < num_classes:
-            raise GenerateError(f"--classes: class {c} is out of range; this model has classes 0..{num_classes - 1}")
+            raise GenerateError(f"--classes: {noun} {c} is out of range; this {holder} has {plural} 0..{num_classes - 1}")
         if c in out:
-            raise GenerateError(f"--classes: class {c} is listed twice")
+            raise GenerateError(f"--classes: {noun} {c} is listed twice")
         out.append(c)
     if not out:
         raise GenerateError(f"--classes must name at least one class, got {text!r}")
@@ -217,19 +230,22 @@ def _model_identity(args) -> Dict[str, object]:
 
 
 def _manifest(args, classes, settings, image_hw) -> Dict[str, object]:
+    """The VAR manifest (``settings`` None: the model and settings fields are left for the caller, Infinity)."""
     import fastvar
     from fastvar.utils.benchmarking import git_commit
-    return {"format": MANIFEST_FORMAT, "model": _model_identity(args), "classes": list(classes),
-            "num_per_class": args.num_per_class, "seed": args.seed, "cfg": settings.cfg, "top_k": settings.top_k,
-            "top_p": settings.top_p, "more_smooth": settings.more_smooth, "dtype": args.dtype,
+    model = _model_identity(args) if settings is not None else None
+    return {"format": MANIFEST_FORMAT, "model": model, "classes": list(classes),
+            "num_per_class": args.num_per_class, "seed": args.seed, "cfg": getattr(settings, "cfg", None),
+            "top_k": getattr(settings, "top_k", None), "top_p": getattr(settings, "top_p", None),
+            "more_smooth": getattr(settings, "more_smooth", None), "dtype": args.dtype,
             "image_hw": list(image_hw), "num_images": len(classes) * args.num_per_class,
             "order": "class-major: image i of classes[c] is arr_0[c * num_per_class + i]",
             "image_seed": "fastvar.generate.image_seed(seed, class, i)",
             "versions": {"fastvar": fastvar.__version__, "torch": torch.__version__}, "commit": git_commit()}
 
 
-def check_or_write_manifest(out_dir: str, manifest: Dict[str, object]) -> None:
-    """First run: write the manifest. Restart: the settings that make the images must be the same."""
+def check_or_write_manifest(out_dir: str, manifest: Dict[str, object], keys: Sequence[str] = IMAGE_KEYS) -> None:
+    """First run: write the manifest. Restart: the settings that make the images (``keys``) must be the same."""
     from fastvar.utils.files import atomic_write
     path = os.path.join(out_dir, "manifest.json")
     if os.path.exists(path):
@@ -240,7 +256,7 @@ def check_or_write_manifest(out_dir: str, manifest: Dict[str, object]) -> None:
             raise GenerateError(f"{path} is not a readable manifest ({e}); use another --out-dir") from None
         if old.get("format") != MANIFEST_FORMAT:
             raise GenerateError(f"{path} is not a fastvar generate manifest; use another --out-dir")
-        differ = [k for k in IMAGE_KEYS if old.get(k) != manifest[k]]
+        differ = [k for k in keys if old.get(k) != manifest[k]]
         if differ:
             what = "; ".join(f"{k}: {old.get(k)!r} before, {manifest[k]!r} now" for k in differ)
             raise GenerateError(f"{out_dir} holds a run with other settings ({what}); use another --out-dir, or "
@@ -249,14 +265,111 @@ def check_or_write_manifest(out_dir: str, manifest: Dict[str, object]) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
 
 
+# -------------------------------------------------------------------------------------- Infinity
+def load_prompt_features(path: str, text_channels: int) -> Tuple[List[torch.Tensor], str]:
+    """The per-prompt text features of ``path`` (see the module docstring) as float32 ``(len_i, C_t5)`` CPU tensors,
+    and the file's SHA-256 (the manifest's identity of the prompts). ``GenerateError`` saying what is wrong."""
+    from fastvar.utils.files import load_tensors
+    if not os.path.isfile(path):
+        raise GenerateError(f"--prompts: {path} not found")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise GenerateError("--prompts: reading a .safetensors file needs the safetensors package "
+                                "(pip install safetensors), or save the features with torch.save") from None
+        raw = load_file(path)
+        if not all(k.isdigit() for k in raw) or sorted(int(k) for k in raw) != list(range(len(raw))):
+            raise GenerateError(f"--prompts: the keys of {path} must be the prompt indices 0..n-1, got {sorted(raw)[:8]}")
+        feats = [raw[str(i)] for i in range(len(raw))]
+    else:
+        try:
+            raw = load_tensors(path, "--prompts file")
+        except (FileNotFoundError, ValueError) as e:
+            raise GenerateError(str(e)) from None
+        feats = raw.get("features") if isinstance(raw, dict) else raw
+        if not isinstance(feats, (list, tuple)):
+            raise GenerateError(f"--prompts: {path} must hold a list of (len, C_t5) tensors (or a dict with one under "
+                                f"'features'), got {type(raw).__name__}")
+    if not feats:
+        raise GenerateError(f"--prompts: {path} holds no prompt")
+    out = []
+    for i, f in enumerate(feats):
+        if not isinstance(f, torch.Tensor) or not f.is_floating_point() or f.dim() != 2 or f.shape[0] < 1 \
+                or f.shape[1] != text_channels:
+            what = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
+            raise GenerateError(f"--prompts: prompt {i} must be a float (len >= 1, C_t5={text_channels}) tensor, got "
+                                f"{what}")
+        out.append(f.float().contiguous())
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    return out, digest
+
+
+def _infinity_setup(args, group, dtype):
+    """Infinity's model, prompts, settings and sampling function for :func:`cmd_generate`."""
+    from fastvar import dynamic_resolution
+    from fastvar.models import load_infinity
+    from fastvar.sampler import Sampler
+    if args.var_ckpt:
+        raise GenerateError("pass --var-ckpt or --infinity-ckpt, not both")
+    if not args.vae_ckpt:
+        raise GenerateError("--infinity-ckpt needs --vae-ckpt (the BSQ VAE checkpoint)")
+    if not args.prompts:
+        raise GenerateError("--infinity-ckpt needs --prompts (a file of per-prompt text features)")
+    if args.more_smooth:
+        raise GenerateError("--more-smooth is VAR's option; Infinity has no such mode")
+    try:
+        sched = dynamic_resolution.scale_schedule(args.h_div_w, args.pn)
+        cil = [int(x) for x in args.cfg_insertion_layer.split(",") if x.strip()]
+    except (TypeError, ValueError) as e:
+        raise GenerateError(f"--h-div-w / --pn / --cfg-insertion-layer: {e}") from None
+    try:
+        vae, model = load_infinity(args.infinity_ckpt, args.vae_ckpt, device=group.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerateError(str(e)) from None
+    feats, digest = load_prompt_features(args.prompts, model.Ct5)
+    prompts = parse_classes(args.classes, len(feats), noun="prompt", holder="prompt file")
+    sampler = Sampler(model, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
+    kwargs = dict(scale_schedule=sched, cfg=3.0 if args.cfg is None else args.cfg,
+                  tau=0.5 if args.tau is None else args.tau, top_k=900 if args.top_k is None else args.top_k,
+                  top_p=0.97 if args.top_p is None else args.top_p, cfg_insertion_layer=cil)
+    try:
+        settings = sampler.settings(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise GenerateError(str(e)) from None
+    if settings.guided:
+        long = [p for p in prompts if feats[p].shape[0] > model.cfg_uncond.shape[0]]
+        if long:
+            raise GenerateError(f"--prompts: prompt {long[0]} has {feats[long[0]].shape[0]} tokens, more than the "
+                                f"model's empty prompt cfg_uncond ({model.cfg_uncond.shape[0]}), which guidance uses")
+
+    def sample(ids, seeds):
+        lens = [feats[p].shape[0] for p in ids]
+        kv = torch.cat([feats[p] for p in ids]).to(group.device)
+        cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=group.device)
+        return sampler.sample((kv, lens, cu, max(lens)), image_seeds=seeds, **kwargs)
+
+    identity = {"infinity_ckpt": os.path.abspath(args.infinity_ckpt), "infinity_bytes": os.path.getsize(args.infinity_ckpt),
+                "vae_ckpt": os.path.abspath(args.vae_ckpt), "vae_bytes": os.path.getsize(args.vae_ckpt)}
+    extra = {"model": identity, "cfg": list(settings.cfg), "tau": list(settings.tau), "top_k": settings.top_k,
+             "top_p": settings.top_p, "more_smooth": False, "cfg_insertion_layer": cil,
+             "scale_schedule": [list(x) for x in settings.scale_schedule],
+             "prompts": {"sha256": digest, "count": len(feats)},
+             "order": "prompt-major: image i of classes[c] (a prompt index) is arr_0[c * num_per_class + i]"}
+    return prompts, sample, dynamic_resolution.image_size(sched), extra
+
+
 # ------------------------------------------------------------------------------------------- run
 def add_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="many images for FID / IS into one samples.npz (resumable, any number of "
                                         "processes under torchrun)",
                        description=__doc__.split("\n\n")[0])
     g.add_argument("--out-dir", required=True, help="folder for samples.npz, manifest.json, grid.png and the shards")
-    g.add_argument("--num-per-class", type=int, required=True, help="images of each class (FID-50k: 50)")
-    g.add_argument("--classes", default="all", help="comma-separated class ids, or 'all' (default: all)")
+    g.add_argument("--num-per-class", type=int, required=True,
+                   help="images of each class (FID-50k: 50); Infinity: of each prompt")
+    g.add_argument("--classes", default="all",
+                   help="comma-separated class ids (Infinity: prompt indices), or 'all' (default: all)")
     g.add_argument("--seed", type=int, default=0, help="image i of class c uses image_seed(seed, c, i) (default: 0)")
     g.add_argument("--batch-size", type=int, default=32, help="images sampled at once per process (default: 32)")
     g.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's; 1.5 for checkpoints)")
@@ -264,7 +377,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="top-p, 0 = off (default: the model's; 0.96)")
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes (visualisation)")
     g.add_argument("--var-ckpt", help="VAR checkpoint (default: the bundled digits model)")
-    g.add_argument("--vae-ckpt", help="VQVAE checkpoint")
+    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (Infinity: the BSQ VAE checkpoint)")
+    g.add_argument("--infinity-ckpt", help="Infinity checkpoint (text-to-image; needs --vae-ckpt and --prompts)")
+    g.add_argument("--prompts", help="Infinity: per-prompt text features, a .pt list of (len, C_t5) tensors")
+    g.add_argument("--tau", type=float, default=None, help="Infinity: temperature (default: 0.5)")
+    g.add_argument("--cfg-insertion-layer", default="0",
+                   help="Infinity: 0 = guidance on the logits, k < 0 = on the hidden state after block depth + k "
+                        "(comma-separated; default: 0)")
+    g.add_argument("--h-div-w", type=float, default=1.0, help="Infinity: aspect ratio h/w (nearest template; default 1)")
+    g.add_argument("--pn", default="1M", help="Infinity: size, 0.06M / 0.25M / 0.60M / 1M (default: 1M, 1024 px)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="VAR compute dtype (default: float32)")
     g.add_argument("--timeout", type=float, default=1800.0,
@@ -301,26 +422,37 @@ def cmd_generate(args) -> str:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     group = Group(args.timeout)
     try:
-        if bool(args.var_ckpt) != bool(args.vae_ckpt):
-            raise GenerateError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
-        try:
-            vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype)
-        except (FileNotFoundError, ValueError) as e:
-            raise GenerateError(str(e)) from None
-        classes = parse_classes(args.classes, var.num_classes)
-        sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
-        try:
-            settings = sampler.settings(info["cfg"] if args.cfg is None else args.cfg,
-                                        info["top_k"] if args.top_k is None else args.top_k,
-                                        info["top_p"] if args.top_p is None else args.top_p, args.more_smooth)
-        except (TypeError, ValueError) as e:
-            raise GenerateError(str(e)) from None
+        if getattr(args, "infinity_ckpt", None):
+            classes, sample, image_hw, extra = _infinity_setup(args, group, dtype)
+            manifest = dict(_manifest(args, classes, None, image_hw), **extra)
+            keys = INFINITY_IMAGE_KEYS
+        else:
+            if bool(args.var_ckpt) != bool(args.vae_ckpt):
+                raise GenerateError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
+            try:
+                vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype)
+            except (FileNotFoundError, ValueError) as e:
+                raise GenerateError(str(e)) from None
+            classes = parse_classes(args.classes, var.num_classes)
+            sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
+            try:
+                settings = sampler.settings(info["cfg"] if args.cfg is None else args.cfg,
+                                            info["top_k"] if args.top_k is None else args.top_k,
+                                            info["top_p"] if args.top_p is None else args.top_p, args.more_smooth)
+            except (TypeError, ValueError) as e:
+                raise GenerateError(str(e)) from None
+            image_hw = tuple(sampler.decode(torch.zeros(1, var.Cvae, *var.schedule.hws[-1],
+                                                        device=group.device)).shape[-2:])
+            manifest, keys = _manifest(args, classes, settings, image_hw), IMAGE_KEYS
+
+            def sample(labels, seeds):
+                return sampler.sample(labels, image_seeds=seeds, cfg=settings.cfg, top_k=settings.top_k,
+                                      top_p=settings.top_p, more_smooth=settings.more_smooth)
         K, n = args.num_per_class, len(classes) * args.num_per_class
-        image_hw = tuple(sampler.decode(torch.zeros(1, var.Cvae, *var.schedule.hws[-1], device=group.device)).shape[-2:])
         shard_dir = os.path.join(out_dir, "shards")
         if group.rank == 0:
             os.makedirs(shard_dir, exist_ok=True)
-            check_or_write_manifest(out_dir, _manifest(args, classes, settings, image_hw))
+            check_or_write_manifest(out_dir, manifest, keys)
         group.barrier("manifest written")
         batches = todo_batches(n, done_ranges(shard_dir), args.batch_size)
         group.barrier("work planned")       # every rank planned from the same finished shards
@@ -332,9 +464,7 @@ def cmd_generate(args) -> str:
             labels = [classes[i // K] for i in ids]
             seeds = [image_seed(args.seed, classes[i // K], i % K) for i in ids]
             pad = len(ids) == 1         # batch size 1 runs other CPU convolution algorithms: sample two copies
-            imgs = sampler.sample(labels * (2 if pad else 1), image_seeds=seeds * (2 if pad else 1),
-                                  cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p,
-                                  more_smooth=settings.more_smooth)[:len(ids)]
+            imgs = sample(labels * (2 if pad else 1), seeds * (2 if pad else 1))[:len(ids)]
             if not bool(torch.isfinite(imgs).all()):
                 raise GenerateError(f"the images of ids {b}..{e - 1} hold NaN or inf (a diverged model?); "
                                     "nothing was written for them")
@@ -354,7 +484,8 @@ def cmd_generate(args) -> str:
         if not args.quiet:
             prog.close(f"{n} images")
         per_device = made / elapsed if elapsed > 0 else float("nan")
-        return (f"wrote {n} images ({len(classes)} classes x {K}, {image_hw[0]}x{image_hw[1]} px) to {path} "
+        noun = "prompts" if getattr(args, "infinity_ckpt", None) else "classes"
+        return (f"wrote {n} images ({len(classes)} {noun} x {K}, {image_hw[0]}x{image_hw[1]} px) to {path} "
                 f"(grid: {grid}); this run sampled {sum(e - b for b, e in batches)} of them in {elapsed:.1f} s on "
                 f"{group.world} device(s): {per_device:.2f} images/s on rank 0")
     finally:

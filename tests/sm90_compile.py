@@ -263,6 +263,25 @@ def infinity_cases():
                 CA.varlen_cross_attention_fwd(q, k, v, cu_q, cu_k, lq, lk, D ** -0.5, interpret=False)
 
 
+def kv_rope_cases():
+    """Infinity's KV step with the 2D RoPE and the q/k norm fused (the append kernel, then the attention kernel with
+    the rotation in its prologue) at head dim 128, on the Infinity block's cache layout ``(B, H, capacity, D)``
+    (strided views), for the query tile sizes of the 1024 px schedule (1 ... 64 x 64 tokens)."""
+    from fastvar.triton_kernels import attention as A
+    cuda = torch.device("cuda")
+    B, H, L = 2, 2, 6377                            # the 1024 px schedule's tokens before its last scale
+    cases = [(torch.bfloat16, 128, True, l) for l in (1, 16, 144, 4096)] + [
+        (torch.bfloat16, 128, False, 256), (torch.bfloat16, 64, True, 36), (torch.float32, 128, True, 256)]
+    for dtype, D, norm, l in cases:
+        qkv = torch.randn(B, l, 3, H, D).to(dtype)
+        cache = torch.zeros(B, H, L + l, D, dtype=dtype).transpose(1, 2)
+        rope = torch.randn(2, L + l, D // 2)[:, L:]
+        sm = torch.zeros(H) if norm else None
+        with variant(f"kv rope step {str(dtype).split('.')[-1]} D={D} norm={int(norm)} l={l}"):
+            A.kv_cached_attention_fwd(*qkv.unbind(2), cache, cache.clone(), L, 1.0, sm,
+                                      config=A._kv_config(l, D, dtype, cuda), rope=rope)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="every attention tile configuration, not the first")
@@ -276,6 +295,7 @@ def main(argv=None) -> int:
         sampling_cases()
         adaln_cases()
         infinity_cases()
+        kv_rope_cases()
     print(f"# triton {triton.__version__}, target {TARGET}, {len(RECORDS)} kernels in {time.time() - start:.0f} s")
     print(f"{'variant':62s} {'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s}")
     for r in RECORDS:

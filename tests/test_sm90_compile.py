@@ -25,11 +25,12 @@ KERNELS = {
     "_upsample_phi_accumulate_fwd_kernel",
     "_adaln_fwd_kernel",
 }
-KERNELS |= {"_bit_sampling_fwd_kernel", "_varlen_cross_attn_fwd_kernel"}      # Infinity
+KERNELS |= {"_bit_sampling_fwd_kernel", "_varlen_cross_attn_fwd_kernel", "_kv_append_rope_kernel"}      # Infinity
 
 # Spills ptxas reports (Triton 3.9) that the code documents; anything else spilling is a regression.
 DOCUMENTED_SPILLS = {
     r"^kv step float32 D=128 ": "fp32 KV step at D=128 (true fp32 products): 110-350 B, triton_kernels/attention.py",
+    r"^kv rope step float32 D=128 ": "the same fp32 KV step with the RoPE prologue: 360 B, triton_kernels/attention.py",
     r"^rq_lookup C=64 split=4": "C=64 (VAR's C is 32) with a split codebook: 24 B; tile tuning on a GPU is owed",
     r"^fused step C=64 from indices 5x5->16x16 ": "the fused sampling step at C=64 (VAR's C is 32) with the upsample "
                                                   "and TF32 rounding: 24 B; triton_kernels/upsample.py",
@@ -57,6 +58,7 @@ def test_every_kernel_compiles_for_sm90(records):
         for D in (64, 128):
             assert any(v.startswith(f"attention dq {dtype} D={D} ") for v in variants), (dtype, D)
             assert any(v.startswith(f"kv step {dtype} D={D} ") for v in variants), (dtype, D)
+    assert any(v.startswith("kv rope step bfloat16 D=128 norm=1 l=4096") for v in variants)     # Infinity 1024 px
     assert all(r["registers"] > 0 and r["num_warps"] in (4, 8, 16) for r in records)
 
 

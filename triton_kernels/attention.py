@@ -425,8 +425,9 @@ def _kv_cached_attn_fwd_kernel(
         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
         stride_vb, stride_vl, stride_vh, stride_vd, stride_kcb, stride_kcl, stride_kch, stride_kcd,
         stride_vcb, stride_vcl, stride_vch, stride_vcd, stride_ob, stride_ol, stride_oh, stride_od,
+        ROPE_T, stride_rc, stride_rl, stride_rd,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
-        DOT_PREC: tl.constexpr):
+        DOT_PREC: tl.constexpr, ROPE: tl.constexpr = False):
     """One sampling step: ``KC[:, cache_len + r] = kt_r``, ``VC[:, cache_len + r] = v_r`` for the ``l`` new
     rows, and ``O`` (B, l, H, D) = attention of the new queries over the ``cache_len + l`` cached keys.
 
@@ -438,6 +439,12 @@ def _kv_cached_attn_fwd_kernel(
     append is spread over all programs. Reading the new rows back from the cache instead would need a
     grid-wide barrier (or one writer program per head that the others wait for); recomputing the new
     keys' norms per query tile costs ``l*D`` flops next to the ``BLOCK_M*(cache_len+l)*D`` of its dots.
+
+    ``ROPE`` (Infinity's 2D RoPE; ``ROPE_T`` the ``(2, l, D/2)`` cos/sin rows of the new tokens): the new keys were
+    rotated, normalised and appended by :func:`_kv_append_rope_kernel` (launched just before, on the same stream),
+    so this kernel rotates the query tile in its prologue (fp32, rounded once to the input dtype) and attends over
+    the cache alone, ``[0, cache_len + l)``: rotating every new key tile again in every query program would
+    triple the loads of the new keys (the pair partner and the cos/sin rows), an append launch reads them once.
     """
     t = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -451,39 +458,97 @@ def _kv_cached_attn_fwd_kernel(
     KC = KC + b * stride_kcb + h * stride_kch
     VC = VC + b * stride_vcb + h * stride_vch
 
-    # 1. this program's share of the cache append
-    k_new = tl.load(_tile(K, offs_m, offs_d, stride_kl, stride_kd), mask=row_ok, other=0.0)
-    if NORM:
-        rk, _ = _inv_norm(k_new, 1)
-        k_new = (k_new.to(tl.float32) * rk[:, None]).to(k_new.dtype)
-    dst = cache_len + offs_m
-    tl.store(_tile(KC, dst, offs_d, stride_kcl, stride_kcd), k_new.to(KC.dtype.element_ty),
-             mask=row_ok)
-    v_new = tl.load(_tile(V, offs_m, offs_d, stride_vl, stride_vd), mask=row_ok, other=0.0)
-    tl.store(_tile(VC, dst, offs_d, stride_vcl, stride_vcd), v_new.to(VC.dtype.element_ty),
-             mask=row_ok)
+    # 1. this program's share of the cache append (with ROPE: done by the append kernel)
+    if not ROPE:
+        k_new = tl.load(_tile(K, offs_m, offs_d, stride_kl, stride_kd), mask=row_ok, other=0.0)
+        if NORM:
+            rk, _ = _inv_norm(k_new, 1)
+            k_new = (k_new.to(tl.float32) * rk[:, None]).to(k_new.dtype)
+        dst = cache_len + offs_m
+        tl.store(_tile(KC, dst, offs_d, stride_kcl, stride_kcd), k_new.to(KC.dtype.element_ty),
+                 mask=row_ok)
+        v_new = tl.load(_tile(V, offs_m, offs_d, stride_vl, stride_vd), mask=row_ok, other=0.0)
+        tl.store(_tile(VC, dst, offs_d, stride_vcl, stride_vcd), v_new.to(VC.dtype.element_ty),
+                 mask=row_ok)
 
     # 2. attention over the cached prefix, then over the new keys (from the inputs)
-    q = tl.load(_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_ql, stride_qd),
-                mask=row_ok, other=0.0)
+    Qh = Q + b * stride_qb + h * stride_qh
+    q = tl.load(_tile(Qh, offs_m, offs_d, stride_ql, stride_qd), mask=row_ok, other=0.0)
+    if ROPE:
+        q = _rope_rotate(q, Qh, offs_m, row_ok, offs_d, stride_ql, stride_qd, ROPE_T, stride_rc, stride_rl,
+                         stride_rd).to(q.dtype)
     row_scale = _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M, NORM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    c_full = (cache_len // BLOCK_N) * BLOCK_N
-    n_full = (l // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
-                                  stride_vcl, stride_vcd, 0, c_full, offs_n, offs_d, BLOCK_N, 0, False, DOT_PREC)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
-                                  stride_vcl, stride_vcd, c_full, cache_len, offs_n, offs_d, BLOCK_N, 1, False,
-                                  DOT_PREC)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
-                                  stride_vl, stride_vd, 0, n_full, offs_n, offs_d, BLOCK_N, 0, NORM, DOT_PREC)
-    acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
-                                  stride_vl, stride_vd, n_full, l, offs_n, offs_d, BLOCK_N, 1, NORM, DOT_PREC)
+    if ROPE:        # every key (rotated, normalised) is in the cache
+        end = cache_len + l
+        e_full = (end // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                      stride_vcl, stride_vcd, 0, e_full, offs_n, offs_d, BLOCK_N, 0, False, DOT_PREC)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                      stride_vcl, stride_vcd, e_full, end, offs_n, offs_d, BLOCK_N, 1, False,
+                                      DOT_PREC)
+    else:
+        c_full = (cache_len // BLOCK_N) * BLOCK_N
+        n_full = (l // BLOCK_N) * BLOCK_N
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                      stride_vcl, stride_vcd, 0, c_full, offs_n, offs_d, BLOCK_N, 0, False, DOT_PREC)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, KC, VC, stride_kcl, stride_kcd,
+                                      stride_vcl, stride_vcd, c_full, cache_len, offs_n, offs_d, BLOCK_N, 1, False,
+                                      DOT_PREC)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
+                                      stride_vl, stride_vd, 0, n_full, offs_n, offs_d, BLOCK_N, 0, NORM, DOT_PREC)
+        acc, l_i, m_i = _attend_tiles(acc, l_i, m_i, q, row_scale, offs_m, K, V, stride_kl, stride_kd,
+                                      stride_vl, stride_vd, n_full, l, offs_n, offs_d, BLOCK_N, 1, NORM, DOT_PREC)
     out = acc / l_i[:, None]
     tl.store(_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ol, stride_od),
              out.to(O.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _rope_rotate(x, base, rows, row_ok, offs_d, stride_l, stride_d, ROPE_T, stride_rc, stride_rl, stride_rd):
+    """The ``(BLOCK, D)`` tile ``x`` (rows ``rows`` of ``base``) rotated pairwise, in fp32:
+    ``out_d = cos_p x_d + s_d sin_p x_{d^1}`` with ``p = d // 2``, ``s = -1`` for even ``d`` and +1 for odd, the
+    angles of row ``r`` in ``ROPE_T[0 / 1, r, p]``. The pair partner is loaded again (``d ^ 1``, from cache)
+    rather than shuffled across registers."""
+    partner = tl.load(_tile(base, rows, offs_d ^ 1, stride_l, stride_d), mask=row_ok, other=0.0).to(tl.float32)
+    angle = ROPE_T + rows[:, None] * stride_rl + (offs_d // 2)[None, :] * stride_rd
+    cos = tl.load(angle, mask=row_ok, other=1.0)
+    sin = tl.load(angle + stride_rc, mask=row_ok, other=0.0)
+    sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+    return x.to(tl.float32) * cos + sign[None, :] * (partner * sin)
+
+
+@triton.jit
+def _kv_append_rope_kernel(
+        K, V, KC, VC, ROPE_T, cache_len, l, H,
+        stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd,
+        stride_kcb, stride_kcl, stride_kch, stride_kcd, stride_vcb, stride_vcl, stride_vch, stride_vcd,
+        stride_rc, stride_rl, stride_rd,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr):
+    """The cache append of a RoPE step: ``KC[:, cache_len + r] = normalize(rot(k_r))`` (``NORM``; else ``rot(k_r)``),
+    ``VC[:, cache_len + r] = v_r`` for the ``l`` new rows, rotated and normalised in fp32 and rounded once to the
+    cache's dtype (a rotation keeps the norm, so this is the official normalise-then-rotate up to rounding).
+    Grid ``(cdiv(l, BLOCK_M), B*H)``."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < l
+    K = K + b * stride_kb + h * stride_kh
+    k = tl.load(_tile(K, offs_m, offs_d, stride_kl, stride_kd), mask=row_ok, other=0.0)
+    k = _rope_rotate(k, K, offs_m, row_ok, offs_d, stride_kl, stride_kd, ROPE_T, stride_rc, stride_rl, stride_rd)
+    if NORM:
+        rk, _ = _inv_norm(k, 1)
+        k = k * rk[:, None]
+    dst = cache_len + offs_m
+    tl.store(_tile(KC + b * stride_kcb + h * stride_kch, dst, offs_d, stride_kcl, stride_kcd),
+             k.to(KC.dtype.element_ty), mask=row_ok)
+    v = tl.load(_tile(V + b * stride_vb + h * stride_vh, offs_m, offs_d, stride_vl, stride_vd), mask=row_ok, other=0.0)
+    tl.store(_tile(VC + b * stride_vcb + h * stride_vch, dst, offs_d, stride_vcl, stride_vcd),
+             v.to(VC.dtype.element_ty), mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -529,8 +594,8 @@ def _kv_config(l, D, dtype, device):
     """The KV step is launched inside CUDA graphs by the sampler: fixed heuristics, no autotuning
     (an autotune benchmark cannot run while a graph is being captured). The query tile follows the
     scale's token count (1 .. 1024 for VAR); in half precision these compile for sm_90 without spills
-    (tests/sm90_compile.py; 4 warps spilled 152 B at 128 x 64, D=64, and 8 B at 16 x 64, D=128); fp32 at
-    D=128 spills 110-350 B."""
+    (tests/sm90_compile.py; 4 warps spilled 152 B at 128 x 64, D=64, and 8 B at 16 x 64, D=128), with the RoPE
+    prologue too (Infinity, D=128: 206 registers at 128 x 64); fp32 at D=128 spills 110-350 B (360 B with RoPE)."""
     if device.type != "cuda":
         return INTERPRET_CONFIG
     if dtype == torch.float32:
@@ -538,6 +603,10 @@ def _kv_config(l, D, dtype, device):
     block_m = 16 if l <= 16 else 32 if l <= 32 else 64 if l <= 64 else 128
     return block_m, 64, 8 if block_m == 128 or D > 64 else 4, 3
 
+
+# rows per program of the RoPE append: an fp32 (32, 128) tile and its pair partner, cos and sin rows are
+# 4 x 32 registers per thread at 4 warps (64 rows would double that for a copy that is memory-bound anyway)
+_KV_APPEND_ROWS = 32
 
 _tuned = {}
 
@@ -662,24 +731,33 @@ def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_sc
 
 
 @on_tensor_device
-def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul=None, config=None):
-    """One KV-cached sampling step in one launch.
+def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul=None, config=None,
+                            rope=None):
+    """One KV-cached sampling step in one launch (two with ``rope``: the append, then the attention).
 
     Args:
         q, k, v: ``(B, l, H, D)`` any strides; k_cache, v_cache: ``(B, L_max, H, D)`` any strides, not
-            overlapping q, k, v. ``k`` (normalised with ``scale_mul``) and ``v`` are written in place at
-            ``[cache_len, cache_len + l)``; nothing else of the caches is written.
+            overlapping q, k, v. ``k`` (rotated with ``rope``, normalised with ``scale_mul``) and ``v`` are written
+            in place at ``[cache_len, cache_len + l)``; nothing else of the caches is written.
         config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests).
+        rope: optional ``(2, l, D/2)`` fp32 cos/sin rows of the new tokens (any strides): q and k rotated pairwise.
     Returns:
         ``(B, l, H, D)`` contiguous: every new query attends to all ``cache_len + l`` keys.
     """
     B, l, H, D = q.shape
     out = torch.empty((B, l, H, D), dtype=q.dtype, device=q.device)
     bm, bn, warps, stages = config or _kv_config(l, D, q.dtype, q.device)
+    norm = scale_mul is not None
+    rope_arg = (rope, *_strides(rope)) if rope is not None else (q.new_empty(1, dtype=torch.float32), 0, 0, 0)
+    if rope is not None:
+        am = INTERPRET_CONFIG[0] if q.device.type != "cuda" else _KV_APPEND_ROWS
+        _kv_append_rope_kernel[(triton.cdiv(l, am), B * H)](
+            k, v, k_cache, v_cache, rope, int(cache_len), l, H, *_strides(k), *_strides(v), *_strides(k_cache),
+            *_strides(v_cache), *_strides(rope), HEAD_DIM=D, BLOCK_M=am, NORM=norm, num_warps=4)
     _kv_cached_attn_fwd_kernel[(triton.cdiv(l, bm), B * H)](
         q, k, v, k_cache, v_cache, out, _scale_mul_arg(scale_mul, q), int(cache_len),
         _f32(softmax_scale * LOG2E), _f32(MAX_SCALE_MUL), l, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(k_cache), *_strides(v_cache), *_strides(out),
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NORM=scale_mul is not None, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+        *rope_arg, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, NORM=norm, DOT_PREC=_dot_precision(q.dtype),
+        ROPE=rope is not None, num_warps=warps, num_stages=stages)
     return out

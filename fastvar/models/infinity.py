@@ -387,7 +387,9 @@ class Infinity(nn.Module):
                     if nxt is not None:
                         record["word_embed_in"].append(nxt)
                 if nxt is not None and si != S - 1:
-                    x = self.word_embed(nxt).repeat(bs // B, 1, 1)
+                    # float32 residual stream (a no-op without autocast; under it word_embed gives bf16, which
+                    # the AdaLN op takes only as the modulation's dtype)
+                    x = self.word_embed(nxt).float().repeat(bs // B, 1, 1)
         finally:
             for b in self.unregistered_blocks:
                 b.sa.kv_caching(False)

@@ -12,14 +12,15 @@ Text conditioning arrives as ``ca_kv = (kv_compact (N, C), cu_seqlens_k (B + 1,)
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvar import ops
-from fastvar.nn.attention import FFN, DropPath
+from fastvar.nn.attention import FFN, DropPath, copy_unless_same
 from fastvar.reference import infinity as ref
 
 CaKV = Tuple[torch.Tensor, torch.Tensor, int]
@@ -132,6 +133,18 @@ class InfinityKVCache:
         self.length = 0
 
 
+def kv_cached_rope_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
+                             scale_mul: torch.Tensor, rope: torch.Tensor, softmax_scale: float = 1.0) -> torch.Tensor:
+    """Infinity's KV-cached self-attention of one scale: ``qkv`` ``(N, l, 3, H, c)`` the projection; q and k
+    L2-normalised (q times ``exp(min(scale_mul, ln 100))``) and rotated by ``rope`` ``(2, l, c/2)``, keys and values
+    written into the ``(N, H, capacity, c)`` caches at ``[start, start + l)``, the queries attending to all
+    ``start + l`` cached tokens (``ops.kv_cached_attention``: norm and rotation fused in the Triton kernel).
+    Returns ``(N, l, H, c)``."""
+    q, k, v = qkv.unbind(2)
+    return ops.kv_cached_attention(q, k, v, k_cache.transpose(1, 2), v_cache.transpose(1, 2), start,
+                                   softmax_scale=softmax_scale, scale_mul=scale_mul, rope=rope)
+
+
 class SelfAttention(nn.Module):
     """Infinity's self-attention (official ``SelfAttention`` with ``cos_attn=True``): q and k L2-normalised,
     q scaled by ``exp(min(scale_mul_1H11, ln 100))`` per head, 2D RoPE on both, softmax scale 1.
@@ -171,23 +184,22 @@ class SelfAttention(nn.Module):
         H, c = self.num_heads, self.head_dim
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, H, c)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
-        q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
-        v = v.contiguous()
-        q, k = ref.apply_rope2d(q, k, rope)
-        if self.caching:
+        if self.caching:       # the q/k norm and the rotation happen inside the step (fused in the Triton kernel)
             cache = self.kv_cache
             if cache is None or cache.k.shape[0] != B:
-                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, q.dtype, q.device)
+                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, qkv.dtype,
+                                                        qkv.device)
             if cache.length + L > cache.k.shape[2]:
                 raise ValueError(f"the KV cache holds {cache.k.shape[2]} tokens; {cache.length} are used and this "
                                  f"scale adds {L} (cache_capacity is the schedule's token count)")
-            out = ops.kv_cached_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          cache.k.transpose(1, 2), cache.v.transpose(1, 2), cache.length,
-                                          softmax_scale=self.scale)
+            out = kv_cached_rope_attention(qkv, cache.k, cache.v, cache.length, self.scale_mul_1H11, rope, self.scale)
             cache.length += L
             out = out.reshape(B, L, C)
         else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
+            q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
+            v = v.contiguous()
+            q, k = ref.apply_rope2d(q, k, rope)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
             out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))
@@ -244,9 +256,127 @@ class CrossAttnBlock(nn.Module):
         h = ops.adaln_modulate(x, scale2, shift2, self.norm_eps).to(x.dtype)
         return x + self.drop_path(self.ffn(h).mul(gamma2))
 
+    # ------------------------------------------------------------------ sampling (fastvar.Sampler)
+    def _step_sources(self) -> Dict[str, object]:
+        """The module tensors behind every :class:`InfinityBlockWeights` tensor field (tuples are concatenated)."""
+        sa, ca, ffn = self.sa, self.ca, self.ffn
+        return dict(qkv_w=sa.mat_qkv.weight, qkv_b=(sa.q_bias, sa.zero_k_bias, sa.v_bias), proj_w=sa.proj.weight,
+                    proj_b=sa.proj.bias, ca_q_w=ca.mat_q.weight, ca_q_b=ca.mat_q.bias, ca_kv_w=ca.mat_kv.weight,
+                    ca_kv_b=(ca.zero_k_bias, ca.v_bias), ca_proj_w=ca.proj.weight, ca_proj_b=ca.proj.bias,
+                    ca_norm_w=self.ca_norm.weight, ca_norm_b=self.ca_norm.bias, fc1_w=ffn.fc1.weight,
+                    fc1_b=ffn.fc1.bias, fc2_w=ffn.fc2.weight, fc2_b=ffn.fc2.bias,
+                    ada_gss=self.ada_gss if self.shared_aln else None, scale_mul=sa.scale_mul_1H11,
+                    ca_gamma=self.ca_gamma if isinstance(self.ca_gamma, torch.Tensor) else None)
+
+    def step_weights(self, dtype: Optional[torch.dtype] = None) -> InfinityBlockWeights:
+        """The tensors :meth:`sampling_step` reads: the module's own (``dtype`` None; the biases concatenated), else
+        detached tensors in ``dtype`` (copies only where the dtype differs; see :class:`InfinityBlockWeights`)."""
+        if not self.shared_aln:
+            raise ValueError("fastvar's Infinity sampler needs shared_aln=True (every released Infinity model)")
+
+        def cast(name, x):
+            if isinstance(x, tuple):
+                x = torch.cat([t.detach() for t in x])
+            dt = None if dtype is None else (torch.float32 if name in _FLOAT32_FIELDS else dtype)
+            return x if dt is None else x.detach().to(dt)
+
+        src = self._step_sources()
+        w = {name: (None if x is None else cast(name, x)) for name, x in src.items()}
+        if w["ca_gamma"] is None:
+            w["ca_gamma"] = 1
+        return InfinityBlockWeights(**w, heads=self.sa.num_heads, head_dim=self.sa.head_dim, eps=self.norm_eps,
+                                    ca_eps=self.ca_norm.eps, ca_scale=self.ca.scale)
+
+    def sync_step_weights(self, w: InfinityBlockWeights) -> None:
+        """Copy the module's current values into ``w`` (made by :meth:`step_weights`) in place, so that captured
+        CUDA graphs keep reading ``w``; tensors that are the module's own are skipped."""
+        for name, src in self._step_sources().items():
+            dst = getattr(w, name)
+            if isinstance(src, tuple):
+                for d, s in zip(dst.split([t.shape[0] for t in src]), src):
+                    d.copy_(s)
+            elif src is not None:
+                copy_unless_same(dst, src)
+
+    @staticmethod
+    def text_kv(kv_compact: torch.Tensor, w: InfinityBlockWeights) -> torch.Tensor:
+        """The cross-attention keys and values of the text, ``(N, 2C)`` in the weights' dtype: they do not change
+        across scales, so the Sampler computes them once per sample (the official loop, on every scale)."""
+        return F.linear(kv_compact.to(w.ca_kv_w.dtype), w.ca_kv_w, w.ca_kv_b)
+
+    def sampling_step(self, x: torch.Tensor, mod: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      start: int, w: InfinityBlockWeights, text_kv: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      cu_seqlens_k: torch.Tensor, max_seqlen_k: int, rope: torch.Tensor) -> torch.Tensor:
+        """One scale of sampling through the block (eval, no dropout), the official op order on static tensors.
+
+        Args:
+            x: ``(N, l, C)`` float32 residual stream.
+            mod: ``(N, 1, 6, C)`` the modulation ``ada_gss + gss`` (computed once per sample), compute dtype.
+            k_cache, v_cache: ``(N, H, capacity, c)`` this block's caches; the scale's keys (normalised, rotated)
+                and values go to ``[start, start + l)``.
+            w: :meth:`step_weights`. text_kv: ``(>= N_text, 2C)`` :meth:`text_kv` rows of the packed prompts.
+            cu_seqlens_q: ``(N + 1,)`` int32 ``[0, l, 2l, ...]``; cu_seqlens_k ``(N + 1,)`` int32 the prompts'
+                offsets; max_seqlen_k the longest prompt.
+            rope: ``(2, l, c/2)`` the cos/sin rows of the scale's tokens.
+        Returns the new ``(N, l, C)`` float32 residual stream.
+        """
+        g1, g2, s1, s2, sh1, sh2 = mod.unbind(2)
+        N, l, C = x.shape
+        H, c = w.heads, w.head_dim
+        h = ops.adaln_modulate(x, s1, sh1, w.eps)
+        qkv = F.linear(h, w.qkv_w, w.qkv_b).view(N, l, 3, H, c)
+        a = kv_cached_rope_attention(qkv, k_cache, v_cache, start, w.scale_mul, rope)
+        x = x + F.linear(a.reshape(N, l, C), w.proj_w, w.proj_b).mul_(g1)
+        # cross-attention to the text: LayerNorm in float32, the packed call as the module makes it
+        cq = F.linear(F.layer_norm(x, (C,), w.ca_norm_w, w.ca_norm_b, w.ca_eps).to(w.ca_q_w.dtype), w.ca_q_w, w.ca_q_b)
+        k_t, v_t = text_kv.view(-1, 2, H, c).unbind(dim=1)        # rows past the prompts are never read
+        ca = _packed_cross_attention(cq.view(-1, H, c).contiguous(), k_t, v_t, cu_seqlens_q, cu_seqlens_k, l,
+                                     int(max_seqlen_k), w.ca_scale)
+        x = x + F.linear(ca.reshape(N, l, C), w.ca_proj_w, w.ca_proj_b).mul_(w.ca_gamma)
+        h = ops.adaln_modulate(x, s2, sh2, w.eps)
+        f = F.linear(F.gelu(F.linear(h, w.fc1_w, w.fc1_b), approximate="tanh"), w.fc2_w, w.fc2_b)
+        return x + f.mul(g2)
+
     def extra_repr(self) -> str:
         gamma = "<learnable>" if isinstance(self.ca_gamma, nn.Parameter) else self.ca_gamma
         return f"shared_aln={self.shared_aln}, ca_gamma={gamma}"
+
+
+@dataclasses.dataclass
+class InfinityBlockWeights:
+    """A block's tensors for :meth:`CrossAttnBlock.sampling_step`: the module's own, or copies cast once to a
+    compute dtype (the Sampler's). ``qkv_b`` / ``ca_kv_b`` are the official concatenated biases (always a copy);
+    ``scale_mul``, ``ca_norm_w`` / ``ca_norm_b`` and ``ada_gss`` stay float32 (the official autocast runs the
+    LayerNorm and the modulation sum in float32); ``ca_gamma`` is the constant 1 or the layer-scale tensor."""
+
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ca_q_w: torch.Tensor
+    ca_q_b: torch.Tensor
+    ca_kv_w: torch.Tensor
+    ca_kv_b: torch.Tensor
+    ca_proj_w: torch.Tensor
+    ca_proj_b: torch.Tensor
+    ca_norm_w: torch.Tensor
+    ca_norm_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+    ada_gss: Optional[torch.Tensor]
+    scale_mul: torch.Tensor
+    ca_gamma: Union[int, torch.Tensor]
+    heads: int
+    head_dim: int
+    eps: float
+    ca_eps: float
+    ca_scale: float
+
+
+# fields kept in float32 whatever the compute dtype
+_FLOAT32_FIELDS = ("ca_norm_w", "ca_norm_b", "ada_gss", "scale_mul")
 
 
 class MultipleLayers(nn.Module):

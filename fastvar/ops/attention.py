@@ -94,13 +94,16 @@ _block_causal_op.register_autograd(_block_causal_backward, setup_context=_block_
 
 @torch.library.custom_op("fastvar::kv_cached_attention", mutates_args=("k_cache", "v_cache"))
 def _kv_cached_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  cache_len: int, softmax_scale: float, scale_mul: Optional[torch.Tensor]) -> torch.Tensor:
-    """Triton KV-cached step: one launch appends the scale to the caches in place and attends (no autograd)."""
-    return _kernels().kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul)
+                  cache_len: int, softmax_scale: float, scale_mul: Optional[torch.Tensor],
+                  rope: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton KV-cached step: one launch appends the scale to the caches in place and attends (no autograd);
+    with ``rope``, an append launch (rotate, normalise, write) and the attention launch (q rotated in its prologue)."""
+    return _kernels().kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul,
+                                              rope=rope)
 
 
 @_kv_cached_op.register_fake
-def _(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
+def _(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul, rope=None):
     return q.new_empty(q.shape)
 
 
@@ -127,10 +130,10 @@ def _triton_block_causal(q, k, v, scale_lens, softmax_scale, scale_mul):
     return _block_causal_op(q, k, v, list(scale_lens), scale, scale_mul)[0]
 
 
-def _triton_kv_cached(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul):
+def _triton_kv_cached(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul, rope=None):
     _triton_unsupported(q, check=True)
     scale = ref._softmax_scale(q.shape[-1], softmax_scale, scale_mul)
-    return _kv_cached_op(q, k, v, k_cache, v_cache, int(cache_len), scale, scale_mul)
+    return _kv_cached_op(q, k, v, k_cache, v_cache, int(cache_len), scale, scale_mul, rope)
 
 
 BLOCK_CAUSAL_IMPLS = {"eager": _eager_block_causal, "triton": _triton_block_causal}
@@ -195,16 +198,21 @@ def kv_cached_attention(
     cache_len: int,
     softmax_scale: Optional[float] = None,
     scale_mul: Optional[torch.Tensor] = None,
+    rope: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The sampling step of one layer: write this scale's keys and values into the preallocated cache
-    **in place** at ``[cache_len, cache_len + l)`` (keys after the L2 norm, if ``scale_mul`` is given)
-    and attend the scale's queries to all ``cache_len + l`` cached tokens, with no mask.
+    **in place** at ``[cache_len, cache_len + l)`` (keys after the L2 norm if ``scale_mul`` is given, and the
+    rotation if ``rope`` is) and attend the scale's queries to all ``cache_len + l`` cached tokens, with no mask.
 
     Args:
         q, k, v: ``(B, l, H, D)``.
         k_cache, v_cache: ``(B, L_max, H, D)``, same dtype and device as q, any strides (not sharing memory with q, k, v).
         cache_len: tokens already cached, ``0 <= cache_len <= L_max - l``.
         softmax_scale, scale_mul: as in :func:`block_causal_attention`.
+        rope: optional ``(2, l, D/2)`` float32 cos/sin of the new tokens' angles (Infinity's 2D RoPE, the rows
+            of this scale): q and k are rotated pairwise after the L2 norm, ``(x_{2p}, x_{2p+1}) -> (cos x_{2p} -
+            sin x_{2p+1}, sin x_{2p} + cos x_{2p+1})``, the official order (Triton: fused, see
+            ``fastvar.triton_kernels.attention``).
     Returns:
         ``(B, l, H, D)``.
     """
@@ -222,6 +230,11 @@ def kv_cached_attention(
         raise ValueError(f"cache_len must be in [0, L_max - l] = [0, {k_cache.shape[1] - l}], got {cache_len}")
     _check_scale_mul(scale_mul, H, q)
     _check_softmax_scale(softmax_scale)
+    if rope is not None:
+        if D % 2:
+            raise ValueError(f"rope rotates pairs of channels: the head dim D must be even, got D={D}")
+        check_tensor("rope", rope, ndim=3, dtypes=(torch.float32,), shape=(2, l, D // 2))
+        check_same(("q", "rope"), (q, rope), what="device")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         for other_name, t in (("q", q), ("k", k), ("v", v)):
             if torch.compiler.is_compiling():    # fake tensors under torch.compile have no storage
@@ -230,7 +243,9 @@ def kv_cached_attention(
                 raise ValueError(f"{name} must not share memory with {other_name}: the new keys and values are "
                                  f"read from {other_name} while {name} is written in place")
     impl = select("kv_cached_attention", KV_CACHED_IMPLS, q.device, {"triton": _triton_unsupported(q)})
-    return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul)
+    if rope is None:       # implementations registered without a RoPE argument keep working
+        return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul)
+    return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul, rope)
 
 
 def scale_lens_from_bias(attn_bias: torch.Tensor) -> Tuple[int, ...]:

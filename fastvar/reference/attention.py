@@ -100,16 +100,20 @@ def kv_cached_attention(
     cache_len: int,
     softmax_scale: Optional[float] = None,
     scale_mul: Optional[torch.Tensor] = None,
+    rope: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One sampling step: append the new scale's keys/values to the cache, attend to the whole prefix.
 
     Args:
         q, k_new, v_new: ``(B, l, H, D)``, the ``l`` tokens of the scale being predicted.
         k_cache, v_cache: ``(B, L_max, H, D)`` preallocated caches; positions ``[0, cache_len)`` hold
-            the earlier scales. ``k_new`` (after the L2 norm, if any) and ``v_new`` are written **in
-            place** at ``[cache_len, cache_len + l)``.
+            the earlier scales. ``k_new`` (after the L2 norm and RoPE, if any) and ``v_new`` are written
+            **in place** at ``[cache_len, cache_len + l)``.
         cache_len: number of tokens already cached.
         softmax_scale, scale_mul: as in :func:`block_causal_attention`.
+        rope: optional ``(2, l, D/2)`` cos/sin of the new tokens' rotation angles (Infinity's 2D RoPE):
+            after the L2 norm, q and k are rotated pairwise, ``(x_{2p}, x_{2p+1}) -> (cos x_{2p} - sin x_{2p+1},
+            sin x_{2p} + cos x_{2p+1})`` (:func:`fastvar.reference.infinity.apply_rope2d`, the official order).
     Returns:
         ``(B, l, H, D)``: every new query attends to all ``cache_len + l`` cached keys, no mask.
     """
@@ -120,6 +124,9 @@ def kv_cached_attention(
     q, k_new = q.transpose(1, 2), k_new.transpose(1, 2)
     if scale_mul is not None:
         q, k_new = qk_l2_norm(q, k_new, scale_mul)
+    if rope is not None:
+        from fastvar.reference.infinity import apply_rope2d      # (that module imports this one)
+        q, k_new = apply_rope2d(q, k_new, rope)
     k_cache[:, cache_len:end].copy_(k_new.transpose(1, 2))
     v_cache[:, cache_len:end].copy_(v_new)
     k = k_cache[:, :end].transpose(1, 2)

@@ -1,6 +1,7 @@
-"""The fast sampler: VAR's class-conditional generation, scale by scale, on fastvar's ops.
+"""The fast sampler: next-scale generation, scale by scale, on fastvar's ops, for VAR (class-conditional) and
+Infinity (text-to-image, bitwise tokens).
 
-Compared with the official ``autoregressive_infer_cfg`` (same algorithm, same random-number use):
+Compared with the official ``autoregressive_infer_cfg`` (same algorithm, same random-number use), for VAR:
 - the AdaLN modulation of every block and of the head is computed once per sample, not per scale
   (the condition never changes across scales);
 - LayerNorm + modulation and the gated residual are one fused op (``ops.gated_residual_adaln``);
@@ -9,8 +10,10 @@ Compared with the official ``autoregressive_infer_cfg`` (same algorithm, same ra
 - the per-scale glue (sampling, code lookup, upsample-accumulate, next input) runs on fastvar's ops;
 - on CUDA, each scale step is captured once per (batch, settings) in a CUDA graph and replayed.
 
-This module drives the scales: buffers per batch size, CUDA graphs and random numbers. The model's part
-of each scale is its adapter's (:class:`fastvar.sampler.var.VARAdapter`); the kernels live in ``fastvar.ops``.
+This module drives the scales: buffers per run (batch size, and for Infinity the schedule), CUDA graphs and
+random numbers. The model's part of each scale is its adapter's (:class:`fastvar.sampler.var.VARAdapter`,
+:class:`fastvar.sampler.infinity.InfinityAdapter`: settings, conditioning, buffers, the scale step, decoding);
+the kernels live in ``fastvar.ops``.
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from fastvar.labels import sampling_labels
+from fastvar.sampler.infinity import InfinityAdapter
 from fastvar.sampler.var import VARAdapter
-from fastvar.settings import SamplingSettings
+from fastvar.settings import InfinitySettings, SamplingSettings
+
+Adapter = Union[VARAdapter, InfinityAdapter]
+Settings = Union[SamplingSettings, InfinitySettings]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 SEED_RANGE = 2 ** 63        # torch.Generator.manual_seed takes [-2**63, 2**64); fastvar asks for [0, 2**63)
@@ -47,10 +53,11 @@ _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class ScaleResult:
     """One finished scale of :meth:`Sampler.stream`.
 
-    ``index``: the scale (0 = coarsest); ``hw``: its token map size; ``tokens``: ``(B, h*w)`` int64;
-    ``f_hat``: ``(B, Cvae, H, W)`` float32 latent accumulated so far (a copy). ``preview()`` decodes
-    ``f_hat`` into images ``(B, 3, H_img, W_img)`` in [0, 1] on first call (decoding costs more than
-    a scale of sampling, so it only happens when asked for).
+    ``index``: the scale (0 = coarsest); ``hw``: its token map size; ``tokens``: ``(B, h*w)`` int64 (VAR), or
+    Infinity's sampled bits ``(B, h*w*d_t)`` uint8; ``f_hat``: ``(B, Cvae, H, W)`` float32 latent accumulated so
+    far (a copy; Infinity: the summed codes ``(B, d, H, W)``). ``preview()`` decodes ``f_hat`` into images
+    ``(B, 3, H_img, W_img)`` in [0, 1] on first call (decoding costs more than a scale of sampling, so it only
+    happens when asked for).
     """
 
     index: int
@@ -72,26 +79,47 @@ class ScaleResult:
 
 
 class _Run:
-    """One batch size: the model's static buffers and the CUDA graphs captured on them, per settings (the
-    graphs read and write only these buffers, so they replay for every sample of that batch size)."""
+    """One run key (VAR: the batch size; Infinity: batch size and schedule): the model's static buffers and the
+    CUDA graphs captured on them, per settings (the graphs read and write only these buffers, so they replay for
+    every sample of that run)."""
 
-    MAX_GRAPH_SETTINGS = 4     # captured settings kept per batch size (each holds S graphs and their memory)
+    MAX_GRAPH_SETTINGS = 4     # captured settings kept per run (each holds S graphs and their memory)
 
-    def __init__(self, model: VARAdapter, B: int):
+    def __init__(self, model: Adapter, key):
         # the adapter (weights) this run's steps and graphs read: a refresh while a stream of this run is
         # suspended leaves it on the weights it started with, never on freed memory
-        self.model, self.B, self.busy = model, B, False
-        self.buf = model.buffers(B)
-        self.graphs: "collections.OrderedDict[SamplingSettings, List[torch.cuda.CUDAGraph]]" = collections.OrderedDict()
-        self.graph_bytes: Dict[SamplingSettings, int] = {}
+        self.model, self.key, self.busy = model, key, False
+        self.buf = model.buffers(key)
+        self.graphs: "collections.OrderedDict[Settings, List[torch.cuda.CUDAGraph]]" = collections.OrderedDict()
+        self.graph_bytes: Dict[Settings, int] = {}
+
+    def drop_graphs(self) -> None:
+        self.graphs.clear()
+        self.graph_bytes.clear()
+
+
+def adapter_for(var, vae, dtype: torch.dtype, fused_step_conv: bool = False) -> Adapter:
+    """The adapter of ``var``'s family: fastvar's ``Infinity`` -> :class:`InfinityAdapter`; a fastvar ``VAR`` or an
+    official VAR patched by ``fastvar.patch`` -> :class:`VARAdapter`; anything else a ``TypeError``."""
+    from fastvar.models.infinity import Infinity
+    if isinstance(var, Infinity):
+        if fused_step_conv:
+            raise ValueError("fused_step_conv applies to VAR's quantizer step; Infinity's step has no convolution")
+        if vae is None:
+            raise TypeError("vae must be the Infinity model's BSQ VAE (fastvar.BSQVAE), got None")
+        return InfinityAdapter(var, vae, dtype)
+    return VARAdapter(var, vae if vae is not None else var.vae_proxy[0], dtype, fused_conv=fused_step_conv)
 
 
 class Sampler:
-    """Fast class-conditional sampling for a fastvar ``VAR`` or an official VAR patched by ``fastvar.patch``.
+    """Fast sampling for a fastvar ``VAR`` or an official VAR patched by ``fastvar.patch`` (class-conditional), or a
+    fastvar ``Infinity`` (text-to-image): one driver, the model's part of each scale in its adapter.
 
     Args:
-        var: the transformer (its VQVAE is taken from ``var.vae_proxy`` unless ``vae`` is given).
-        vae: the VQVAE that decodes ``f_hat`` (its quantizer must be fastvar's or patched).
+        var: the transformer: a VAR (its VQVAE is taken from ``var.vae_proxy`` unless ``vae`` is given) or an
+            Infinity.
+        vae: the VQVAE that decodes ``f_hat`` (VAR: its quantizer must be fastvar's or patched; Infinity: the BSQ
+            VAE, required).
         dtype: compute dtype of the transformer (float32 or bfloat16 on CPU; float32, float16 or
             bfloat16 on CUDA). Where the weights already have it, the Sampler reads the model's own tensors;
             otherwise it holds casts.
@@ -109,19 +137,23 @@ class Sampler:
             it); off by default, which keeps the eager step's bits. Fixed for the Sampler's lifetime: its
             CUDA graphs are captured with it.
         max_batch_sizes: buffers (KV caches: ~20 GB for VAR-d30 at B = 64) and graphs are kept for this
-            many batch sizes, the least recently used dropped first.
+            many runs (batch sizes; for Infinity, batch size and schedule pairs), the least recently used dropped
+            first.
 
     ``sample`` returns images; ``stream`` yields every scale as it finishes. The random-number use is
-    the official one: the same ``seed`` gives the official model's tokens.
+    the official one: the same ``seed`` gives the official model's tokens (bits). The conditioning and the
+    settings are the family's: VAR ``sample(labels, seed, cfg, top_k, top_p, more_smooth)``; Infinity
+    ``sample(text, seed, scale_schedule=..., cfg=..., tau=..., top_k=..., top_p=..., cfg_insertion_layer=...,
+    negative=...)`` (see :meth:`stream`).
     """
 
     def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
-        if not isinstance(var, torch.nn.Module) or not hasattr(var, "lvl_1L"):
-            raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch), "
-                            f"got {type(var).__name__}")
-        vae = vae if vae is not None else var.vae_proxy[0]
-        device = var.lvl_1L.device
+        from fastvar.models.infinity import Infinity
+        if not isinstance(var, torch.nn.Module) or not (hasattr(var, "lvl_1L") or isinstance(var, Infinity)):
+            raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch) or "
+                            f"fastvar's Infinity, got {type(var).__name__}")
+        device = var.pos_start.device if isinstance(var, Infinity) else var.lvl_1L.device
         dtype = dtype or var.head.weight.dtype
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
         if dtype not in allowed:
@@ -133,16 +165,17 @@ class Sampler:
         if sync_weights not in ("every_sample", "on_change"):
             raise ValueError(f"sync_weights must be 'every_sample' or 'on_change', got {sync_weights!r}")
         self.sync_weights = sync_weights
-        self.model = VARAdapter(var, vae, dtype, fused_conv=fused_step_conv)
+        self.model: Adapter = adapter_for(var, vae, dtype, fused_step_conv)
         self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
         self.max_batch_sizes = max_batch_sizes
-        self._runs: "collections.OrderedDict[int, _Run]" = collections.OrderedDict()
+        self._runs: "collections.OrderedDict[object, _Run]" = collections.OrderedDict()
 
     var = property(lambda self: self.model.var)
     vae = property(lambda self: self.model.vae)
     dtype = property(lambda self: self.model.dtype)
     device = property(lambda self: self.model.device)
-    schedule = property(lambda self: self.model.schedule)
+    schedule = property(lambda self: self.model.schedule)      # VAR's; None for Infinity (per request)
+    family = property(lambda self: self.model.family)         # "var" or "infinity"
 
     @property
     def fused_step_conv(self) -> bool:
@@ -152,14 +185,14 @@ class Sampler:
     # ------------------------------------------------------------------ resources
     def refresh(self) -> None:
         """Re-cast the weights from the model now (a sample does it anyway when they changed); drops graphs."""
-        m = self.model
-        self.model = VARAdapter(m.var, m.vae, m.dtype, fused_conv=m.fused_conv)
+        self.model = self.model.rebuilt()
         self.free()
 
     def memory(self) -> Dict[str, int]:
         """Bytes held: the cast weights (0 when they are the model's own tensors), the static buffers (KV
         caches included) and the memory the CUDA graphs reserved when they were captured, in all; and
-        ``per_batch_size``: buffers + graphs of each batch size kept (at most ``max_batch_sizes``)."""
+        ``per_batch_size``: buffers + graphs of each run kept (at most ``max_batch_sizes``), keyed by batch size
+        (VAR) or (batch size, schedule) (Infinity)."""
         per = {B: r.buf.nbytes() + sum(r.graph_bytes.values()) for B, r in self._runs.items()}
         return {"weights": self.model.weight_bytes(), "buffers": sum(r.buf.nbytes() for r in self._runs.values()),
                 "graphs": sum(b for r in self._runs.values() for b in r.graph_bytes.values()),
@@ -172,19 +205,19 @@ class Sampler:
         if empty_cache and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _run(self, B: int) -> _Run:
-        run = self._runs.get(B)
-        if run is not None and run.busy:   # another stream of this batch size is suspended mid-sample
-            return _Run(self.model, B)
+    def _run(self, key) -> _Run:
+        run = self._runs.get(key)
+        if run is not None and run.busy:   # another stream of this run is suspended mid-sample
+            return _Run(self.model, key)
         if run is None:
-            while len(self._runs) >= self.max_batch_sizes:      # least recently used batch size goes first
+            while len(self._runs) >= self.max_batch_sizes:      # least recently used run goes first
                 self._runs.popitem(last=False)
-            run = self._runs[B] = _Run(self.model, B)
-        self._runs.move_to_end(B)
+            run = self._runs[key] = _Run(self.model, key)
+        self._runs.move_to_end(key)
         return run
 
     # ------------------------------------------------------------------ the scales
-    def _step(self, run: _Run, si: int, settings: SamplingSettings) -> None:
+    def _step(self, run: _Run, si: int, settings: Settings) -> None:
         # the dtypes are the sampler's, not autocast's; graphs capture on (and Triton launches on) the current
         # device, so the sampler's device is made current for the step
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
@@ -201,12 +234,12 @@ class Sampler:
             run.graphs.move_to_end(settings)
             graphs[si].replay()
 
-    def _capture(self, run: _Run, settings: SamplingSettings) -> List["torch.cuda.CUDAGraph"]:
+    def _capture(self, run: _Run, settings: Settings) -> List["torch.cuda.CUDAGraph"]:
         """Capture every scale step of these settings (called at scale 0 of a sample, after the conditioning).
         The warm-up runs the steps once on the current buffers (Triton compiles, cuBLAS picks its kernels);
         every step reads only what earlier steps of the same sample write, so the replays that follow start
         clean once f_hat is zero again."""
-        dev, S = self.device, len(self.schedule)
+        dev, S = self.device, run.model.num_scales(run.buf)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
@@ -230,31 +263,43 @@ class Sampler:
         return graphs
 
     # ------------------------------------------------------------------ public API
-    def settings(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-                 more_smooth: bool = False) -> SamplingSettings:
-        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V)."""
-        return SamplingSettings.checked(cfg, top_k, top_p, more_smooth, V=self.model.V)
+    def settings(self, *args, **kwargs) -> Settings:
+        """The checked settings value of this model's family: VAR ``settings(cfg=1.5, top_k=900, top_p=0.96,
+        more_smooth=False)`` -> :class:`~fastvar.settings.SamplingSettings` (``top_k`` at most V); Infinity
+        ``settings(scale_schedule=None, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, cfg_insertion_layer=(0,))`` ->
+        :class:`~fastvar.settings.InfinitySettings`."""
+        return self.model.settings(*args, **kwargs)
 
-    def stream(self, labels: Union[torch.Tensor, Sequence[int], int, None], seed: Optional[int] = None,
-               cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, *,
-               B: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               image_seeds: Optional[Sequence[int]] = None) -> Iterator[ScaleResult]:
+    def stream(self, labels, seed: Optional[int] = None, *args, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, image_seeds: Optional[Sequence[int]] = None,
+               **kwargs) -> Iterator[ScaleResult]:
         """Sample, yielding a :class:`ScaleResult` as each scale finishes (coarse to fine).
 
-        ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no class)
-        with ``B``, or None (``B`` random classes). ``seed`` seeds a fresh generator on the model's
-        device (or pass ``generator``; None and None: the global RNG): the batch draws its random numbers
-        together, in the official order, so the same seed gives the official model's tokens. ``image_seeds``
-        (instead): one seed per image (``B`` ints in ``[0, 2**63)``), each image drawing from its own
-        generator, so that an image does not depend on the batch it is sampled in (``fastvar generate``).
-        ``top_k`` must be <= V. Arguments are checked here, not at the first ``next()``.
+        VAR: ``stream(labels, seed=None, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, *, B, generator,
+        image_seeds)``. ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no
+        class) with ``B``, or None (``B`` random classes). ``top_k`` must be <= V.
+
+        Infinity: ``stream(text, seed=None, *, scale_schedule=None, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
+        cfg_insertion_layer=(0,), negative=None, B, generator, image_seeds)``. ``text``: the official tuple
+        ``(kv_compact (N, C_t5), lens, cu_seqlens_k (B+1,) int32, max_seqlen_k)`` of B prompts' (T5) features;
+        ``scale_schedule`` a full dynamic-resolution schedule (default 1:1, 1024 px); ``cfg`` / ``tau`` a number or
+        one value per scale (official ``cfg_list`` / ``tau_list``); ``cfg_insertion_layer`` 0 = guidance on the
+        logits, ``k < 0`` on the hidden state after block ``depth + k``; ``negative``: negative prompts' tuple
+        (default: the model's empty prompt ``cfg_uncond``). Runs (buffers, graphs) are kept per (B, schedule).
+
+        ``seed`` seeds a fresh generator on the model's device (or pass ``generator``; None and None: the global
+        RNG): the batch draws its random numbers together, in the official order, so the same seed gives the
+        official model's tokens / bits. ``image_seeds`` (instead): one seed per image (``B`` ints in
+        ``[0, 2**63)``), each image drawing from its own generator, so that an image does not depend on the batch
+        it is sampled in (``fastvar generate``). Arguments are checked here, not at the first ``next()``.
         """
-        settings = self.settings(cfg, top_k, top_p, more_smooth)
+        cond_kwargs = {k: kwargs.pop(k) for k in ("negative",) if k in kwargs}
+        settings = self.model.settings(*args, **kwargs)
         if image_seeds is not None:
             if seed is not None or generator is not None:
                 raise ValueError("pass image_seeds, or seed / generator, not both")
             rng = [torch.Generator(device=self.device).manual_seed(s) for s in check_seeds(image_seeds)]
-            if labels is None:
+            if labels is None and self.family == "var":
                 raise ValueError("image_seeds needs the labels of the images (labels=None draws them from one generator)")
             B = len(rng) if B is None else B
             if B != len(rng):
@@ -262,32 +307,30 @@ class Sampler:
         else:
             rng = generator if generator is not None else (
                 None if seed is None else torch.Generator(device=self.device).manual_seed(check_seeds([seed])[0]))
-        if B is None:
-            sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
-            B = len(labels) if sized else 1
-        labels = sampling_labels(B, labels, self.model.num_classes, None if isinstance(rng, list) else rng,
-                                 self.device, name="labels")
-        return self._stream(labels, rng, settings)
+        B, cond = self.model.conditioning(labels, B, rng, settings, **cond_kwargs)
+        return self._stream(cond, B, rng, settings)
 
     @torch.no_grad()
-    def _stream(self, labels: torch.Tensor, rng, settings: SamplingSettings) -> Iterator[ScaleResult]:
+    def _stream(self, cond, B: int, rng, settings: Settings) -> Iterator[ScaleResult]:
         if self.model.stale():      # a tensor replaced or moved since the casts were made
             self.refresh()
         else:
             self.model.sync(always=self.sync_weights == "every_sample")
-        run = self._run(labels.shape[0])
+        run = self._run(self.model.run_key(B, settings))
         run.busy = True
-        model, buf, schedule = run.model, run.buf, self.schedule
-        S = len(schedule)
+        model, buf = run.model, run.buf
+        S = model.num_scales(buf)
         try:
             with torch.autocast(self.device.type, enabled=False):
-                model.condition(buf, labels)
+                if model.condition(buf, cond):       # the buffers the graphs read were reallocated
+                    run.drop_graphs()
             for si in range(S):
-                model.draw_noise(buf, si, rng, settings.more_smooth)
+                model.draw_noise(buf, si, rng, settings)
                 self._step(run, si, settings)
                 if si == S - 1:
                     model.check_tokens(buf)
-                yield ScaleResult(si, S, schedule.hws[si], buf.tokens[si].clone(), buf.f_hat.clone(), model.decode)
+                hw, tokens, f_hat = model.snapshot(buf, si)
+                yield ScaleResult(si, S, hw, tokens, f_hat, model.decode)
         finally:
             run.busy = False
 
@@ -297,21 +340,20 @@ class Sampler:
         return self.model.decode(f_hat)
 
     @torch.no_grad()
-    def sample(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               image_seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Sample images ``(B, 3, H, W)`` in [0, 1]; arguments as :meth:`stream`."""
+    def sample(self, labels, seed: Optional[int] = None, *args, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, image_seeds: Optional[Sequence[int]] = None,
+               **kwargs) -> torch.Tensor:
+        """Sample images ``(B, 3, H, W)`` in [0, 1] (RGB); arguments as :meth:`stream`."""
         last = None
-        for last in self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator,
-                                image_seeds=image_seeds):
+        for last in self.stream(labels, seed, *args, B=B, generator=generator, image_seeds=image_seeds, **kwargs):
             pass
         return last.preview()
 
     @torch.no_grad()
-    def tokens(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None,
-               image_seeds: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Sample without decoding: ``(tokens per scale, final f_hat)``."""
-        results = list(self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator,
-                                   image_seeds=image_seeds))
+    def tokens(self, labels, seed: Optional[int] = None, *args, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None, image_seeds: Optional[Sequence[int]] = None,
+               **kwargs) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """Sample without decoding: ``(tokens per scale, final f_hat)`` (Infinity: the bits per scale and the
+        summed codes)."""
+        results = list(self.stream(labels, seed, *args, B=B, generator=generator, image_seeds=image_seeds, **kwargs))
         return [r.tokens for r in results], results[-1].f_hat

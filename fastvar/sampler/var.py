@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvar import ops
+from fastvar.labels import sampling_labels
 from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, copy_unless_same
 from fastvar.reference import sampling as ref_sampling
 from fastvar.reference.quantize import scale_ratio
@@ -54,6 +55,8 @@ class VARAdapter:
     (``ops.upsample_accumulate_``).
     """
 
+    family = "var"
+
     def __init__(self, var: nn.Module, vae: nn.Module, dtype: torch.dtype, fused_conv: bool = False):
         schedule = getattr(var, "schedule", None)
         if not isinstance(schedule, Schedule) or not hasattr(var, "blocks"):
@@ -89,6 +92,10 @@ class VARAdapter:
         self.word, self.head = tuple(held[4:6]), tuple(held[6:8])
         self.shared = tuple(held[8:10]) if shared else None
 
+    def rebuilt(self) -> "VARAdapter":
+        """A fresh adapter of the same model, VQVAE, dtype and step (new casts)."""
+        return VARAdapter(self.var, self.vae, self.dtype, fused_conv=self.fused_conv)
+
     def stale(self) -> bool:
         """True once a tensor of the model or the VQVAE was replaced or moved since this adapter was built (its
         held tensors would point at the old ones): the Sampler then builds a new adapter."""
@@ -122,9 +129,35 @@ class VARAdapter:
                 held += [t for t in (v if isinstance(v, tuple) else (v,)) if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values() if t.data_ptr() not in own)
 
+    # ------------------------------------------------------------------ requests
+    def settings(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+                 more_smooth: bool = False) -> SamplingSettings:
+        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V)."""
+        return SamplingSettings.checked(cfg, top_k, top_p, more_smooth, V=self.V)
+
+    def conditioning(self, labels, B: Optional[int], rng, settings: SamplingSettings) -> Tuple[int, torch.Tensor]:
+        """``(B, labels (B,) int64)`` from a tensor / list of class ids, an int with ``B``, or None (``B`` classes
+        drawn from ``rng``, which must then be one generator)."""
+        if B is None:
+            sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
+            B = len(labels) if sized else 1
+        labels = sampling_labels(B, labels, self.num_classes, None if isinstance(rng, list) else rng, self.device,
+                                 name="labels")
+        return labels.shape[0], labels
+
     # ------------------------------------------------------------------ per batch size
+    def run_key(self, B: int, settings: SamplingSettings) -> int:
+        return B                 # one schedule: buffers and graphs are kept per batch size
+
     def buffers(self, B: int) -> "VARBuffers":
         return VARBuffers(self, B)
+
+    def num_scales(self, buf: "VARBuffers") -> int:
+        return len(self.schedule)
+
+    def snapshot(self, buf: "VARBuffers", si: int):
+        """``(hw, tokens (B, h*w), f_hat)`` of scale ``si``, copies."""
+        return self.schedule.hws[si], buf.tokens[si].clone(), buf.f_hat.clone()
 
     # ------------------------------------------------------------------ per sample
     def condition(self, buf: "VARBuffers", labels: torch.Tensor) -> None:
@@ -145,11 +178,12 @@ class VARAdapter:
                           + buf.lvl_pos[:, :first])
         buf.f_hat.zero_()
 
-    def draw_noise(self, buf: "VARBuffers", si: int, rng, more_smooth: bool) -> None:
+    def draw_noise(self, buf: "VARBuffers", si: int, rng, settings: SamplingSettings) -> None:
         """Scale ``si``'s random numbers, in the official order: the Exp(1) draw ``torch.multinomial`` makes,
         then (``more_smooth``) the Gumbel noise. ``rng``: one ``torch.Generator`` (or None, the global one) for
         the batch, as the official loop; or a list of one generator per image, each drawing its own rows, so
         that an image does not depend on the batch it is sampled in."""
+        more_smooth = settings.more_smooth
         if not isinstance(rng, (list, tuple)):
             buf.noise(si).exponential_(generator=rng)
             if more_smooth:
