@@ -243,3 +243,17 @@ def test_contributing_table_matches_the_tree():
     assert ops == {f[:-3] for f in os.listdir(os.path.join(root, "triton_kernels"))
                    if not f.startswith("_") and f.endswith(".py")}
     assert {f"bench_{op}.py" for op in ops} | {"bench_e2e.py"} == {f for f in os.listdir(BENCH) if f.endswith(".py")}
+
+
+def test_bench_infinity_smoke(monkeypatch, tmp_path):
+    """The Infinity end-to-end benchmark's code path on a tiny CPU model: the common columns, both providers and
+    the per-scale rows (the timings mean nothing)."""
+    bench = load_on_cpu("bench_infinity", monkeypatch)
+    assert bench.main(["--smoke", "--batches", "1", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("infinity_e2e_*.csv")
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0])[:len(benchmarking.COLUMNS)] == list(benchmarking.COLUMNS)
+    whole = [r for r in rows if r["scale"] == ""]
+    assert [r["provider"] for r in whole] == ["eager", "fastvar"] and all(float(r["ms"]) > 0 for r in whole)
+    assert [int(r["scale"]) for r in rows if r["scale"]] == list(range(7))    # the 0.06M template: 7 scales
+

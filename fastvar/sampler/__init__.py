@@ -33,6 +33,7 @@ Adapter = Union[VARAdapter, InfinityAdapter]
 Settings = Union[SamplingSettings, InfinitySettings]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SEED_RANGE = 2 ** 63        # torch.Generator.manual_seed takes [-2**63, 2**64); fastvar asks for [0, 2**63)
 
 
@@ -46,7 +47,6 @@ def check_seeds(seeds, name: str = "seed") -> List[int]:
             raise ValueError(f"{name} must be in [0, 2**63), got {s}")
         out.append(int(s))
     return out
-_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass

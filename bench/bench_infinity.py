@@ -6,12 +6,10 @@ top-p; unlike the official code its KV cache is written in place, not concatenat
 per-prompt loop, not flash-attn) against ``fastvar.Sampler`` (bf16, CUDA graphs), end to end and per scale, next to
 the transformer's bf16 FLOP floor (its matmul FLOPs over the measured dense GEMM rate).
 
-    python scripts/bench_infinity.py --batches 1 8 --out-dir bench/results      # on a GPU
-    python scripts/bench_infinity.py --smoke                                     # tiny model on CPU: the code path
+    python bench/bench_infinity.py --batches 1 8 --out-dir bench/results      # on a GPU
+    python bench/bench_infinity.py --smoke                                     # tiny model on CPU: the code path
 """
 import argparse
-import csv
-import datetime
 import os
 import sys
 import time
@@ -19,10 +17,10 @@ import time
 import torch
 
 from fastvar import dynamic_resolution as S
-from fastvar.benchmark import gemm_tflops
+from fastvar.benchmark import gemm_tflops, timed
 from fastvar.models import BSQVAE, Infinity
 from fastvar.sampler import Sampler
-from fastvar.utils.benchmarking import device_name, git_commit
+from fastvar.utils.benchmarking import metadata, result_row, results_path, write_csv
 
 TEXT_LEN = 77          # tokens per prompt (stand-in T5 features)
 
@@ -68,19 +66,6 @@ def flops(model, sched, B):
     return total
 
 
-def timed(fn, device, reps):
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -97,6 +82,7 @@ def main(argv=None):
                        top_p=0.97, cfg_insertion_layer=[0], vae_type=vae.codebook_dim, ret_img=True)
     sampler = Sampler(model, vae, dtype=torch.bfloat16, cuda_graphs=device.type == "cuda")
     floor_rate = gemm_tflops(device, torch.bfloat16)
+    meta = metadata(device)
     rows = []
     for B in args.batches:
         t = text(B, model.Ct5, device)
@@ -115,13 +101,14 @@ def main(argv=None):
         # one provider at a time: at B = 8 each holds a 44 GB bf16 KV cache (32 blocks x 2 x 16 rows x 10521 tokens
         # x 2048) next to the weights (8.8 GB float32 + 4.4 GB of bf16 casts for the Sampler)
         a = eager()                                   # warm-up
-        t_eager = timed(eager, device, args.reps)
+        ms_eager, mem_eager = timed(eager, device, args.reps, warmup=0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         b = fast()                                    # warm-up: Triton compiles, CUDA-graph capture
+        check = f"images {tuple(b.shape)} finite={bool(torch.isfinite(b).all())}"
         assert a.shape[0] == b.shape[0] == B and torch.isfinite(b).all()
         del a, b
-        t_fast = timed(fast, device, args.reps)
+        ms_fast, mem_fast = timed(fast, device, args.reps, warmup=0)
         per_scale, last = [], None
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -130,24 +117,25 @@ def main(argv=None):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            per_scale.append(round((now - last) * 1e3, 2))
+            per_scale.append((now - last) * 1e3)
             last = now
         sampler.free()                               # the next batch size's eager run needs the memory
-        floor = flops(model, sched, B) / (floor_rate * 1e12)
-        rows.append(dict(gpu=device_name(device), date=datetime.date.today().isoformat(), commit=git_commit(),
-                         model="infinity-2b-random" if not args.smoke else "smoke", px=S.image_size(sched)[0], B=B,
-                         eager_s=round(t_eager, 4), fastvar_s=round(t_fast, 4), speedup=round(t_eager / t_fast, 2),
-                         flop_floor_s=round(floor, 4), fastvar_over_floor=round(t_fast / floor, 2),
-                         per_scale_ms=" ".join(map(str, per_scale))))
-        print(rows[-1], flush=True)
+        work = flops(model, sched, B)
+        floor_ms = work / (floor_rate * 1e12) * 1e3
+        keys = dict(model="infinity-2b-random" if not args.smoke else "smoke", px=S.image_size(sched)[0], batch=B,
+                    flop_floor_ms=round(floor_ms, 3))
+        shape = f"B={B} {keys['px']}px"
+        for name, ms, mem in (("eager", ms_eager, mem_eager), ("fastvar", ms_fast, mem_fast)):
+            rows.append(result_row(meta, "infinity_e2e", keys["model"], name, shape, ms, flops=work, peak="bf16_tflops",
+                                   peak_mb=mem, speedup=ms_eager[0] / ms[0], check=check if name == "fastvar" else "",
+                                   scale="", over_floor=round(ms[0] / floor_ms, 2), **keys))
+            print(f"B={B} {name:8s} {ms[0]:10.1f} ms  x{rows[-1]['speedup_vs_eager']}  "
+                  f"({rows[-1]['over_floor']} x the FLOP floor {floor_ms:.1f} ms)", flush=True)
+        for si, t_ms in enumerate(per_scale):
+            rows.append(result_row(meta, "infinity_e2e", keys["model"], "fastvar", shape, (t_ms, None, None),
+                                   scale=si, **keys))
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, f"infinity_e2e_{rows[0]['gpu'].replace(' ', '_')}_{rows[0]['date']}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        print("wrote", path)
+        write_csv(rows, results_path(args.out_dir, "infinity_e2e", meta))
     return 0
 
 
