@@ -17,8 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from fastvar.labels import as_label_tensor, int_scalar
 from fastvar.models import VAR, VQVAE
 from fastvar.models.build import vae_var_from_state_dicts
+from fastvar.settings import SamplingSettings
 from fastvar.utils.files import load_tensors
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -71,6 +73,8 @@ def load_digits(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = t
     vae, var = vae_var_from_state_dicts(obj["var"], obj["vae"], device=device, dtype=dtype,
                                         var_config=var_cfg, vae_config=vae_cfg)
     s = obj["sampling"]
+    # the recommended settings travel with the model: fastvar.Sampler(var, vae).sample(...) uses them
+    var.recommended_settings = SamplingSettings.checked(s["cfg"], s["top_k"], s["top_p"], V=var.V)
     info = dict(cfg=float(s["cfg"]), top_k=int(s["top_k"]), top_p=float(s["top_p"]),
                 class_names=list(cfg["class_names"]), num_classes=var.num_classes,
                 image_size=int(cfg["image_size"]), display_scale=max(1, 64 // int(cfg["image_size"])),
@@ -85,12 +89,18 @@ def digit_labels(labels: Union[int, str, Sequence[Union[int, str]]], info: Dict[
     names = list(info["class_names"])
     if isinstance(labels, str):
         labels = [t.strip() for t in labels.split(",") if t.strip()]
-    elif isinstance(labels, (int, torch.Tensor)) and not isinstance(labels, bool):
-        labels = torch.as_tensor(labels).reshape(-1).tolist()
+    elif int_scalar(labels) is not None:
+        labels = [int_scalar(labels)]
+    elif not isinstance(labels, (list, tuple)):
+        labels = as_label_tensor(labels, "labels").tolist()     # tensors and numpy arrays: integers only
     out = []
-    for lab in labels:
-        if isinstance(lab, bool) or not isinstance(lab, (int, str)):
-            raise TypeError(f"labels must be class ids (ints) or class names, got {lab!r}")
+    for i, lab in enumerate(labels):
+        if not isinstance(lab, str):
+            value = int_scalar(lab)
+            if value is None:
+                raise TypeError(f"labels must be class ids (integers) or class names, got {lab!r} "
+                                f"({type(lab).__name__}) at labels[{i}]")
+            lab = value
         if isinstance(lab, str):
             if lab not in names:
                 raise ValueError(f"unknown label {lab!r}: this model's classes are {', '.join(names)}")

@@ -21,9 +21,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from fastvar.labels import sampling_labels
+from fastvar.labels import batch_size_of, sampling_labels
 from fastvar.models.var import VARAdapter
-from fastvar.settings import SamplingSettings
+from fastvar.settings import SamplingSettings, check_seed, resolve_settings
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,9 +104,14 @@ class Sampler:
     def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
         if not isinstance(var, torch.nn.Module) or not hasattr(var, "lvl_1L"):
+            hint = ": that is the VQVAE; the transformer comes first, Sampler(var, vae)" if hasattr(
+                var, "fhat_to_img") else ""
             raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch), "
-                            f"got {type(var).__name__}")
+                            f"got {type(var).__name__}{hint}")
         vae = vae if vae is not None else var.vae_proxy[0]
+        if not isinstance(vae, torch.nn.Module) or not hasattr(vae, "fhat_to_img") or not hasattr(vae, "quantize"):
+            raise TypeError(f"vae must be a VQVAE (fastvar.VQVAE, or an official one patched by fastvar.patch) or "
+                            f"None (the VAR's own), got {type(vae).__name__}")
         device = var.lvl_1L.device
         dtype = dtype or var.head.weight.dtype
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
@@ -216,27 +221,34 @@ class Sampler:
         return graphs
 
     # ------------------------------------------------------------------ public API
-    def settings(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+    def settings(self, cfg: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  more_smooth: bool = False) -> SamplingSettings:
-        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V)."""
-        return SamplingSettings.checked(cfg, top_k, top_p, more_smooth, V=self.model.V)
+        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V); each
+        setting left None is the model's default (:func:`fastvar.settings.default_settings`: the settings the
+        model carries, e.g. the bundled digits model's cfg 2 / top-k 0 / top-p 0, else the released
+        checkpoints' cfg 1.5 / top-k 900 (at most V) / top-p 0.96)."""
+        return resolve_settings(self.model.var, cfg, top_k, top_p, more_smooth)
 
     def stream(self, labels: Union[torch.Tensor, Sequence[int], int, None], seed: Optional[int] = None,
-               cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, more_smooth: bool = False, *,
-               B: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Iterator[ScaleResult]:
+               cfg: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+               more_smooth: bool = False, *, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Iterator[ScaleResult]:
         """Sample, yielding a :class:`ScaleResult` as each scale finishes (coarse to fine).
 
-        ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no class)
-        with ``B``, or None (``B`` random classes). ``seed`` seeds a fresh generator on the model's
-        device (or pass ``generator``; None and None: the global RNG). ``top_k`` must be <= V.
+        ``labels``: class ids, integers only: a ``(B,)`` tensor, numpy array, list or tuple, or one int (all
+        the same; negative = no class) with ``B``, or None (``B`` random classes). ``seed`` (an int) seeds a
+        fresh generator on the model's device (or pass ``generator``; None and None: the global RNG).
+        ``cfg``, ``top_k`` (<= V), ``top_p``: None takes the model's default (see :meth:`settings`).
         Arguments are checked here, not at the first ``next()``.
         """
         settings = self.settings(cfg, top_k, top_p, more_smooth)
+        seed = check_seed(seed)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         rng = generator if generator is not None else (
-            None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed)))
+            None if seed is None else torch.Generator(device=self.device).manual_seed(seed))
         if B is None:
-            sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
-            B = len(labels) if sized else 1
+            B = batch_size_of(labels)
         labels = sampling_labels(B, labels, self.model.num_classes, rng, self.device, name="labels")
         return self._stream(labels, rng, settings)
 
@@ -269,8 +281,8 @@ class Sampler:
         return self.model.decode(f_hat)
 
     @torch.no_grad()
-    def sample(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None,
+    def sample(self, labels, seed: Optional[int] = None, cfg: Optional[float] = None, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, more_smooth: bool = False, *, B: Optional[int] = None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Sample images ``(B, 3, H, W)`` in [0, 1]; arguments as :meth:`stream`."""
         last = None
@@ -279,9 +291,9 @@ class Sampler:
         return last.preview()
 
     @torch.no_grad()
-    def tokens(self, labels, seed: Optional[int] = None, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
-               more_smooth: bool = False, *, B: Optional[int] = None, generator: Optional[torch.Generator] = None
-               ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    def tokens(self, labels, seed: Optional[int] = None, cfg: Optional[float] = None, top_k: Optional[int] = None,
+               top_p: Optional[float] = None, more_smooth: bool = False, *, B: Optional[int] = None,
+               generator: Optional[torch.Generator] = None) -> Tuple[List[torch.Tensor], torch.Tensor]:
         """Sample without decoding: ``(tokens per scale, final f_hat)``."""
         results = list(self.stream(labels, seed, cfg, top_k, top_p, more_smooth, B=B, generator=generator))
         return [r.tokens for r in results], results[-1].f_hat
