@@ -21,7 +21,7 @@ from fastvar.labels import as_label_tensor, int_scalar
 from fastvar.models import VAR, VQVAE
 from fastvar.models.build import vae_var_from_state_dicts
 from fastvar.settings import SamplingSettings
-from fastvar.utils.files import load_tensors
+from fastvar.utils.files import check_finite_tensors, load_tensors
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DIGITS_PATH = os.path.join(WEIGHTS_DIR, "digits.pt")
@@ -48,6 +48,8 @@ def read_digits_file(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str
             isinstance(obj.get(k), dict) for k in ("config", "vae", "var", "sampling")):
         raise ValueError(f"digits weights {path} are not a {DIGITS_FORMAT} file "
                          f"(a dict with config, vae, var and sampling)")
+    for part in ("var", "vae"):
+        check_finite_tensors(obj[part], f"digits weights {path} ({part})")
     return obj
 
 

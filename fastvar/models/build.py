@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from fastvar.models.var import VAR
 from fastvar.models.vqvae import VQVAE
-from fastvar.utils.files import load_tensors
+from fastvar.utils.files import check_finite_tensors, load_tensors
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, ScaleSpec
 
 KNOWN_SCHEDULES = (PATCH_NUMS_256, PATCH_NUMS_512)
@@ -63,12 +63,14 @@ def build_vae_var(
 
 def load_checkpoint(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
     """A state dict from a file, read with ``torch.load(weights_only=True)``: a plain state dict, or a
-    training checkpoint that holds one under ``"state_dict"``."""
+    training checkpoint that holds one under ``"state_dict"``. ``ValueError`` naming the tensor if one holds NaN
+    or inf."""
     obj = load_tensors(path, f"{what} checkpoint")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{what} checkpoint {path} must hold a state dict (names -> tensors), got {type(obj).__name__}")
+    check_finite_tensors(obj, f"{what} checkpoint {path}")
     return dict(obj)
 
 

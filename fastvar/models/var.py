@@ -460,9 +460,15 @@ class VARAdapter:
 
     @torch.no_grad()
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]."""
+        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]; ``ValueError`` if they hold NaN
+        or inf (one read back: a decode is not on the per-scale path), which would become a black picture."""
         dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
-        return self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+        images = self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+        if not bool(torch.isfinite(images).all()):
+            where = "the latent f_hat already does (the codebook or Phi?)" if not bool(torch.isfinite(f_hat).all()) \
+                else "from a finite latent: the VQVAE's decoder weights, or an overflow in its dtype"
+            raise ValueError(f"the decoded images hold NaN or inf ({where}); no image is returned")
+        return images
 
 
 class VARBuffers:

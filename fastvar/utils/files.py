@@ -49,3 +49,20 @@ def load_tensors(path, what: str):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{what} {path} could not be read with torch.load(weights_only=True): {e}") from e
+
+
+def check_finite_tensors(tensors, what: str, allow_neg_inf=("attn_bias_for_masking",)) -> None:
+    """``ValueError`` naming the first floating-point tensor of ``tensors`` (name -> tensor) that holds NaN or
+    +-inf, and how many such values it holds: a diverged or corrupted checkpoint fails at load, not as a black
+    picture. Names ending in one of ``allow_neg_inf`` may hold -inf (the official dense attention mask)."""
+    import torch
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta":
+            continue
+        ok = torch.isfinite(t)
+        if name.endswith(tuple(allow_neg_inf)):
+            ok |= torch.isneginf(t)
+        if not bool(ok.all()):
+            nan, inf = int(torch.isnan(t).sum()), int((~ok).sum()) - int(torch.isnan(t).sum())
+            raise ValueError(f"{what}: tensor {name!r} {tuple(t.shape)} holds {nan} NaN and {inf} infinite values "
+                             f"(of {t.numel()}); a diverged or corrupted checkpoint cannot give images")

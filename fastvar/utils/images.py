@@ -27,7 +27,10 @@ def make_grid(images: torch.Tensor, ncol: Optional[int] = None, pad: int = 2, pa
 
 
 def to_uint8_hwc(image: torch.Tensor) -> bytes:
-    """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major."""
+    """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major. ``ValueError`` if the image
+    holds NaN or inf (clamped and cast, NaN would become a silent black pixel)."""
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError("image holds NaN or inf values; refusing to write it as pixels")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).contiguous().cpu().numpy().tobytes()
