@@ -1,0 +1,6 @@
+"""``python -m fastvar``: the ``fastvar`` command."""
+import sys
+
+from fastvar.cli import main
+
+sys.exit(main())
