@@ -382,11 +382,12 @@ def cmd_sample(args) -> str:
 
 # ---------------------------------------------------------------------------- bench
 
-BENCH_COLUMNS = ("columns: model, B = batch size, provider (eager: the official loop in PyTorch; compile: the same "
-                 "under torch.compile; fastvar: fastvar.Sampler; fastvar-fused: with Phi's convolution in the step "
-                 "kernel), ms per batch (median of --reps), img/s = B / time, xN = speedup over eager, floor = "
-                 "the transformer's FLOPs at the measured dense GEMM rate (a lower bound), decode = the VQVAE "
-                 "decode of the batch (not in ms); 'per scale' lines: fastvar's ms for each scale, coarse to fine")
+BENCH_COLUMNS = """columns: model, B = batch size, provider, ms = one batch's tokens (median of --reps),
+  img/s = B / time, xN = speedup over eager, floor = the transformer's FLOPs at this device's measured dense GEMM
+  rate (a lower bound on ms), decode = ms of the VQVAE decode of the batch (not in ms);
+  'per scale' lines: fastvar's ms of each scale, coarse to fine.
+providers: eager = the official sampling loop in PyTorch; compile = the same with its blocks under torch.compile;
+  fastvar = fastvar.Sampler; fastvar-fused = fastvar.Sampler(fused_step_conv=True)."""
 
 
 def cmd_bench(args) -> str:
