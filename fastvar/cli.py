@@ -206,6 +206,20 @@ def check_memory(need: Dict[str, int], device: torch.device, pictures_what: str,
                        f"{_gib(free)} is available; lower it")
 
 
+# the Python names that errors from the library start with -> the command's options
+OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype": "--dtype", "labels": "--labels",
+                "device": "--device"}
+
+
+def as_option_error(e: Exception) -> "CliError":
+    """A library error (``top_k must be <= ...``) as the command's (``--top-k must be <= ...``)."""
+    msg = str(e)
+    word = re.match(r"\w+", msg)
+    if word and word.group(0) in OPTION_NAMES:
+        msg = OPTION_NAMES[word.group(0)] + msg[word.end():]
+    return CliError(msg)
+
+
 def sample_progress(total: int, quiet: bool):
     """The progress bar of a sampling command: one step per scale of every batch, on a terminal only, shown
     once the run has taken half a second (a single long batch too)."""
@@ -332,7 +346,7 @@ def cmd_sample(args) -> str:
     try:
         settings = resolve_settings(var, args.cfg, args.top_k, args.top_p, args.more_smooth)
     except (TypeError, ValueError) as e:
-        raise CliError(str(e)) from None
+        raise as_option_error(e) from None
     n = len(labels) * per_class
     previews = args.stream or pyramid is not None
     check_memory(sample_memory(var, vae, n, args.batch_size, scale, 1 + (S if previews else 0)), device,
@@ -362,7 +376,7 @@ def cmd_sample(args) -> str:
                         finals.append(image)
                 prog.update(bi * S + step.index + 1, f"batch {bi + 1}/{len(batches)}")
     except (TypeError, ValueError) as e:
-        raise CliError(str(e)) from None
+        raise as_option_error(e) from None
     except torch.OutOfMemoryError:
         raise CliError(f"--batch-size {args.batch_size}: out of memory while sampling; lower --batch-size") from None
     images = torch.cat(finals)
@@ -492,6 +506,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CliError as e:
         print(f"fastvar {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:        # Ctrl-C: one line, the shell's status for SIGINT; no partial file is left
+        print(f"fastvar {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -90,6 +90,8 @@ def sampling_labels(B: int, labels, num_classes: int, rng: Optional[torch.Genera
     """The official ``label_B`` conventions of ``autoregressive_infer_cfg``: None -> ``B`` classes drawn
     uniformly (with replacement) from ``rng``; one integer -> all ``B`` the same (negative -> no class); a
     sequence of integers -> checked as it is (``[0, num_classes]``)."""
+    if B == 0 and isinstance(labels, (list, tuple, torch.Tensor)) and batch_size_of(labels) == 0:
+        raise ValueError(f"{name} must name at least one class, got an empty {type(labels).__name__}")
     if isinstance(B, bool) or not isinstance(B, numbers.Integral) or B < 1:
         raise ValueError(f"B must be a positive int (images to sample), got {B!r}")
     B = int(B)

@@ -226,3 +226,51 @@ def test_a_module_that_is_not_a_var():
         Sampler(vae, var)
     with pytest.raises(TypeError, match=r"^vae must be a VQVAE .* got Linear$"):
         Sampler(var, torch.nn.Linear(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- siblings
+def test_special_files_are_not_replaced(capsys, checkpoints, no_sampling):
+    """The picture is renamed into place: /dev/null would be replaced by a regular file."""
+    if not os.path.exists("/dev/null"):
+        pytest.skip("no /dev/null here")
+    fails(capsys, sample_args(checkpoints, "/dev/null"), "--out must be a regular file path, got a special file")
+    assert not os.path.isfile("/dev/null")
+
+
+def test_a_training_checkpoint_of_another_layout_says_where_the_weights_are(tmp_path, capsys, checkpoints):
+    sd = torch.load(checkpoints[0], weights_only=True)
+    torch.save({"epoch": 3, "trainer": {"var_wo_ddp": sd}}, tmp_path / "ar-ckpt-last.pth")
+    fails(capsys, ["sample", "--var-ckpt", str(tmp_path / "ar-ckpt-last.pth"), "--vae-ckpt", checkpoints[1],
+                   "--labels", "1", "--out", str(tmp_path / "x.png")],
+          "must hold a state dict", "it holds state dicts under 'trainer'.'var_wo_ddp'")
+
+
+@pytest.mark.parametrize("more,message", [(["--top-k", "65"], "--top-k must be <= the vocabulary size V=64, got 65"),
+                                          (["--cfg", "inf"], "--cfg must be finite"),
+                                          (["--top-p", "-0.5"], "--top-p must be in [0.0, 1.0]")])
+def test_settings_errors_name_the_option(tmp_path, capsys, checkpoints, no_sampling, more, message):
+    argv = sample_args(checkpoints, tmp_path / "x.png")
+    argv.remove("--top-k"), argv.remove("5")
+    fails(capsys, argv + more, message)
+
+
+def test_float16_on_cpu_names_dtype(tmp_path, capsys, checkpoints):
+    fails(capsys, sample_args(checkpoints, tmp_path / "x.png", "--dtype", "float16", "--device", "cpu"),
+          "--dtype must be one of")
+
+
+def test_loader_device_and_dtype(checkpoints):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            fastvar.load_vae_var(*checkpoints, device="cuda")
+    with pytest.raises(TypeError, match="dtype must be a floating-point dtype"):
+        fastvar.load_vae_var(*checkpoints, dtype=torch.int64)
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, checkpoints, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Sampler, "stream", interrupted)
+    assert main(sample_args(checkpoints, tmp_path / "x.png")) == 130
+    assert capsys.readouterr().err == "fastvar sample: interrupted\n"
+    assert not list(tmp_path.iterdir())

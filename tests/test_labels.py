@@ -80,3 +80,19 @@ def test_teacher_forcing_takes_label_sequences(small):
     with torch.no_grad():
         ref = var(torch.tensor([3, 7]), x)
         assert torch.equal(var([3, 7], x), ref) and torch.equal(var(np.array([3, 7]), x), ref)
+
+
+@pytest.mark.parametrize("empty", [[], (), torch.tensor([], dtype=torch.long)], ids=repr)
+def test_empty_labels_say_so(small, empty):
+    vae, var = small
+    with pytest.raises(ValueError, match="labels must name at least one class"):
+        Sampler(var).sample(empty)
+
+
+def test_model_sizes_are_positive_ints():
+    import fastvar
+    vae, _ = tiny_vae_var((1, 2, 4))
+    for kw in (dict(num_classes=0), dict(depth=0), dict(num_classes=2.5), dict(norm_eps=0.0),
+               dict(norm_eps=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            fastvar.VAR(vae, embed_dim=64, num_heads=1, patch_nums=(1, 2, 4), **{"depth": 1, **kw})

@@ -43,6 +43,9 @@ class VAR(nn.Module):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        for arg, value in (("num_classes", num_classes), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
         if not (isinstance(norm_eps, (int, float)) and math.isfinite(norm_eps) and norm_eps > 0):
             raise ValueError(f"norm_eps must be a finite number > 0 (LayerNorm's epsilon), got {norm_eps!r}")
         quant = vae_local.quantize

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from typing import BinaryIO, Callable
 
@@ -14,6 +15,9 @@ def check_writable(path: str, name: str, probe: bool = False) -> str:
     parent = os.path.dirname(path)
     if os.path.isdir(path):
         raise ValueError(f"{name} must be a file path, got a folder: {path}")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        # the file is replaced by a rename: a device (/dev/null), a FIFO or a socket would be replaced, not written
+        raise ValueError(f"{name} must be a regular file path, got a special file: {path}")
     if not os.path.isdir(parent):
         raise ValueError(f"{name}: the folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
