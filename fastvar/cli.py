@@ -212,11 +212,12 @@ OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype":
 
 
 def as_option_error(e: Exception) -> "CliError":
-    """A library error (``top_k must be <= ...``) as the command's (``--top-k must be <= ...``)."""
+    """A library error (``top_k must be <= ...``) as the command's, led by the option it is about
+    (``--top-k: top_k must be <= ...``)."""
     msg = str(e)
     word = re.match(r"\w+", msg)
     if word and word.group(0) in OPTION_NAMES:
-        msg = OPTION_NAMES[word.group(0)] + msg[word.end():]
+        msg = f"{OPTION_NAMES[word.group(0)]}: {msg}"
     return CliError(msg)
 
 

@@ -245,9 +245,11 @@ def test_a_training_checkpoint_of_another_layout_says_where_the_weights_are(tmp_
           "must hold a state dict", "it holds state dicts under 'trainer'.'var_wo_ddp'")
 
 
-@pytest.mark.parametrize("more,message", [(["--top-k", "65"], "--top-k must be <= the vocabulary size V=64, got 65"),
-                                          (["--cfg", "inf"], "--cfg must be finite"),
-                                          (["--top-p", "-0.5"], "--top-p must be in [0.0, 1.0]")])
+@pytest.mark.parametrize("more,message", [
+    (["--top-k", "65"], "--top-k: top_k must be <= the vocabulary size V=64, got 65"),
+    (["--cfg", "inf"], "--cfg: cfg must be finite"),
+    (["--top-p", "-0.5"], "--top-p: top_p must be in [0.0, 1.0]"),
+])
 def test_settings_errors_name_the_option(tmp_path, capsys, checkpoints, no_sampling, more, message):
     argv = sample_args(checkpoints, tmp_path / "x.png")
     argv.remove("--top-k"), argv.remove("5")
@@ -256,7 +258,7 @@ def test_settings_errors_name_the_option(tmp_path, capsys, checkpoints, no_sampl
 
 def test_float16_on_cpu_names_dtype(tmp_path, capsys, checkpoints):
     fails(capsys, sample_args(checkpoints, tmp_path / "x.png", "--dtype", "float16", "--device", "cpu"),
-          "--dtype must be one of")
+          "--dtype: dtype must be one of")
 
 
 def test_loader_device_and_dtype(checkpoints):
