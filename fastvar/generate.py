@@ -44,7 +44,7 @@ import os
 import re
 import time
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -365,9 +365,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="many images for FID / IS into one samples.npz (resumable, any number of "
                                         "processes under torchrun)",
                        description=__doc__.split("\n\n")[0])
-    g.add_argument("--out-dir", required=True, help="folder for samples.npz, manifest.json, grid.png and the shards")
+    g.add_argument("--out-dir", required=True, help="folder for samples.npz, manifest.json, grid.png and the shards (required, no default)")
     g.add_argument("--num-per-class", type=int, required=True,
-                   help="images of each class (FID-50k: 50); Infinity: of each prompt")
+                   help="images of each class (FID-50k: 50); Infinity: of each prompt (required, no default)")
     g.add_argument("--classes", default="all",
                    help="comma-separated class ids (Infinity: prompt indices), or 'all' (default: all)")
     g.add_argument("--seed", type=int, default=0, help="image i of class c uses image_seed(seed, c, i) (default: 0)")
@@ -375,11 +375,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's; 1.5 for checkpoints)")
     g.add_argument("--top-k", type=int, default=None, help="top-k, 0 = off (default: the model's; 900)")
     g.add_argument("--top-p", type=float, default=None, help="top-p, 0 = off (default: the model's; 0.96)")
-    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes (visualisation)")
+    g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes, the official visualisation option (default: off)")
     g.add_argument("--var-ckpt", help="VAR checkpoint (default: the bundled digits model)")
-    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (Infinity: the BSQ VAE checkpoint)")
-    g.add_argument("--infinity-ckpt", help="Infinity checkpoint (text-to-image; needs --vae-ckpt and --prompts)")
-    g.add_argument("--prompts", help="Infinity: per-prompt text features, a .pt list of (len, C_t5) tensors")
+    g.add_argument("--vae-ckpt", help="VQVAE checkpoint (Infinity: the BSQ VAE checkpoint; default: the bundled digits model)")
+    g.add_argument("--infinity-ckpt", help="Infinity checkpoint (text-to-image; needs --vae-ckpt and --prompts; default: none, a VAR)")
+    g.add_argument("--prompts", help="Infinity: per-prompt text features, a .pt list of (len, C_t5) tensors (default: none)")
     g.add_argument("--tau", type=float, default=None, help="Infinity: temperature (default: 0.5)")
     g.add_argument("--cfg-insertion-layer", default="0",
                    help="Infinity: 0 = guidance on the logits, k < 0 = on the hidden state after block depth + k "
@@ -390,7 +390,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="VAR compute dtype (default: float32)")
     g.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds a rank waits for the others before it stops with an error (default: 1800)")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar (default: off; the bar is drawn on a terminal only)")
     return g
 
 
@@ -427,10 +427,9 @@ def cmd_generate(args) -> str:
             manifest = dict(_manifest(args, classes, None, image_hw), **extra)
             keys = INFINITY_IMAGE_KEYS
         else:
-            if bool(args.var_ckpt) != bool(args.vae_ckpt):
-                raise GenerateError("pass both --var-ckpt and --vae-ckpt, or neither (the bundled digits model)")
             try:
-                vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype)
+                vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype,
+                                             names=("--var-ckpt", "--vae-ckpt"))
             except (FileNotFoundError, ValueError) as e:
                 raise GenerateError(str(e)) from None
             classes = parse_classes(args.classes, var.num_classes)

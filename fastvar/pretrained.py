@@ -17,9 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from fastvar.labels import as_label_tensor, int_scalar
 from fastvar.models import VAR, VQVAE
 from fastvar.models.build import vae_var_from_state_dicts
-from fastvar.utils.files import load_tensors
+from fastvar.settings import SamplingSettings
+from fastvar.utils.files import check_finite_tensors, load_tensors
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DIGITS_PATH = os.path.join(WEIGHTS_DIR, "digits.pt")
@@ -46,6 +48,8 @@ def read_digits_file(path: Optional[Union[str, os.PathLike]] = None) -> Dict[str
             isinstance(obj.get(k), dict) for k in ("config", "vae", "var", "sampling")):
         raise ValueError(f"digits weights {path} are not a {DIGITS_FORMAT} file "
                          f"(a dict with config, vae, var and sampling)")
+    for part in ("var", "vae"):
+        check_finite_tensors(obj[part], f"digits weights {path} ({part})")
     return obj
 
 
@@ -71,6 +75,8 @@ def load_digits(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = t
     vae, var = vae_var_from_state_dicts(obj["var"], obj["vae"], device=device, dtype=dtype,
                                         var_config=var_cfg, vae_config=vae_cfg)
     s = obj["sampling"]
+    # the recommended settings travel with the model: fastvar.Sampler(var, vae).sample(...) uses them
+    var.recommended_settings = SamplingSettings.checked(s["cfg"], s["top_k"], s["top_p"], V=var.V)
     info = dict(cfg=float(s["cfg"]), top_k=int(s["top_k"]), top_p=float(s["top_p"]),
                 class_names=list(cfg["class_names"]), num_classes=var.num_classes,
                 image_size=int(cfg["image_size"]), display_scale=max(1, 64 // int(cfg["image_size"])),
@@ -85,12 +91,18 @@ def digit_labels(labels: Union[int, str, Sequence[Union[int, str]]], info: Dict[
     names = list(info["class_names"])
     if isinstance(labels, str):
         labels = [t.strip() for t in labels.split(",") if t.strip()]
-    elif isinstance(labels, (int, torch.Tensor)) and not isinstance(labels, bool):
-        labels = torch.as_tensor(labels).reshape(-1).tolist()
+    elif int_scalar(labels) is not None:
+        labels = [int_scalar(labels)]
+    elif not isinstance(labels, (list, tuple)):
+        labels = as_label_tensor(labels, "labels").tolist()     # tensors and numpy arrays: integers only
     out = []
-    for lab in labels:
-        if isinstance(lab, bool) or not isinstance(lab, (int, str)):
-            raise TypeError(f"labels must be class ids (ints) or class names, got {lab!r}")
+    for i, lab in enumerate(labels):
+        if not isinstance(lab, str):
+            value = int_scalar(lab)
+            if value is None:
+                raise TypeError(f"labels must be class ids (integers) or class names, got {lab!r} "
+                                f"({type(lab).__name__}) at labels[{i}]")
+            lab = value
         if isinstance(lab, str):
             if lab not in names:
                 raise ValueError(f"unknown label {lab!r}: this model's classes are {', '.join(names)}")
@@ -122,21 +134,42 @@ def sample_digits(var: VAR, info: Dict[str, Any], labels: Union[int, str, Sequen
         top_p=info["top_p"] if top_p is None else top_p)
 
 
-# the official sampling settings of the released checkpoints (the bundled model brings its own)
-RELEASED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
+def _read_checkpoint(path: str, what: str, name: str, other: str) -> Dict[str, torch.Tensor]:
+    """The state dict of the ``what`` ("VAR" / "VQVAE") checkpoint at ``path``; errors lead with ``name`` (the
+    argument or option that gave the path) and say when it is the other model's checkpoint (``other``)."""
+    from fastvar.models.build import load_checkpoint
+    try:
+        sd = load_checkpoint(path, what)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    if ("quantize.embedding.weight" if what == "VAR" else "word_embed.weight") in sd:
+        raise ValueError(f"{name}: {path} is a {'VQVAE' if what == 'VAR' else 'VAR'} checkpoint, not a {what} one; "
+                         f"did you swap {name} and {other}?")
+    return sd
 
 
 def load_models(var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, device="cpu",
-                dtype: torch.dtype = torch.float32) -> Tuple[VQVAE, VAR, Dict[str, Any]]:
-    """``(vae, var, info)`` for sampling: released checkpoints (``load_vae_var``, with the released settings in
-    ``info``, top-k capped at the vocabulary), or the bundled digits model when neither path is given.
-    ``FileNotFoundError`` / ``ValueError`` saying what is wrong."""
+                dtype: torch.dtype = torch.float32, names: Tuple[str, str] = ("var_ckpt", "vae_ckpt")
+                ) -> Tuple[VQVAE, VAR, Dict[str, Any]]:
+    """``(vae, var, info)`` for sampling: released checkpoints, or the bundled digits model when neither path is
+    given. ``info``: the model's sampling defaults ``cfg``, ``top_k``, ``top_p``
+    (:func:`fastvar.settings.default_settings`) and the display defaults ``display_scale``, ``class_names``,
+    ``num_per_class``. ``FileNotFoundError`` / ``ValueError`` leading with the name of the path at fault
+    (``names``: how the caller calls the two paths, e.g. the CLI's options)."""
+    from fastvar.settings import default_settings
     if not var_ckpt and not vae_ckpt:
-        return load_digits(device=device, dtype=dtype)
+        try:
+            return load_digits(device=device, dtype=dtype)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"the bundled digits model: {e}") from None
     if not (var_ckpt and vae_ckpt):
-        raise ValueError("pass both a VAR and a VQVAE checkpoint, or neither (the bundled digits model)")
-    from fastvar.models import load_vae_var
-    vae, var = load_vae_var(var_ckpt, vae_ckpt, device=device, dtype=dtype)
-    info = dict(RELEASED_SETTINGS, top_k=min(RELEASED_SETTINGS["top_k"], var.V), display_scale=1, class_names=None,
-                num_per_class=1)
-    return vae, var, info
+        raise ValueError(f"pass both {names[0]} and {names[1]}, or neither (the bundled digits model)")
+    var_sd = _read_checkpoint(var_ckpt, "VAR", *names)
+    vae_sd = _read_checkpoint(vae_ckpt, "VQVAE", *names[::-1])
+    try:
+        vae, var = vae_var_from_state_dicts(var_sd, vae_sd, device=device, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{names[0]} {var_ckpt} with {names[1]} {vae_ckpt}: {e}") from None
+    d = default_settings(var)
+    return vae, var, dict(cfg=d.cfg, top_k=d.top_k, top_p=d.top_p, display_scale=1, class_names=None,
+                          num_per_class=1)

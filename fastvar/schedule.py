@@ -13,6 +13,8 @@ import dataclasses
 import functools
 from typing import Sequence, Tuple, Union
 
+from fastvar.labels import int_scalar
+
 ScaleSpec = Union[int, Tuple[int, int]]
 
 # The official schedules of the released checkpoints.
@@ -28,14 +30,16 @@ def scale_hws(patch_nums: Sequence[ScaleSpec], name: str = "patch_nums") -> Tupl
         raise ValueError(f"{name} must be a non-empty sequence of ints or (h, w) pairs, got {patch_nums!r}")
     hws = []
     for i, pn in enumerate(patch_nums):
-        if isinstance(pn, bool):
-            raise ValueError(f"{name}[{i}] must be an int or an (h, w) pair, got {pn!r}")
-        if isinstance(pn, int) or (hasattr(pn, "__index__") and not hasattr(pn, "__len__")):
-            h = w = int(pn)
-        elif hasattr(pn, "__len__") and len(pn) == 2:
-            h, w = int(pn[0]), int(pn[1])
+        if int_scalar(pn) is not None:
+            h = w = int_scalar(pn)
         else:
-            raise ValueError(f"{name}[{i}] must be an int or an (h, w) pair, got {pn!r}")
+            try:
+                pair = None if isinstance(pn, (str, bytes)) else list(pn)
+            except TypeError:          # a float, or a 0-d tensor
+                pair = None
+            if pair is None or len(pair) != 2 or any(int_scalar(v) is None for v in pair):   # (2.5, 3) is not (2, 3)
+                raise ValueError(f"{name}[{i}] must be an int or an (h, w) pair of ints, got {pn!r}")
+            h, w = int_scalar(pair[0]), int_scalar(pair[1])
         if h < 1 or w < 1:
             raise ValueError(f"{name}[{i}] must be positive, got {pn!r}")
         hws.append((h, w))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
+from fastvar.labels import int_scalar
 from fastvar.ops._checks import check_finite_scalar
 from fastvar.ops.sampling import check_top_k_top_p
 
@@ -87,3 +89,48 @@ class InfinitySettings:
                 raise ValueError(f"cfg_insertion_layer items must be 0, 1 or a negative block offset > -depth "
                                  f"({-depth}), got {item}")
         return cls(sched, per_scale["cfg"], per_scale["tau"], top_k, top_p, on_logits, tuple(sorted(set(hidden))))
+
+
+# The sampling settings of the released ImageNet checkpoints (the official demo's): cfg 1.5, top-k 900, top-p 0.96.
+RELEASED_SETTINGS = dict(cfg=1.5, top_k=900, top_p=0.96)
+
+
+def default_settings(var) -> SamplingSettings:
+    """A model's sampling settings when the caller gives none: the ones it carries
+    (``var.recommended_settings``, e.g. the bundled digits model's cfg 2, top-k 0, top-p 0), else the released
+    checkpoints' :data:`RELEASED_SETTINGS` with ``top_k`` capped at the model's vocabulary ``V``. The one place
+    the defaults of :class:`fastvar.Sampler` and ``fastvar sample`` come from."""
+    own = getattr(var, "recommended_settings", None)
+    if own is not None:
+        if not isinstance(own, SamplingSettings):
+            raise TypeError(f"{type(var).__name__}.recommended_settings must be a SamplingSettings or None, "
+                            f"got {type(own).__name__}")
+        return own
+    V = int(var.V)
+    return SamplingSettings.checked(RELEASED_SETTINGS["cfg"], min(RELEASED_SETTINGS["top_k"], V),
+                                    RELEASED_SETTINGS["top_p"], V=V)
+
+
+def resolve_settings(var, cfg=None, top_k=None, top_p=None, more_smooth: bool = False) -> SamplingSettings:
+    """Checked settings for ``var``: each of ``cfg``, ``top_k``, ``top_p`` given, or None for the model's default
+    (:func:`default_settings`)."""
+    d = default_settings(var)
+    return SamplingSettings.checked(d.cfg if cfg is None else cfg, d.top_k if top_k is None else top_k,
+                                    d.top_p if top_p is None else top_p, more_smooth, V=int(var.V))
+
+
+# torch.Generator.manual_seed takes any 64-bit pattern: [-2**63, 0) wraps to 2**64 + seed
+SEED_RANGE = (-2 ** 63, 2 ** 64)
+
+
+def check_seed(seed, name: str = "seed") -> Optional[int]:
+    """``seed`` as an int for ``torch.Generator.manual_seed`` (None stays None): integers only (a float seed is
+    not truncated, a bool is not 0 or 1), in ``[-2**63, 2**64)`` as torch takes them."""
+    if seed is None:
+        return None
+    value = int_scalar(seed)
+    if value is None:
+        raise TypeError(f"{name} must be an int (or None), got {seed!r} ({type(seed).__name__})")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"{name} must be in [-2**63, 2**64) (torch.Generator.manual_seed), got {value}")
+    return value

@@ -11,7 +11,6 @@ from builders import random_quantizer
 from fastvar import ops
 from fastvar.ops import cuda_ext
 from fastvar.ops import sampling as S
-from fastvar.reference import quantize as ref
 from fastvar.reference import sampling as sref
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
 from tolerances import REL, assert_like_eager, assert_rel

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 import cuda_host
 from builders import random_quantizer
 from fastvar.ops import cuda_ext
-from fastvar.ops import sampling as S
 from fastvar.reference import quantize as ref
 from fastvar.reference import sampling as sref
 from fastvar.schedule import PATCH_NUMS_256

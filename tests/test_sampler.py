@@ -293,7 +293,7 @@ def test_label_forms(small):
     one = sampler.tokens([7], seed=2, top_k=10)[0]
     for form in (7, torch.tensor(7), np.int64(7), torch.tensor([7])):
         assert all(torch.equal(a, b) for a, b in zip(sampler.tokens(form, seed=2, top_k=10)[0], one)), repr(form)
-    with pytest.raises(TypeError, match="labels must be None, an int or a tensor of class ids, got 'seven'"):
+    with pytest.raises(TypeError, match="labels must be None, an int or a sequence of class ids .*got .seven. \\(str\\)"):
         sampler.sample("seven", top_k=10)
     with pytest.raises(TypeError, match="labels must be a 1-D integer tensor of class ids"):
         sampler.sample(torch.tensor([1.0]), top_k=10)

@@ -4,7 +4,6 @@ against the golden-verified eager reference.
 
 On x86-64 CPUs the Triton kernels (interpreter) must equal PyTorch bit for bit: their rounding sequence is
 ATen's CPU build's (see ``triton_kernels/upsample.py``). Elsewhere they are held to ``REL[float32]``."""
-import os
 from typing import Optional
 
 import pytest
@@ -380,13 +379,16 @@ def test_sampling_step_launches_per_scale(gen, monkeypatch, codes_kind, fused_co
                 ops.upsample_accumulate_(f_hat, codes, weight, bias, r, q.patch_hws[si + 1] if si + 1 < S else None,
                                          codebook=q.embedding.weight, validate=False, fused_conv=fused_conv)
             last = si == S - 1
+            # host tensors: the range check of the indices (min, max, read back) runs even with validate=False,
+            # there being no synchronisation to save; on CUDA validate=False skips it
+            check = ["min", "_local_scalar_dense", "max", "_local_scalar_dense"] if codes_kind == "indices" else []
             if fused_conv:      # the whole step, then the next scale's area downsample
                 assert len(triton_launches) == (1 if last else 2), f"scale {si}: {triton_launches}"
-                assert torch_kernels == [], f"scale {si}: torch kernels {torch_kernels}"
+                assert torch_kernels == check, f"scale {si}: torch kernels {torch_kernels}"
             else:
                 already_full = codes_kind == "code map" and (h, w) == tuple(q.patch_hws[-1])
                 assert len(triton_launches) == (1 if already_full else 2), f"scale {si}: {triton_launches}"
-                assert torch_kernels == ["conv2d"], f"scale {si}: torch kernels {torch_kernels}"
+                assert torch_kernels == check + ["conv2d"], f"scale {si}: torch kernels {torch_kernels}"
 
 
 @pytest.mark.interpreter

@@ -13,7 +13,7 @@ import torch.nn as nn
 from fastvar.models.families import reject_other_family
 from fastvar.models.var import VAR
 from fastvar.models.vqvae import VQVAE
-from fastvar.utils.files import load_tensors
+from fastvar.utils.files import check_finite_tensors, load_tensors
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512, ScaleSpec
 
 KNOWN_SCHEDULES = (PATCH_NUMS_256, PATCH_NUMS_512)
@@ -62,14 +62,31 @@ def build_vae_var(
 
 # ---------------------------------------------------------------------------- checkpoints
 
+def _state_dicts_inside(obj, prefix: str = "", depth: int = 2) -> list:
+    """Keys (``a.b``) under which a nested mapping holds a state dict: a training checkpoint of another layout."""
+    found = []
+    if isinstance(obj, Mapping) and depth > 0:
+        for k, v in obj.items():
+            if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                found.append(f"{prefix}{k!r}")
+            else:
+                found += _state_dicts_inside(v, f"{prefix}{k!r}.", depth - 1)
+    return found
+
+
 def load_checkpoint(path: Union[str, os.PathLike], what: str) -> Dict[str, torch.Tensor]:
     """A state dict from a file, read with ``torch.load(weights_only=True)``: a plain state dict, or a
-    training checkpoint that holds one under ``"state_dict"``."""
+    training checkpoint that holds one under ``"state_dict"``. ``ValueError`` naming the tensor if one holds NaN
+    or inf."""
     obj = load_tensors(path, f"{what} checkpoint")
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{what} checkpoint {path} must hold a state dict (names -> tensors), got {type(obj).__name__}")
+        inside = _state_dicts_inside(obj)
+        hint = f"; it holds state dicts under {', '.join(inside)}: save that one alone" if inside else ""
+        raise ValueError(f"{what} checkpoint {path} must hold a state dict (names -> tensors), got "
+                         f"{type(obj).__name__}{hint}")
+    check_finite_tensors(obj, f"{what} checkpoint {path}")
     return dict(obj)
 
 
@@ -198,6 +215,12 @@ def vae_var_from_state_dicts(var_sd: Mapping[str, torch.Tensor], vae_sd: Mapping
 
     The VAR is cast to ``dtype``; the VQVAE is float32.
     """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device must be a device of this machine: {device} was asked for, no CUDA device is "
+                         f"available")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"dtype must be a floating-point dtype (float32, bfloat16, float16, float64), got {dtype}")
     var_cfg = dict(var_config or var_config_from_state_dict(var_sd))
     vae_cfg = dict(vae_config or vae_config_from_state_dict(vae_sd, var_cfg["patch_nums"]))
     with torch.device("meta"):

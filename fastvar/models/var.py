@@ -15,6 +15,7 @@ import torch.nn as nn
 from fastvar.labels import check_labels, sampling_labels
 from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from fastvar.reference import attention as ref_attn
+from fastvar.settings import SamplingSettings, check_seed
 from fastvar.schedule import ScaleSpec, Schedule
 
 
@@ -37,6 +38,11 @@ class VAR(nn.Module):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        for arg, value in (("num_classes", num_classes), ("depth", depth)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{arg} must be a positive int, got {value!r}")
+        if not (isinstance(norm_eps, (int, float)) and math.isfinite(norm_eps) and norm_eps > 0):
+            raise ValueError(f"norm_eps must be a finite number > 0 (LayerNorm's epsilon), got {norm_eps!r}")
         quant = vae_local.quantize
         schedule = Schedule.of(patch_nums)
         if schedule != quant.schedule:
@@ -52,6 +58,9 @@ class VAR(nn.Module):
         self.begin_ends = list(schedule.spans)
         self.num_stages_minus_1 = len(schedule) - 1
         self.rng: Optional[torch.Generator] = None   # made on the model's device at the first seeded sample
+        # the sampling settings this model is meant for (fastvar.Sampler's defaults; None: the released
+        # checkpoints', see fastvar.settings.default_settings); the bundled digits model sets its own
+        self.recommended_settings: Optional[SamplingSettings] = None
 
         self.vae_proxy = (vae_local,)
         self.vae_quant_proxy = (quant,)
@@ -209,9 +218,10 @@ class VAR(nn.Module):
         if g_seed is None:
             return None
         device = self.lvl_1L.device
+        g_seed = check_seed(g_seed, "g_seed")
         if self.rng is None or self.rng.device != device:
             self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(int(g_seed))
+        self.rng.manual_seed(g_seed)
         return self.rng
 
     @torch.no_grad()

@@ -218,7 +218,7 @@ class VectorQuantizer2(nn.Module):
         """:meth:`get_next_autoregressive_input` from the scale's token indices ``(B, h*w)`` int64: the codes are
         gathered inside the upsample kernel (no ``(B, Cvae, h, w)`` map in memory); same values as
         ``get_next_autoregressive_input(si, SN, f_hat, embedding(idx).transpose(1, 2).reshape(B, Cvae, h, w))``.
-        ``validate=False`` skips the range check of the indices (a host synchronisation on CUDA); ``fused_conv``
+        ``validate=False`` skips the range check of CUDA indices (a host synchronisation); ``fused_conv``
         as in :meth:`get_next_autoregressive_input`."""
         h, w = self.patch_hws[si]
         if not isinstance(idx_Bl, torch.Tensor) or idx_Bl.dim() != 2 or idx_Bl.shape[1] != h * w:

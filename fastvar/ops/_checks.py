@@ -49,6 +49,8 @@ def check_scale_lens(scale_lens, L: int, name: str = "scale_lens") -> tuple:
 
 
 def check_finite_scalar(name: str, x, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    if isinstance(x, (str, bytes, bool)):       # "1.5" and True are not numbers here, though float() takes them
+        raise TypeError(f"{name} must be a real number, got {x!r} ({type(x).__name__})")
     try:
         x = float(x)
     except (TypeError, ValueError):
@@ -58,6 +60,60 @@ def check_finite_scalar(name: str, x, low: Optional[float] = None, high: Optiona
     if (low is not None and x < low) or (high is not None and x > high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {x}")
     return x
+
+
+def check_int(name: str, x, low: Optional[int] = None) -> int:
+    """``x`` as an int: Python and numpy integers only (``2.5`` or ``2.0`` is not a count or an offset, ``True``
+    is not 1); ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
+    import numbers
+    if isinstance(x, torch.SymInt):          # a traced size under torch.compile
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {x!r} ({type(x).__name__})")
+    x = int(x)
+    if low is not None and x < low:
+        raise ValueError(f"{name} must be >= {low}, got {x}")
+    return x
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """``[first, last)`` bytes of ``t``'s elements in its storage (strides are never negative in torch)."""
+    start = t.data_ptr()
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size()
+    return start, start + last + t.element_size()
+
+
+def _hits(delta: int, dims: List[Tuple[int, int]]) -> bool:
+    """Whether ``delta = sum(j_i * stride_i)`` for some ``|j_i| < size_i``: ``dims`` are (stride, size), largest
+    stride first, each stride larger than the reach of all smaller ones (so at most two digits fit per level)."""
+    if not dims:
+        return delta == 0
+    (stride, size), rest = dims[0], dims[1:]
+    reach = sum((n - 1) * st for st, n in rest)
+    lo, hi = -((reach - delta) // stride), (delta + reach) // stride      # ceil((delta-reach)/s), floor(...)
+    return any(_hits(delta - j * stride, rest) for j in range(max(lo, 1 - size), min(hi, size - 1) + 1))
+
+
+def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True if ``a`` and ``b`` can share an element. Exact for two views of one layout (same shape and strides,
+    e.g. the k and v halves of one ``(B, L, 2, H, D)`` buffer); otherwise true when their byte spans in one
+    storage intersect. Metadata only, no synchronisation; False under torch.compile, whose fake tensors have
+    no storage."""
+    if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    if not (a0 < b1 and b0 < a1):
+        return False
+    size = a.element_size()
+    if a.shape != b.shape or a.stride() != b.stride() or b.element_size() != size or (b0 - a0) % size:
+        return True
+    dims = sorted(((st, n) for st, n in zip(a.stride(), a.shape) if n > 1), reverse=True)
+    for k, (st, _) in enumerate(dims):
+        if st <= sum((n - 1) * s2 for s2, n in dims[k + 1:]):     # not a plain strided layout: stay conservative
+            return True
+    return _hits(abs(b0 - a0) // size, dims)
 
 
 def capturing(t: torch.Tensor) -> bool:
@@ -81,10 +137,14 @@ def check_map(name: str, x) -> None:
 
 
 def check_hw(name: str, hw) -> Tuple[int, int]:
+    import numbers
     try:
-        h, w = (int(v) for v in hw)
+        h, w = hw
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a pair of positive ints (h, w), got {hw!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (h, w)):
+        raise TypeError(f"{name} must be a pair of positive ints (h, w), got {hw!r}")   # 2.5 is not a size
+    h, w = int(h), int(w)
     if h < 1 or w < 1:
         raise ValueError(f"{name} must be a pair of positive ints (h, w), got {hw!r}")
     return h, w

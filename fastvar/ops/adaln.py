@@ -11,7 +11,7 @@ import torch
 
 from fastvar.reference import adaln as ref
 from fastvar.ops._backend import select
-from fastvar.ops._checks import check_same, check_tensor
+from fastvar.ops._checks import check_finite_scalar, check_same, check_tensor
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -91,12 +91,22 @@ def _check(x, mods, names):
     check_same(("x",) + tuple(names), (x,) + tuple(mods), what="device")
 
 
+def _check_eps(eps) -> float:
+    """LayerNorm's epsilon: finite and > 0 (a row of equal values has variance 0: eps <= 0 divides by zero or
+    takes the root of a negative number, and a NaN eps makes every output NaN). A host float: no sync."""
+    eps = check_finite_scalar("eps", eps)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0 (LayerNorm's epsilon), got {eps}")
+    return eps
+
+
 def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift``. ``x`` ``(N, l, C)`` (float32 or the modulation's dtype);
     ``scale``, ``shift`` ``(N, 1, C)`` (e.g. views of one ``(N, 1, 6, C)`` AdaLN projection), one dtype.
-    Returns a new ``(N, l, C)`` in the modulation's dtype."""
+    ``eps``: LayerNorm's epsilon, finite and > 0. Returns a new ``(N, l, C)`` in the modulation's dtype."""
     _check(x, (scale, shift), ("scale", "shift"))
-    return select("adaln", ADALN_IMPLS, x.device)(x, None, None, scale, shift, float(eps))[1]
+    eps = _check_eps(eps)
+    return select("adaln", ADALN_IMPLS, x.device)(x, None, None, scale, shift, eps)[1]
 
 
 def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, scale: torch.Tensor,
@@ -104,11 +114,12 @@ def gated_residual_adaln(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, 
     """``x_new = x + y * gamma`` and ``h = LayerNorm(x_new) * (1 + scale) + shift`` in one pass.
     ``x`` ``(N, l, C)``, the residual stream (float32 or the compute dtype); ``y`` ``(N, l, C)`` and
     ``gamma``, ``scale``, ``shift`` ``(N, 1, C)`` in the compute dtype. Returns new ``(x_new, h)``:
-    ``x_new`` in ``x``'s dtype, ``h`` in the compute dtype."""
+    ``x_new`` in ``x``'s dtype, ``h`` in the compute dtype. ``eps`` as in :func:`adaln_modulate`."""
     _check(x, (gamma, scale, shift), ("gamma", "scale", "shift"))
     check_tensor("y", y, dtypes=(scale.dtype,), shape=tuple(x.shape))
     check_same(("x", "y"), (x, y), what="device")
-    return select("adaln", ADALN_IMPLS, x.device)(x, y, gamma, scale, shift, float(eps))
+    eps = _check_eps(eps)
+    return select("adaln", ADALN_IMPLS, x.device)(x, y, gamma, scale, shift, eps)
 
 
 OPS = {"adaln": ADALN_IMPLS}

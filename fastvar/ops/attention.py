@@ -16,7 +16,8 @@ import torch
 
 from fastvar.reference import attention as ref
 from fastvar.ops._backend import select
-from fastvar.ops._checks import check_finite_scalar, check_same, check_scale_lens, check_tensor
+from fastvar.ops._checks import (check_finite_scalar, check_int, check_same, check_scale_lens, check_tensor,
+                                 may_overlap)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -206,8 +207,9 @@ def kv_cached_attention(
 
     Args:
         q, k, v: ``(B, l, H, D)``.
-        k_cache, v_cache: ``(B, L_max, H, D)``, same dtype and device as q, any strides (not sharing memory with q, k, v).
-        cache_len: tokens already cached, ``0 <= cache_len <= L_max - l``.
+        k_cache, v_cache: ``(B, L_max, H, D)``, same dtype and device as q, any strides; they share memory with
+            neither each other nor q, k, v (checked from the tensors' addresses: no synchronisation).
+        cache_len: tokens already cached, an int, ``0 <= cache_len <= L_max - l``.
         softmax_scale, scale_mul: as in :func:`block_causal_attention`.
         rope: optional ``(2, l, D/2)`` float32 cos/sin of the new tokens' angles (Infinity's 2D RoPE, the rows
             of this scale): q and k are rotated pairwise after the L2 norm, ``(x_{2p}, x_{2p+1}) -> (cos x_{2p} -
@@ -226,7 +228,8 @@ def kv_cached_attention(
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if c.shape[0] != B or c.shape[2:] != q.shape[2:]:
             raise ValueError(f"{name} must have shape (B={B}, L_max, H={H}, D={D}), got {tuple(c.shape)}")
-    if not 0 <= int(cache_len) <= k_cache.shape[1] - l:
+    cache_len = check_int("cache_len", cache_len)
+    if not 0 <= cache_len <= k_cache.shape[1] - l:
         raise ValueError(f"cache_len must be in [0, L_max - l] = [0, {k_cache.shape[1] - l}], got {cache_len}")
     _check_scale_mul(scale_mul, H, q)
     _check_softmax_scale(softmax_scale)
@@ -235,17 +238,18 @@ def kv_cached_attention(
             raise ValueError(f"rope rotates pairs of channels: the head dim D must be even, got D={D}")
         check_tensor("rope", rope, ndim=3, dtypes=(torch.float32,), shape=(2, l, D // 2))
         check_same(("q", "rope"), (q, rope), what="device")
+    if may_overlap(k_cache, v_cache):     # one tensor as both caches: the values would overwrite the keys
+        raise ValueError("k_cache and v_cache must not share memory (one tensor passed as both, or overlapping "
+                         "views): each scale writes its keys into k_cache and its values into v_cache")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         for other_name, t in (("q", q), ("k", k), ("v", v)):
-            if torch.compiler.is_compiling():    # fake tensors under torch.compile have no storage
-                break
-            if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            if may_overlap(c, t):
                 raise ValueError(f"{name} must not share memory with {other_name}: the new keys and values are "
                                  f"read from {other_name} while {name} is written in place")
     impl = select("kv_cached_attention", KV_CACHED_IMPLS, q.device, {"triton": _triton_unsupported(q)})
     if rope is None:       # implementations registered without a RoPE argument keep working
-        return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul)
-    return impl(q, k, v, k_cache, v_cache, int(cache_len), softmax_scale, scale_mul, rope)
+        return impl(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul)
+    return impl(q, k, v, k_cache, v_cache, cache_len, softmax_scale, scale_mul, rope)
 
 
 def scale_lens_from_bias(attn_bias: torch.Tensor) -> Tuple[int, ...]:

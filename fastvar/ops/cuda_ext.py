@@ -17,6 +17,11 @@ Implementations registered in the ops' ``*_IMPLS`` dicts under ``"cuda"``, with 
 Inputs a kernel cannot take (:func:`step_unsupported`, :func:`sample_unsupported`) make the automatic choice skip
 it, with one warning; a forced ``FASTVAR_BACKEND=cuda`` raises saying why.
 
+Arguments arrive checked by the ops (``fastvar/ops/upsample.py``, ``sampling.py``), the same checks for every
+backend: this glue adds none that reads values back (a synchronisation). So, as on the other backends, int64
+codes outside ``[0, V)`` passed with ``validate=False`` on CUDA are undefined behaviour (the kernel reads outside
+the codebook), and so is noise that is not positive and finite with ``validate=False``.
+
 The automatic backend order does not pick these yet (``fastvar/ops/_backend.py``: ``CUDA_PREFERRED``);
 ``FASTVAR_BACKEND=cuda`` opts in. The CPU tests run the same functions on the extension's host build
 (``tests/cuda_host.py``), passing that module as ``ext``.

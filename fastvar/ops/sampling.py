@@ -51,6 +51,8 @@ naming the row. The Triton kernel writes a per-row error code; with ``validate=T
 reads it back, one 4-byte-per-row device-to-host check per call (a sync on CUDA), skipped
 automatically while a CUDA graph is being captured. ``validate=False`` never syncs: bad rows then get
 token ``-1``, which makes the following embedding lookup fail loudly instead of sampling garbage.
+A ``noise`` tensor passed in must hold positive, finite values: ``validate=True`` checks it (the same read back),
+``validate=False`` does not, and a bad entry gives an undefined token (every backend alike).
 """
 from __future__ import annotations
 
@@ -207,12 +209,17 @@ def _check_generator(generator, device: torch.device) -> None:
         raise ValueError(f"generator must be on the device of logits ({device}), got one on {generator.device}")
 
 
-def _exact_noise(noise, rows: int, V: int, generator, device) -> torch.Tensor:
+def _exact_noise(noise, rows: int, V: int, generator, device, validate: bool) -> torch.Tensor:
     if noise is None:
         return ref.exponential_noise(rows, V, generator, device=device)
     check_tensor("noise", noise, ndim=2, dtypes=(torch.float32,), shape=(rows, V))
     if noise.device != device:
         raise ValueError(f"noise must be on the device of logits ({device}), got {noise.device}")
+    # the draw is argmax(p / noise): a zero, negative, NaN or inf entry picks or hides tokens at will. Checked with
+    # the logits (validate: one more read back, a sync on CUDA), never while capturing
+    if validate and not _capturing(noise) and not bool(((noise > 0) & (noise < float("inf"))).all()):
+        raise ValueError("noise must hold positive, finite Exp(1) draws (the exact mode's exponential race); it "
+                         "holds a value <= 0, NaN or inf")
     return noise if noise.stride(-1) == 1 else noise.contiguous()
 
 
@@ -248,7 +255,7 @@ def _run(op, impls, logits3, n_cond, cfg_t, top_k, top_p, generator, mode, seed,
     _check_generator(generator, device)
     rows, V = n_cond * logits3.shape[1], logits3.shape[2]
     if mode == "exact":
-        noise, seed_offset = _exact_noise(noise, rows, V, generator, device), None
+        noise, seed_offset = _exact_noise(noise, rows, V, generator, device, bool(validate)), None
     else:
         if noise is not None:
             raise ValueError("noise is for mode='exact'; mode='fast' draws its own random numbers from seed")
@@ -304,9 +311,12 @@ def sample_top_k_top_p(
             in [0, 2**63), or an int64 device tensor ``[seed]`` / ``[seed, offset]`` (CUDA graphs);
             None draws one from ``generator``.
         noise: exact mode: the ``(rows, V)`` float32 Exp(1) draw to use instead of drawing from
-            ``generator`` (``rows = logits.numel() // V``), e.g. a static buffer for CUDA graphs.
-        validate: raise ``ValueError`` on NaN / +inf / all -inf rows (a device sync on CUDA); False:
-            no sync, bad rows get token -1 (Triton path).
+            ``generator`` (``rows = logits.numel() // V``), e.g. a static buffer for CUDA graphs. Every entry
+            must be positive and finite (checked when ``validate``).
+        validate: raise ``ValueError`` on NaN / +inf / all -inf rows of logits and on noise that is not positive
+            and finite (a device sync on CUDA; skipped while a CUDA graph is captured); False: no sync, bad
+            logit rows get token -1 on every backend, and noise is not checked: a zero, negative, NaN or inf
+            entry gives an undefined token on every backend.
     Returns:
         int64 tensor of shape ``logits.shape[:-1]``.
     """

@@ -228,9 +228,12 @@ def upsample_accumulate_(
         resi_ratio: Phi's r.
         next_hw: the next scale's ``(h', w')``, or None at the last scale.
         codebook: ``(V, C)`` float32, with int64 ``codes``.
-        validate: check that int64 ``codes`` are in ``[0, V)`` (reads them back to the host: a
-            synchronisation on CUDA; skipped anyway during CUDA-graph capture). The sampler, whose
-            tokens are in range by construction, passes False.
+        validate: check that int64 ``codes`` are in ``[0, V)`` (``ValueError`` otherwise). On CUDA the check
+            reads them back to the host, a synchronisation: ``validate=False`` skips it there (the sampler,
+            whose tokens are in range by construction, does), and out-of-range codes are then undefined
+            behaviour on every backend (eager's gather asserts on the device, the Triton and CUDA kernels read
+            outside the codebook). Tensors on the host are always checked (no synchronisation to save). Skipped
+            while a CUDA graph is captured.
         fused_conv: Triton backend only (the eager backend, the definition, ignores it, as does the eager
             fallback when gradients are needed): compute Phi's 3x3 convolution inside the step's kernel (two
             launches per scale: the step and the next scale's area downsample) instead of ``F.conv2d``
@@ -255,7 +258,7 @@ def upsample_accumulate_(
             raise ValueError("codebook is required when codes are int64 token indices")
         check_codebook(codebook, C, finite=False)
         check_same(("f_hat", "codebook"), (f_hat, codebook), what="device")
-        if validate:
+        if validate or codes.device.type != "cuda":     # on the host the check costs no synchronisation
             check_indices("codes", codes, codebook.shape[0])
     elif codes.dim() != 4 or codes.shape[0] != B or codes.shape[1] != C:
         raise ValueError(f"codes (a float32 code map) must have shape (B={B}, C={C}, h, w), got {tuple(codes.shape)}")

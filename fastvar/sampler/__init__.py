@@ -27,25 +27,18 @@ import torch
 
 from fastvar.sampler.infinity import InfinityAdapter
 from fastvar.sampler.var import VARAdapter
-from fastvar.settings import InfinitySettings, SamplingSettings
+from fastvar.settings import InfinitySettings, SamplingSettings, check_seed
 
 Adapter = Union[VARAdapter, InfinityAdapter]
 Settings = Union[SamplingSettings, InfinitySettings]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SEED_RANGE = 2 ** 63        # torch.Generator.manual_seed takes [-2**63, 2**64); fastvar asks for [0, 2**63)
-
-
 def check_seeds(seeds, name: str = "seed") -> List[int]:
-    """Integer seeds in ``[0, 2**63)``; ``ValueError`` / ``TypeError`` naming ``name`` otherwise."""
-    out = []
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-            raise TypeError(f"{name} must be an integer in [0, 2**63), got {s!r}")
-        if not 0 <= int(s) < SEED_RANGE:
-            raise ValueError(f"{name} must be in [0, 2**63), got {s}")
-        out.append(int(s))
+    """Integer seeds as ``torch.Generator.manual_seed`` takes them (:func:`fastvar.settings.check_seed`)."""
+    out = [check_seed(s, name) for s in seeds]
+    if None in out:
+        raise TypeError(f"{name} must hold ints, got None")
     return out
 
 
@@ -108,7 +101,11 @@ def adapter_for(var, vae, dtype: torch.dtype, fused_step_conv: bool = False) -> 
         if vae is None:
             raise TypeError("vae must be the Infinity model's BSQ VAE (fastvar.BSQVAE), got None")
         return InfinityAdapter(var, vae, dtype)
-    return VARAdapter(var, vae if vae is not None else var.vae_proxy[0], dtype, fused_conv=fused_step_conv)
+    vae = vae if vae is not None else var.vae_proxy[0]
+    if not isinstance(vae, torch.nn.Module) or not hasattr(vae, "fhat_to_img") or not hasattr(vae, "quantize"):
+        raise TypeError(f"vae must be a VQVAE (fastvar.VQVAE, or an official one patched by fastvar.patch) or "
+                        f"None (the VAR's own), got {type(vae).__name__}")
+    return VARAdapter(var, vae, dtype, fused_conv=fused_step_conv)
 
 
 class Sampler:
@@ -151,8 +148,10 @@ class Sampler:
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
         from fastvar.models.infinity import Infinity
         if not isinstance(var, torch.nn.Module) or not (hasattr(var, "lvl_1L") or isinstance(var, Infinity)):
+            hint = ": that is the VQVAE; the transformer comes first, Sampler(var, vae)" if hasattr(
+                var, "fhat_to_img") else ""
             raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch) or "
-                            f"fastvar's Infinity, got {type(var).__name__}")
+                            f"fastvar's Infinity, got {type(var).__name__}{hint}")
         device = var.pos_start.device if isinstance(var, Infinity) else var.lvl_1L.device
         dtype = dtype or var.head.weight.dtype
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
@@ -264,8 +263,9 @@ class Sampler:
 
     # ------------------------------------------------------------------ public API
     def settings(self, *args, **kwargs) -> Settings:
-        """The checked settings value of this model's family: VAR ``settings(cfg=1.5, top_k=900, top_p=0.96,
-        more_smooth=False)`` -> :class:`~fastvar.settings.SamplingSettings` (``top_k`` at most V); Infinity
+        """The checked settings value of this model's family: VAR ``settings(cfg=None, top_k=None, top_p=None,
+        more_smooth=False)`` -> :class:`~fastvar.settings.SamplingSettings` (``top_k`` at most V; None: the
+        model's default, see :meth:`stream`); Infinity
         ``settings(scale_schedule=None, cfg=3.0, tau=0.5, top_k=900, top_p=0.97, cfg_insertion_layer=(0,))`` ->
         :class:`~fastvar.settings.InfinitySettings`."""
         return self.model.settings(*args, **kwargs)
@@ -275,9 +275,12 @@ class Sampler:
                **kwargs) -> Iterator[ScaleResult]:
         """Sample, yielding a :class:`ScaleResult` as each scale finishes (coarse to fine).
 
-        VAR: ``stream(labels, seed=None, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False, *, B, generator,
-        image_seeds)``. ``labels``: a ``(B,)`` tensor or list of class ids, an int (all the same; negative = no
-        class) with ``B``, or None (``B`` random classes). ``top_k`` must be <= V.
+        VAR: ``stream(labels, seed=None, cfg=None, top_k=None, top_p=None, more_smooth=False, *, B, generator,
+        image_seeds)``. ``labels``: class ids, integers only: a ``(B,)`` tensor, numpy array, list or tuple, or one
+        int (all the same; negative = no class) with ``B``, or None (``B`` random classes). ``cfg``, ``top_k``
+        (<= V), ``top_p``: None takes the model's default (:func:`fastvar.settings.default_settings`: the settings
+        the model carries, e.g. the bundled digits model's, else the released checkpoints' cfg 1.5 / top-k 900
+        (at most V) / top-p 0.96).
 
         Infinity: ``stream(text, seed=None, *, scale_schedule=None, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
         cfg_insertion_layer=(0,), negative=None, B, generator, image_seeds)``. ``text``: the official tuple
@@ -289,8 +292,7 @@ class Sampler:
 
         ``seed`` seeds a fresh generator on the model's device (or pass ``generator``; None and None: the global
         RNG): the batch draws its random numbers together, in the official order, so the same seed gives the
-        official model's tokens / bits. ``image_seeds`` (instead): one seed per image (``B`` ints in
-        ``[0, 2**63)``), each image drawing from its own generator, so that an image does not depend on the batch
+        official model's tokens / bits. ``image_seeds`` (instead): one seed per image (``B`` ints), each image drawing from its own generator, so that an image does not depend on the batch
         it is sampled in (``fastvar generate``). Arguments are checked here, not at the first ``next()``.
         """
         cond_kwargs = {k: kwargs.pop(k) for k in ("negative",) if k in kwargs}
@@ -305,6 +307,8 @@ class Sampler:
             if B != len(rng):
                 raise ValueError(f"image_seeds must hold B={B} seeds, got {len(rng)}")
         else:
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
             rng = generator if generator is not None else (
                 None if seed is None else torch.Generator(device=self.device).manual_seed(check_seeds([seed])[0]))
         B, cond = self.model.conditioning(labels, B, rng, settings, **cond_kwargs)

@@ -24,6 +24,7 @@ from fastvar.nn.infinity import CrossAttnBlock, InfinityKVCache
 from fastvar.reference import infinity as ref
 from fastvar.sampler.var import tensor_slots, weights_fingerprint
 from fastvar.settings import InfinitySettings
+from fastvar.utils.images import check_decoded
 
 # official defaults of the sampling scripts (INFINITY_SPEC.md section 12): cfg 3, tau 0.5, top_k 900 (a no-op over
 # the two values of a bit), top_p 0.97, guidance on the logits
@@ -267,9 +268,9 @@ class InfinityAdapter:
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
         """``(B, d, H, W)`` latent -> RGB images ``(B, 3, H_img, W_img)`` in [0, 1]: ``(vae.decode + 1) / 2``, the
         first op of the official uint8 conversion (so ``(image * 255).to(uint8)`` with the channels reversed is the
-        official BGR image)."""
+        official BGR image); ``ValueError`` if they hold NaN or inf."""
         dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
-        return (self.vae.decode(f_hat.to(dtype)) + 1) / 2
+        return check_decoded((self.vae.decode(f_hat.to(dtype)) + 1) / 2, f_hat)
 
 
 class InfinityBuffers:

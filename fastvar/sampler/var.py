@@ -12,12 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvar import ops
-from fastvar.labels import sampling_labels
+from fastvar.labels import batch_size_of, sampling_labels
 from fastvar.nn.attention import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, copy_unless_same
 from fastvar.reference import sampling as ref_sampling
 from fastvar.reference.quantize import scale_ratio
 from fastvar.schedule import Schedule
-from fastvar.settings import SamplingSettings
+from fastvar.settings import SamplingSettings, resolve_settings
+from fastvar.utils.images import check_decoded
 
 
 def tensor_slots(*modules: nn.Module) -> List[Tuple[dict, str]]:
@@ -130,17 +131,17 @@ class VARAdapter:
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values() if t.data_ptr() not in own)
 
     # ------------------------------------------------------------------ requests
-    def settings(self, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+    def settings(self, cfg: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  more_smooth: bool = False) -> SamplingSettings:
-        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V)."""
-        return SamplingSettings.checked(cfg, top_k, top_p, more_smooth, V=self.V)
+        """The checked :class:`~fastvar.settings.SamplingSettings` for this model (``top_k`` at most V; each one left
+        None: the model's default, :func:`fastvar.settings.default_settings`)."""
+        return resolve_settings(self.var, cfg, top_k, top_p, more_smooth)
 
     def conditioning(self, labels, B: Optional[int], rng, settings: SamplingSettings) -> Tuple[int, torch.Tensor]:
         """``(B, labels (B,) int64)`` from a tensor / list of class ids, an int with ``B``, or None (``B`` classes
         drawn from ``rng``, which must then be one generator)."""
         if B is None:
-            sized = isinstance(labels, (list, tuple)) or (isinstance(labels, torch.Tensor) and labels.dim() > 0)
-            B = len(labels) if sized else 1
+            B = batch_size_of(labels)
         labels = sampling_labels(B, labels, self.num_classes, None if isinstance(rng, list) else rng, self.device,
                                  name="labels")
         return labels.shape[0], labels
@@ -247,9 +248,10 @@ class VARAdapter:
 
     @torch.no_grad()
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]."""
+        """``(B, Cvae, H, W)`` latent -> images ``(B, 3, H_img, W_img)`` in [0, 1]; ``ValueError`` if they hold NaN
+        or inf."""
         dtype = next(p.dtype for p in self.vae.parameters() if p.is_floating_point())
-        return self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5)
+        return check_decoded(self.vae.fhat_to_img(f_hat.to(dtype)).add_(1).mul_(0.5), f_hat)
 
 
 class VARBuffers:

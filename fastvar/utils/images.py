@@ -1,10 +1,12 @@
-"""Image grids and PNG files, with no imaging dependency (PNG = zlib + CRC chunks)."""
+"""Image grids and image files: PNG with no imaging dependency (zlib + CRC chunks); other formats (JPEG, WebP,
+...) through Pillow where it is installed, chosen by the file's extension, never PNG bytes under another name."""
 from __future__ import annotations
 
 import math
+import os
 import struct
 import zlib
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,8 +33,21 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).movedim(-3, -1).contiguous().cpu()
 
 
+def check_decoded(images: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """``images`` decoded from ``latent``, or a ``ValueError`` if they hold NaN or inf (one read back per decode,
+    never on the per-scale path): clamped to pixels, NaN would become a silent black picture."""
+    if not bool(torch.isfinite(images).all()):
+        where = "the latent already does (the codebook or Phi?)" if not bool(torch.isfinite(latent).all()) \
+            else "from a finite latent: the VAE's decoder weights, or an overflow in its dtype"
+        raise ValueError(f"the decoded images hold NaN or inf ({where}); no image is returned")
+    return images
+
+
 def to_uint8_hwc(image: torch.Tensor) -> bytes:
-    """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major."""
+    """``(3, H, W)`` (or ``(1, H, W)``) float in [0, 1] -> raw RGB bytes, row-major. ``ValueError`` if the image
+    holds NaN or inf (clamped and cast, NaN would become a silent black pixel)."""
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+        raise ValueError("image holds NaN or inf values; refusing to write it as pixels")
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return to_uint8(image).numpy().tobytes()
@@ -56,4 +71,49 @@ def save_png(image: torch.Tensor, path: str) -> str:
     """Write ``image`` ``(3, H, W)`` in [0, 1] to ``path`` atomically (a temporary file renamed into
     place: an interrupted write leaves no half-written PNG). Returns the absolute path."""
     data = encode_png(image)
+    return atomic_write(check_writable(path, "out"), lambda f: f.write(data))
+
+
+def image_format(path: str) -> Tuple[str, bool]:
+    """``(format, needs_pillow)`` for the file extension of ``path``: ``("PNG", False)`` for ``.png``; another
+    extension Pillow can write (``.jpg``, ``.webp``, ...) gives Pillow's format name, if Pillow is installed.
+    ``ValueError`` saying what to do otherwise (no extension, an unknown one, or Pillow missing)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".png":
+        return "PNG", False
+    if not ext:
+        raise ValueError(f"{os.path.basename(path)!r} has no extension to name the image format: use a .png name "
+                         f"(or another format Pillow writes, e.g. .jpg, with Pillow installed)")
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ValueError(f"cannot write {ext} files: fastvar writes .png itself and other formats through "
+                         f"Pillow, which is not installed (pip install pillow); or use a .png name") from None
+    Image.init()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        can = {e for e, f in Image.registered_extensions().items() if f in Image.SAVE}
+        common = [e for e in (".jpg", ".jpeg", ".webp", ".bmp", ".tiff", ".gif") if e in can]
+        raise ValueError(f"cannot write {ext} files: the extension names the format; use .png or one Pillow "
+                         f"writes ({', '.join(common)} and {len(can) - len(common)} more)")
+    return fmt, True
+
+
+def encode_image(image: torch.Tensor, fmt: str) -> bytes:
+    """``(3, H, W)`` float image in [0, 1] -> the bytes of a file in ``fmt`` (``"PNG"``, or a Pillow format)."""
+    if fmt == "PNG":
+        return encode_png(image)
+    import io
+    from PIL import Image
+    _, H, W = image.shape
+    pil = Image.frombytes("RGB", (W, H), to_uint8_hwc(image))
+    buf = io.BytesIO()
+    pil.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def save_image(image: torch.Tensor, path: str) -> str:
+    """Write ``image`` ``(3, H, W)`` in [0, 1] to ``path`` atomically, in the format its extension names (see
+    :func:`image_format`). Returns the absolute path."""
+    data = encode_image(image, image_format(path)[0])
     return atomic_write(check_writable(path, "out"), lambda f: f.write(data))
