@@ -16,7 +16,9 @@ import triton.language as tl
 from fastvar.triton_kernels._device import on_tensor_device
 
 
-@triton.jit
+# ``l`` (tokens per sample) changes every scale and is 1 at the first: Triton would compile a second kernel for
+# it (a 1 becomes a constant). It only divides the row index.
+@triton.jit(do_not_specialize=["l"])
 def _adaln_fwd_kernel(
     X, Y, GAMMA, SCALE, SHIFT, H, XNEW,
     stride_x, stride_y, stride_h, stride_xnew, stride_mod,

@@ -52,8 +52,14 @@ ERR_NAN = 1
 ERR_ALL_NEG_INF = 2
 ERR_POS_INF = 4
 
+# Integer arguments Triton must not specialise on (a 1 becomes a constant, a multiple of 16 gets a hint, each a
+# separate compiled kernel): the row count, the scale's token count and the batch-dependent offsets change with
+# every scale and batch size (l = 1 and B = 1 were each a new kernel mid-sample), the seed and offset with every
+# draw, top_k with the settings (k = 1 too). None of them feeds an address that a hint would vectorise.
+_RUNTIME_ARGS = ["stride_b", "uncond_offset", "n_rows", "l", "top_k", "seed", "offset"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _sample_fwd_kernel(
     LOGITS, NOISE, SEED_PTR, TOKENS, FILTERED, ERR,
     stride_b, stride_l, stride_v, uncond_offset, stride_noise,

@@ -224,7 +224,7 @@ def kv_cached_attention(
     _check_softmax_scale(softmax_scale)
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         for other_name, t in (("q", q), ("k", k), ("v", v)):
-            if torch.compiler.is_compiling():    # fake tensors under torch.compile have no storage
+            if torch.compiler.is_compiling() or c.device.type == "meta":    # fake and meta tensors have no storage
                 break
             if c.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
                 raise ValueError(f"{name} must not share memory with {other_name}: the new keys and values are "
