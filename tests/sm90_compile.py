@@ -277,6 +277,21 @@ def train_attention(patch_nums, B: int, H: int, D: int, dtype, norm: bool = True
     out.backward(torch.empty_like(out))
 
 
+def kv_steps(patch_nums, B: int, H: int, D: int, dtype, norm: bool = True):
+    """The KV-cached step of every scale through ``fastvar.ops.kv_cached_attention`` (a model whose width the
+    released ones do not have, e.g. D = 128 at 1024 px): q/k/v as views of a ``(2B, l, 3, H, D)`` projection,
+    the caches ``(2B, L, H, D)``, as the Sampler holds them."""
+    from fastvar import ops
+    lens = _lens(patch_nums)
+    caches = [torch.empty(2 * B, sum(lens), H, D, dtype=dtype, device=META) for _ in range(2)]
+    sm = torch.empty(1, H, 1, 1, device=META) if norm else None
+    start = 0
+    for n in lens:
+        q, k, v = torch.empty(2 * B, n, 3, H, D, dtype=dtype, device=META).unbind(2)
+        ops.kv_cached_attention(q, k, v, *caches, start, 1.0 if norm else None, sm)
+        start += n
+
+
 def train_model(model: str, B: int, dtype=torch.bfloat16):
     """Teacher forcing through the whole model (``VAR.forward``) and its backward, weights in ``dtype``."""
     vae, var = meta_model(model)
@@ -316,6 +331,9 @@ def _paths() -> Dict[str, Callable[[], None]]:
                 if B == 8 and (mode != "plain" or model == "d36"):
                     continue          # B = 8: the batch-size invariance check of d16 and d30 (test_launch_variants.py)
                 paths[f"sample {model} B={B} {mode}"] = functools.partial(sample, model, B, mode)
+    paths["sample d16 B=1 float32"] = functools.partial(sample, "d16", 1, "plain", torch.float32)
+    for dtype in (torch.bfloat16, torch.float16):
+        paths[f"kv steps 1024px D=128 {str(dtype)[6:]}"] = functools.partial(kv_steps, VAR_1024, 2, 8, 128, dtype)
     for name, pn, B, H, D in (("L=680 d16", PATCH_NUMS_256, 8, 16, 64), ("L=2240 d36", PATCH_NUMS_512, 2, 36, 64),
                               ("L=10521 1024px D=128", VAR_1024, 1, 8, 128)):
         for dtype in (torch.bfloat16, torch.float16):
@@ -389,6 +407,24 @@ def _resources(cubin: bytes) -> dict:
 
 
 _TO_COMPILE: List[Launch] = []       # set before the worker processes fork
+_BUILD_LAUNCHERS = [False]
+
+
+def _use_triton_key(key: Optional[str]) -> None:
+    """Name cache entries with another Python's ``triton_key()`` (``$FASTVAR_TRITON_KEY``): the key hashes
+    libtriton's shared object, which differs between the cp311 and cp312 wheels of one Triton version while
+    the compiled kernels do not. scripts/build_triton_cache.sh builds the GPU image's (Python 3.12) cache so."""
+    if key:
+        import triton.runtime.cache as cache
+        cache.triton_key = lambda: key
+
+
+def _build_launcher(kernel) -> None:
+    """The host-side launcher of ``kernel`` (a small C module, built with gcc on first launch and cached):
+    built now, in parallel, instead of one by one during the first sample (needs libcuda to link: a GPU
+    machine, or $TRITON_LIBCUDA_PATH)."""
+    from triton.backends.nvidia.driver import CudaLauncher
+    CudaLauncher(kernel.src, kernel.metadata)
 
 
 def _compile_one(i: int) -> dict:
@@ -401,23 +437,26 @@ def _compile_one(i: int) -> dict:
     try:
         kernel = launch.fn.preload(launch.data)
         out = dict(shared_bytes=kernel.metadata.shared, **_resources(kernel.asm["cubin"]))
+        if _BUILD_LAUNCHERS[0]:
+            _build_launcher(kernel)
     except Exception as e:      # reported per launch; the caller fails on it
         out = dict(error=f"{type(e).__name__}: {str(e)[-2000:]}")
     out["seconds"] = round(time.time() - start, 1)
     return out
 
 
-def compile_launches(launches: List[Launch], jobs: int) -> List[dict]:
+def compile_launches(launches: List[Launch], jobs: int, launchers: bool = False) -> List[dict]:
     """Compile every launch for sm_90 (``jobs`` processes); returns their summaries with ptxas's numbers."""
     import concurrent.futures
     import multiprocessing
     _TO_COMPILE[:] = launches
+    _BUILD_LAUNCHERS[0] = launchers
     if jobs <= 1:
         results = [_compile_one(i) for i in range(len(launches))]
     else:
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as ex:
             results = list(ex.map(_compile_one, range(len(launches))))
-    return [dict(launch.summary(), **r) for launch, r in zip(launches, results)]
+    return [dict(launch.summary(), spec=launch.data, **r) for launch, r in zip(launches, results)]
 
 
 def _fmt(d: dict) -> str:
@@ -428,17 +467,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", default=".*", help="regex: only the paths whose name matches")
     parser.add_argument("--all", action="store_true", help="also every candidate tile of the attention tables")
+    parser.add_argument("--kernels", default=".*", help="regex: compile only the kernels whose name matches")
     parser.add_argument("--record-only", action="store_true", help="record and list the launches, compile nothing")
     parser.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--json", default=None, help="write the launches (and compile results) to this path")
     parser.add_argument("--list-paths", action="store_true", help="print the path names and exit")
+    parser.add_argument("--launchers", action="store_true",
+                        help="also build every kernel's host-side launcher into the cache (a GPU machine)")
     args = parser.parse_args(argv)
     if args.list_paths:
         print("\n".join(list(_paths()) + list(attention_candidate_paths())))
         return 0
     start = time.time()
     recorder = record(args.paths, args.all)
-    launches = list(recorder.launches.values())
+    launches = [launch for launch in recorder.launches.values() if re.search(args.kernels, launch.kernel)]
     n_launches = sum(launch.count for launch in launches)
     paths = sorted({p for launch in launches for p in launch.paths})
     print(f"# triton {triton.__version__}, torch {torch.__version__}: {len(paths)} paths, {n_launches} launches, "
@@ -447,7 +489,8 @@ def main(argv=None) -> int:
         rows = [launch.summary() for launch in launches]
     else:
         t0 = time.time()
-        rows = compile_launches(launches, args.jobs)
+        _use_triton_key(os.environ.get("FASTVAR_TRITON_KEY"))
+        rows = compile_launches(launches, args.jobs, args.launchers)
         print(f"# compiled for {TARGET} in {time.time() - t0:.0f} s ({args.jobs} processes)")
     print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s}  constexprs / ==1 / "
           f"first path")

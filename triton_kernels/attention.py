@@ -57,10 +57,11 @@ NORM_EPS = tl.constexpr(1e-12)
 # a divisibility hint, each a separate compiled kernel). The sequence length L (680, 2240, 10521 for VAR's
 # schedules) only bounds loops and masks: a hint on it buys nothing but a second compile per kernel. In the KV
 # step, ``cache_len`` (0, 1, 5, 14, ...) and ``l`` (1, 4, 9, ...) change every scale: specialising them
-# compiled 3 variants per query tile mid-sample. Strides stay specialised (a unit stride or 16-aligned rows
-# give vector loads), as does H (fixed per model).
-_SIZE_ARGS = ["L"]
-_KV_STEP_ARGS = ["cache_len", "l"]    # F.normalize's eps
+# compiled 3 variants per query tile mid-sample. The head count H only splits the program id into (batch, head):
+# a hint on it (H = 16 is a multiple of 16, 30 and 36 are not) compiled d30's and d36's kernels again. Strides
+# stay specialised (a unit stride or 16-aligned rows give vector loads).
+_SIZE_ARGS = ["L", "H"]
+_KV_STEP_ARGS = ["cache_len", "l", "H"]    # F.normalize's eps
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -529,27 +530,32 @@ def _kv_cached_attn_fwd_kernel(
 # every launch on a GPU uses: pinned, so the choice is deterministic (the same gradient bits in every
 # process) and safe inside CUDA-graph capture (no benchmark runs on first use of a new L). The other entries
 # are candidates for offline tuning (``python tests/sm90_compile.py --all`` compiles them; a benchmark can pass
-# one as ``config=``). Chosen without a GPU, from ptxas's spill reports for sm_90 (tests/sm90_compile.py, q/k/v
-# strided as VAR's qkv view, NORM on and off, Triton 3.6 and 3.9): the pinned entries spill nothing except
-# where noted. E.g. dK/dV at D=64 with 4 warps and 128-key tiles spilled 456 bytes, with 8 warps none.
-# fp32 uses true fp32 products (no tensor cores) and small tiles; at D=128 it still spills 200-300 bytes.
+# one as ``config=``). Chosen without a GPU, from ptxas's reports for sm_90 (tests/sm90_compile.py: q/k/v
+# strided as VAR's qkv view, NORM on and off, on Triton 3.6 = the GPU image's, and 3.9): registers per thread
+# "3.6/3.9" below, no spill unless said. fp32 uses true fp32 products (no tensor cores) and small tiles.
 # Timings on H100/H200 are owed.
 _HOPPER_CONFIGS = {
-    # forward: query tile x key tile (iterated)
+    # forward: query tile x key tile (iterated). half: 255/233 registers (NORM, D=64), 216/203 (D=128)
     ("fwd", "half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
     ("fwd", "half", 128): [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],    # the last spills 8 B
-    ("fwd", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
-    ("fwd", "fp32", 128): [(16, 32, 8, 2), (32, 16, 8, 2)],
-    # dK/dV: query tile (iterated) x key tile
+    # fp32 D=64: 16 x 32, 8 warps: 80/68 registers; 32 x 32 spilled 8 B on 3.9 (255 registers)
+    ("fwd", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 128): [(16, 32, 8, 2), (32, 16, 8, 2)],                        # 78/78
+    # dK/dV: query tile (iterated) x key tile. D=64: 228/236 registers (fp16, NORM); with 4 warps and 128-key
+    # tiles it spilled 456 B, with 8 none.
     ("dkdv", "half", 64): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3)],     # the last spills 96 B
-    ("dkdv", "half", 128): [(32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],     # the last two: 100-180 B
-    ("dkdv", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
-    ("dkdv", "fp32", 128): [(16, 32, 8, 2)],
-    # dQ: query tile x key tile (iterated)
+    # D=128: bf16 236/245; fp16 with NORM (its float32 TF32 products, see _dot_scaled_grad) 255/255 and 8 B of
+    # spill on 3.9 only (documented in tests/test_sm90_compile.py); every other candidate spills 48-208 B
+    ("dkdv", "half", 128): [(32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 2)],
+    # fp32 D=64: 16 x 32, 8 warps: 87/88; 32 x 32 spilled 8 B on 3.6 (255 registers)
+    ("dkdv", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    # fp32 D=128: 16 x 16: 102/104; 16 x 32 spilled 8 B on 3.6, 16 x 32 with 4 warps 472-504 B
+    ("dkdv", "fp32", 128): [(16, 16, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)],
+    # dQ: query tile x key tile (iterated). half NORM: 201/215 (D=64), 226/250 (D=128)
     ("dq", "half", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("dq", "half", 128): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
-    ("dq", "fp32", 64): [(32, 32, 8, 2)],
-    ("dq", "fp32", 128): [(16, 32, 8, 2)],
+    ("dq", "fp32", 64): [(32, 32, 8, 2)],                                          # 88/84
+    ("dq", "fp32", 128): [(16, 32, 8, 2)],                                         # 90/86
 }
 # The interpreter runs one program at a time; small tiles keep the masked/full/ragged paths all
 # exercised on the small shapes of the CPU tests.
