@@ -36,4 +36,5 @@ gcc -shared -Wl,-soname,libcuda.so.1 -o "$STUB/libcuda.so.1" "$STUB/empty.c"
 env PYTHONPATH="$T_312" TRITON_CACHE_DIR="$OUT" TRITON_LIBCUDA_PATH="$STUB" "$PY312" scripts/build_launchers.py \
   "$OUT/launches.json"
 rm -rf "$STUB"
+"$PY" scripts/relocate_triton_cache.py "$OUT" --prune     # cubins and metadata only (the carry limit: 64 MiB)
 echo "$OUT: $(du -sh "$OUT" | cut -f1), $(ls "$OUT" | wc -l) entries"

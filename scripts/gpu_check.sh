@@ -177,7 +177,10 @@ mkdir -p "$W"
 export W
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton_cache}   # one cache for the campaign (coldstart: its own)
 SHIPPED=.triton_cache_sm90      # scripts/build_triton_cache.sh, carried with the call: seeds the campaign's cache
-if [ -d "$SHIPPED" ] && [ "$DRY" != 1 ]; then mkdir -p "$TRITON_CACHE_DIR" && cp -r "$SHIPPED"/. "$TRITON_CACHE_DIR"/; fi
+if [ -d "$SHIPPED" ] && [ "$DRY" != 1 ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && cp -r "$SHIPPED"/. "$TRITON_CACHE_DIR"/ \
+    && "$PY" scripts/relocate_triton_cache.py "$TRITON_CACHE_DIR" >"$W/seed_cache.log" 2>&1
+fi
 START=$(date +%s)
 : >"$W/stages.tsv"
 elapsed() { echo $(( $(date +%s) - START )); }

@@ -125,6 +125,9 @@ def main(argv=None) -> int:
             copy = os.path.join(work, "coldstart_cache_shipped")
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(shipped, copy)
+            sys.path.insert(0, HERE)
+            from relocate_triton_cache import relocate
+            relocate(copy)          # the cache records its files by absolute path
             got, code = run_child("shipped", copy, args.smoke, args.batches[:1], log)
             rows += got
             rc = rc or code

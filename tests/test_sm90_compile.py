@@ -26,31 +26,23 @@ triton = pytest.importorskip("triton", reason="the sm_90 compile check needs Tri
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPU_TRITON = "3.6.0"          # what the lent H100/H200 image runs (torch 2.11)
 
-# Spills ptxas reports that the code documents, per Triton version ("*": every version), as
+# Spills ptxas reports that the code documents, per Triton version (a prefix; "*": every version), as
 # (kernel, regex over its constexprs and pointer dtypes) -> why. Anything else spilling is a regression.
 DOCUMENTED_SPILLS = {
-    "3.9.0": {
+    "3.9": {
         ("_block_causal_attn_bwd_dkdv_kernel", r"'Q': '\*fp16'.*HEAD_DIM=128 BLOCK_M=32 BLOCK_N=64 NORM=True"):
             "fp16 dK/dV with the L2 norm at D=128: its float32 (TF32) products keep dz * row_scale in range; "
             "8 B on Triton 3.9 (none on the GPU's 3.6), every other tile more: triton_kernels/attention.py",
-    },
-    "*": {
-        ("_kv_cached_attn_fwd_kernel", r"'Q': '\*fp32'.*HEAD_DIM=128"):
-            "fp32 KV step at D=128 (true fp32 products): 110-350 B, triton_kernels/attention.py",
-        ("_block_causal_attn_fwd_kernel", r"'Q': '\*fp32'.*HEAD_DIM=128"):
-            "fp32 training attention at D=128 (true fp32 products): triton_kernels/attention.py",
-        ("_block_causal_attn_bwd_dkdv_kernel", r"'Q': '\*fp32'.*HEAD_DIM=128"):
-            "fp32 training attention at D=128 (true fp32 products): triton_kernels/attention.py",
-        ("_block_causal_attn_bwd_dq_kernel", r"'Q': '\*fp32'.*HEAD_DIM=128"):
-            "fp32 training attention at D=128 (true fp32 products): triton_kernels/attention.py",
     },
 }
 
 
 def _documented(version, row):
     desc = f"{row['types']} " + " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
-    for ver in ("*", version):
-        for (kernel, pattern), why in DOCUMENTED_SPILLS.get(ver, {}).items():
+    for ver, documented in DOCUMENTED_SPILLS.items():
+        if ver != "*" and not version.startswith(ver):
+            continue
+        for (kernel, pattern), why in documented.items():
             if row["kernel"] == kernel and re.search(pattern, desc):
                 return why
     return None
@@ -134,3 +126,32 @@ def test_no_undocumented_register_spills(lane, records):
     var_paths = [r for r in records["launches"] if any(p.startswith("sample ") or " bfloat16" in p for p in r["paths"])]
     assert var_paths and all(r["spill_bytes"] == 0 for r in var_paths), \
         [(r["kernel"], r["constexprs"], r["spill_bytes"]) for r in var_paths if r["spill_bytes"]]
+
+
+def test_a_copied_cache_hits_after_relocation(tmp_path):
+    """scripts/relocate_triton_cache.py: a Triton cache built in one folder, copied to another, relocated and
+    pruned to cubins and metadata, serves the same compile without compiling again (Triton records a
+    kernel's files by absolute path: unrelocated, the copy would miss). How the GPU campaign uses a cache
+    built on a CPU machine (scripts/build_triton_cache.sh)."""
+    import shutil
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-P", os.path.join(HERE, "sm90_compile.py"), "--paths", "^sample d16 B=1 plain$",
+           "--kernels", "adaln", "--jobs", "1"]
+    built, copied = tmp_path / "built", tmp_path / "copied"
+    names = None
+    for folder in (built, copied):
+        if folder == copied:
+            names = sorted(d.name for d in built.iterdir() if any(f.suffix == ".cubin" for f in d.iterdir()))
+            shutil.copytree(built, copied)
+            shutil.rmtree(built)        # as on the GPU machine: the folder it was built in is gone
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "scripts", "relocate_triton_cache.py"),
+                            str(copied), "--prune"], check=True, capture_output=True)
+        proc = subprocess.run(cmd + ["--json", str(tmp_path / f"{folder.name}.json")], capture_output=True, text=True,
+                              env=dict(env, TRITON_CACHE_DIR=str(folder)), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = [d for d in copied.iterdir() if any(f.suffix == ".cubin" for f in d.iterdir())]
+    assert len(kernels) == 2 and sorted(d.name for d in kernels) == names
+    for d in kernels:       # a miss would have compiled again and written the intermediate files back
+        assert sorted(f.suffix for f in d.iterdir() if not f.name.startswith("__grp__")) == [".cubin", ".json"], d
+    with open(tmp_path / "copied.json") as f:
+        assert all(r["registers"] > 0 for r in json.load(f)["launches"])
