@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 # THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
 STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention quantizer sample_kernel)
-declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=210 [e2e]=120 [coldstart]=90
+declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [quantizer]=45 [sample_kernel]=45)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s

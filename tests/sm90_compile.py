@@ -26,7 +26,12 @@ entry, as the GPU's first launch), in parallel, and ptxas's registers, spills an
     python tests/sm90_compile.py --record-only      # the launch table only (seconds)
     python tests/sm90_compile.py --paths "sample d16" --json F   # a subset; records to F
     python tests/sm90_compile.py --all              # also every candidate tile of the attention tables
-    TRITON_CACHE_DIR=D python tests/sm90_compile.py --jobs 16    # fill a Triton cache for the GPU's first run
+    TRITON_CACHE_DIR=D python tests/sm90_compile.py --jobs 16 --launchers   # fill a cache for the first run
+                                                                # (on the GPU: the campaign's precompile stage)
+    python tests/sm90_compile.py --kernels attn --all           # tile tuning: compile only matching kernels
+
+``$FASTVAR_TRITON_KEY`` names the cache entries with another Python's ``triton_key()``
+(scripts/build_triton_cache.sh: the GPU image's Python 3.12, from a CPU machine's 3.11).
 
 Values are never checked here (the interpreter and GPU lanes do that).
 """
@@ -294,7 +299,7 @@ def kv_steps(patch_nums, B: int, H: int, D: int, dtype, norm: bool = True):
 
 def train_model(model: str, B: int, dtype=torch.bfloat16):
     """Teacher forcing through the whole model (``VAR.forward``) and its backward, weights in ``dtype``."""
-    vae, var = meta_model(model)
+    vae, var = meta_model.__wrapped__(model)        # a model of its own: cast and put in training mode here
     var = var.to(dtype).train()
     x = torch.empty(B, var.L - var.first_l, var.Cvae, device=META)
     var(torch.full((B,), 3, dtype=torch.long, device=META), x).float().sum().backward()
