@@ -16,8 +16,12 @@ cd "$(dirname "$0")/.."
 OUT=${1:-.triton_cache_sm90}
 TV=3.6.0
 PY=${PYTHON:-python3}
-PY312=${PY312:-$(command -v python3.12 || ls -d "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -n 1 || true)}
-[ -x "$PY312" ] || { echo "no Python 3.12 (set PY312)" >&2; exit 2; }
+if [ -z "${PY312:-}" ]; then
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python; do      # the first that really runs 3.12
+    if "$c" -c "import sys; assert sys.version_info[:2] == (3, 12)" >/dev/null 2>&1; then PY312=$c; break; fi
+  done
+fi
+[ -n "${PY312:-}" ] || { echo "no Python 3.12 found (set PY312)" >&2; exit 2; }
 DEPS=${FASTVAR_CACHE_DEPS:-$HOME/.cache/fastvar}
 T_HERE=$DEPS/triton-$TV
 T_312=$DEPS/triton-$TV-py312
@@ -28,7 +32,9 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 env PYTHONPATH="$T_HERE" FASTVAR_TRITON_KEY="$KEY" TRITON_CACHE_DIR="$OUT" \
-  "$PY" -P tests/sm90_compile.py --jobs "$(nproc)" --json "$OUT/launches.json" | head -n 3
+  "$PY" -P tests/sm90_compile.py --jobs "$(nproc)" --json "$OUT/launches.json" >"$OUT.log" 2>&1 \
+  || { tail -n 30 "$OUT.log"; exit 1; }
+grep "^#" "$OUT.log"
 # launchers link against libcuda.so.1, which resolves on the GPU: an empty stub of that name links here
 STUB=$(mktemp -d)
 : >"$STUB/empty.c"

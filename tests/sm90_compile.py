@@ -497,6 +497,10 @@ def main(argv=None) -> int:
         _use_triton_key(os.environ.get("FASTVAR_TRITON_KEY"))
         rows = compile_launches(launches, args.jobs, args.launchers)
         print(f"# compiled for {TARGET} in {time.time() - t0:.0f} s ({args.jobs} processes)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, torch=torch.__version__, paths=list(_paths()) if
+                           args.paths == ".*" else paths, launches=rows), f, indent=1)
     print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s}  constexprs / ==1 / "
           f"first path")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["constexprs"]))):
@@ -507,10 +511,6 @@ def main(argv=None) -> int:
               + (f" (+{len(r['paths']) - 1})" if len(r["paths"]) > 1 else ""))
         if "error" in r:
             print("   ", r["error"][-1500:])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(triton=triton.__version__, torch=torch.__version__, paths=list(_paths()) if
-                           args.paths == ".*" else paths, launches=rows), f, indent=1)
     return 1 if any("error" in r for r in rows) else 0
 
 
