@@ -32,9 +32,9 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 env PYTHONPATH="$T_HERE" FASTVAR_TRITON_KEY="$KEY" TRITON_CACHE_DIR="$OUT" \
-  "$PY" -P tests/sm90_compile.py --jobs "$(nproc)" --json "$OUT/launches.json" >"$OUT.log" 2>&1 \
-  || { tail -n 30 "$OUT.log"; exit 1; }
-grep "^#" "$OUT.log"
+  "$PY" -P tests/sm90_compile.py --jobs "$(nproc)" --json "$OUT/launches.json" >"$OUT/build.log" 2>&1 \
+  || { tail -n 30 "$OUT/build.log"; exit 1; }
+grep "^#" "$OUT/build.log"
 # launchers link against libcuda.so.1, which resolves on the GPU: an empty stub of that name links here
 STUB=$(mktemp -d)
 : >"$STUB/empty.c"
