@@ -1,34 +1,255 @@
 #!/usr/bin/env bash
-# The GPU checks, in stages that each fit one 10-minute call on a lent H100/H200 (no network there; the
-# image has torch, triton, numpy, pytest, pytest-benchmark, scikit-learn). Logs and CSVs go to $OUT (the
-# device tool brings that folder back) or bench/results/gpu_run; copy the CSVs into bench/results/ and commit.
-#   FASTVAR_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh tests      # pytest -m gpu
-#   ... bash scripts/gpu_check.sh attention | rq_lookup | upsample | sampling | adaln | e2e [extra bench args]
-# FASTVAR_COMMIT names the commit in every CSV row: the copied tree may have no .git.
+# The GPU campaign: everything worth knowing from a lent H100/H200, in one call, under a time budget.
+#
+#   FASTVAR_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh all [--budget 540] [--out DIR]
+#   bash scripts/gpu_check.sh STAGE [--out DIR] [extra args]   # one stage, e.g. tests, attention, sampling
+#   bash scripts/gpu_check.sh all --dry-run --out DIR           # CPU: each stage's smallest variant
+#
+# `all` runs the stages of the table below in order of value, each under `timeout` with its own budget
+# (never past what is left of the total): a stage cut off keeps what it wrote, and the next one starts.
+# Logs, CSVs and JUnit files go to a work folder; after every stage they are bundled into the output folder
+# ($OUT, or --out, default bench/results/gpu_run): summary.txt, campaign.tar.gz (everything) and the headline
+# CSVs, at most 8 files (what the device tool brings back). The last thing printed is summary.txt (at most
+# 80 lines). The install is offline (the machine has no network). FASTVAR_COMMIT names the commit in every
+# CSV row (the copied tree may have no .git). tests/test_gpu_check.py runs the dry run on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# stage -> benchmark script (bench/bench_<op>.py per op; e2e: the end-to-end sampler, `fastvar bench`)
-declare -A BENCH=(
-  [attention]=bench/bench_attention.py [rq_lookup]=bench/bench_rq_lookup.py [upsample]=bench/bench_upsample.py
-  [sampling]=bench/bench_sampling.py [adaln]=bench/bench_adaln.py [e2e]=bench/bench_e2e.py
+
+# ------------------------------------------------------------------------------------------------------------
+# THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
+# precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
+STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity)
+declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
+                   [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90)
+declare -A SCRIPT=(
+  [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
+  [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
+  [coldstart]=scripts/gpu_coldstart.py        # first and second sample's wall time, Triton cache hits
+  [precompile]=tests/sm90_compile.py          # every recorded launch compiled into the campaign's cache
+  [e2e]=bench/bench_e2e.py                    # end-to-end: official eager loop vs fastvar (= `fastvar bench`)
+  [attention]=bench/bench_attention.py        # kernel benchmarks, bench/bench_<op>.py (each takes --out CSV)
+  [sampling]=bench/bench_sampling.py
+  [rq_lookup]=bench/bench_rq_lookup.py
+  [upsample]=bench/bench_upsample.py
+  [adaln]=bench/bench_adaln.py
+  [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, eager vs the Sampler (--out-dir)
 )
+declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
+  [e2e]="--models d16 d30 --batches 1 64 --providers eager fastvar --reps 3"
+  [sampling]="--batches 1 64 --no-compile"
+  [rq_lookup]="--batches 1 64"
+  [upsample]="--batches 1 64"
+  [adaln]="--models d16 d30 --batches 1 64"
+  [infinity]="--batches 1 --reps 2"          # B = 8 needs 44 GB of KV cache per provider: an H200 run
+)
+# GPU tests, most important first: one pytest run per group under `timeout`; a last group takes the rest
+TEST_GROUPS=(
+  "tests/test_attention.py tests/test_attention_hazards.py tests/test_attention_rope.py"
+  "tests/test_sampler.py tests/test_sampling.py"
+  "tests/test_upsample.py tests/test_rq_lookup.py tests/test_adaln.py"
+  "tests/test_cuda_ext.py"
+  "tests/test_infinity_sampler.py tests/test_generate.py"
+)
+PER_TEST_TIMEOUT=${FASTVAR_PER_TEST_TIMEOUT:-90}
+HEADLINE_CSVS=(ceilings.csv coldstart.csv e2e.csv attention.csv sampling.csv infinity.csv)
+# ------------------------------------------------------------------------------------------------------------
+
+usage() {
+  echo "usage: gpu_check.sh all|${STAGES_ALL[*]// /|} [--budget S] [--out DIR] [--dry-run] [extra args]" >&2
+  exit 2
+}
 stage=${1:-}
-if [[ -z "$stage" || ( "$stage" != tests && -z "${BENCH[$stage]:-}" ) ]]; then
-  echo "stage: expected tests | attention | rq_lookup | upsample | sampling | adaln | e2e, got '$stage'" >&2; exit 2
-fi
-shift
-out=${OUT:-bench/results/gpu_run}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+[ $# -gt 0 ] && shift
+TOTAL=540; OUTDIR=${OUT:-bench/results/gpu_run}; DRY=${FASTVAR_GPU_CHECK_DRY:-0}; EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) TOTAL=$2; shift 2 ;;
+    --out) OUTDIR=$2; shift 2 ;;
+    --dry-run) DRY=1; shift ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+case " all ${STAGES_ALL[*]} __stage " in *" $stage "*) ;; *) usage ;; esac
+
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 FASTVAR_GPU_CHECK_DRY=$DRY
 PY=${PYTHON:-python3}
-# --no-build-isolation: setuptools comes from the image, nothing is downloaded
-"$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
-  || { cat "$out/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >"$out/gpu.txt" 2>&1
-if [[ "$stage" == tests ]]; then
-  "$PY" -P -m pytest -m gpu -q -rs -p no:cacheprovider --rootdir=. tests "$@" 2>&1 | tee "$out/gpu_tests.log"
-elif [[ "$stage" == e2e ]]; then     # `fastvar bench` names its CSV itself, in --out-dir
-  "$PY" "${BENCH[e2e]}" --out-dir "$out" "$@" 2>&1 | tee "$out/e2e.log"
-else
-  "$PY" "${BENCH[$stage]}" --out "$out/$stage.csv" "$@" 2>&1 | tee "$out/$stage.log"
+
+# ------------------------------------------------------------------------------------------------ stages
+# Each runs inside `timeout` (as `gpu_check.sh __stage NAME`), with $W the work folder and $DRY set.
+st_install() {
+  if [ "$DRY" = 1 ]; then
+    echo "dry run: not installing ($PY -m pip install -q --no-deps --no-build-isolation --no-index -e .)"
+  else
+    # --no-build-isolation: setuptools comes from the image, nothing is downloaded
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
+  fi
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| triton', triton.__version__, '| cuda', torch.version.cuda, '| cpus', __import__('os').cpu_count())"
+    echo "commit ${FASTVAR_COMMIT:-unknown}"; } >"$W/env.txt" 2>&1
+  cat "$W/env.txt"
+}
+st_ceilings() {
+  "$PY" "${SCRIPT[ceilings]}" --out "$W/ceilings.csv" $([ "$DRY" = 1 ] && echo --smoke) "$@"
+}
+st_cuda() {
+  if [ ! -f "${SCRIPT[cuda]}" ]; then echo "skipped: ${SCRIPT[cuda]} does not exist"; return 0; fi
+  if [ "$DRY" = 1 ]; then echo "dry run: not building (bash ${SCRIPT[cuda]})"; return 0; fi
+  bash "${SCRIPT[cuda]}" "$@"
+}
+st_coldstart() {
+  "$PY" "${SCRIPT[coldstart]}" --work "$W" --out "$W/coldstart.csv" $([ "$DRY" = 1 ] && echo --smoke) "$@"
+}
+st_precompile() {
+  if [ "$DRY" = 1 ]; then
+    "$PY" -P "${SCRIPT[precompile]}" --record-only --paths "^sample d16 B=1 plain$" "$@"
+  else
+    "$PY" -P "${SCRIPT[precompile]}" --jobs "$(nproc)" --launchers --json "$W/precompile.json" "$@"
+  fi
+}
+st_tests() {
+  # A per-test alarm (scripts/pytest_deadline.py, no extra package) fails a test that overruns and goes on; a
+  # group stuck in C code (a hung kernel) is killed by its `timeout` and the next group runs.
+  local listed=" " g f n=0 rest=""
+  for g in "${TEST_GROUPS[@]}"; do listed="$listed$g "; done
+  for f in tests/test_*.py; do case "$listed" in *" $f "*) ;; *) rest="$rest $f" ;; esac; done
+  local deadline=$(( $(date +%s) + ${STAGE_BUDGET:-${BUDGET[tests]}} - 5 ))
+  for g in "${TEST_GROUPS[@]}" "$rest"; do
+    n=$((n + 1))
+    local files=()
+    for f in $g; do [ -f "$f" ] && files+=("$f"); done
+    [ ${#files[@]} -eq 0 ] && continue
+    [ "$DRY" = 1 ] && files=("${files[0]}")       # dry run: the group logic, one file each (no GPU: all skip)
+    local left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt 10 ]; then echo "group $n: no time left (${files[*]})" | tee "$W/tests_$n.log"; continue; fi
+    echo "--- group $n (${left} s left): ${files[*]}"
+    timeout --signal=TERM --kill-after=10 "$left" env PYTHONPATH="scripts${PYTHONPATH:+:$PYTHONPATH}" \
+      "$PY" -P -m pytest -m gpu -q -rfEs -p no:cacheprovider -p pytest_deadline --deadline "$PER_TEST_TIMEOUT" \
+      -o faulthandler_timeout=$((PER_TEST_TIMEOUT + 20)) --junitxml="$W/tests_$n.xml" --rootdir=. \
+      "${files[@]}" "$@" >"$W/tests_$n.log" 2>&1
+    local rc=$?
+    tail -n 4 "$W/tests_$n.log"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "group $n: killed by its timeout" | tee -a "$W/tests_$n.log"; fi
+  done
+  return 0
+}
+merge_csvs() {   # merge_csvs NAME: every CSV the stage wrote into $W/NAME/ as one $W/NAME.csv
+  "$PY" - "$W" "$1" <<'EOF'
+import csv, glob, os, sys
+w, name = sys.argv[1:]
+rows = [r for p in sorted(glob.glob(os.path.join(w, name, "*.csv"))) for r in csv.DictReader(open(p))]
+if rows:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(os.path.join(w, name + ".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+EOF
+}
+st_e2e() {      # the script names its CSVs by device and date, in --out-dir
+  mkdir -p "$W/e2e"
+  local args=()
+  if [ "$DRY" = 1 ]; then args=(--smoke --batches 2 --providers eager fastvar --reps 1 --dtype float32); elif [ "${ALL:-0}" = 1 ]; then read -r -a args <<<"${CAMPAIGN_ARGS[e2e]}"; fi
+  "$PY" "${SCRIPT[e2e]}" "${args[@]}" --out-dir "$W/e2e" "$@"
+  local rc=$?
+  merge_csvs e2e
+  return $rc
+}
+st_infinity() {
+  mkdir -p "$W/infinity"
+  local args=()
+  if [ "$DRY" = 1 ]; then args=(--smoke --batches 1 --reps 1); elif [ "${ALL:-0}" = 1 ]; then read -r -a args <<<"${CAMPAIGN_ARGS[infinity]}"; fi
+  "$PY" "${SCRIPT[infinity]}" "${args[@]}" --out-dir "$W/infinity" "$@"
+  local rc=$?
+  merge_csvs infinity
+  return $rc
+}
+st_bench() {    # a kernel benchmark of the table: st_bench STAGE [args]
+  local name=$1; shift
+  local script=${SCRIPT[$name]} args=()
+  if [ ! -f "$script" ]; then echo "skipped: $script does not exist (update the stage table)"; return 0; fi
+  [ "${ALL:-0}" = 1 ] && read -r -a args <<<"${CAMPAIGN_ARGS[$name]:-}"
+  "$PY" "$script" --out "$W/$name.csv" "${args[@]}" "$@"
+  local rc=$?
+  if [ "$DRY" = 1 ] && [ $rc -eq 2 ] && grep -q "needs a CUDA GPU" "$W/$name.log" 2>/dev/null; then
+    echo "dry run: $script parsed its arguments and asked for a GPU (exit 2)"; return 0
+  fi
+  return $rc
+}
+
+if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage under `timeout`
+  name=${EXTRA[0]}
+  case "$name" in
+    attention|sampling|rq_lookup|upsample|adaln) st_bench "$name" "${EXTRA[@]:1}" ;;
+    *) "st_$name" "${EXTRA[@]:1}" ;;
+  esac
+  exit $?
 fi
+
+# ------------------------------------------------------------------------------------------------ driver
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+W=${FASTVAR_GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+mkdir -p "$W"
+export W
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$W/triton_cache}   # one cache for the campaign (coldstart: its own)
+SHIPPED=.triton_cache_sm90      # scripts/build_triton_cache.sh, carried with the call: seeds the campaign's cache
+if [ -d "$SHIPPED" ] && [ "$DRY" != 1 ]; then
+  mkdir -p "$TRITON_CACHE_DIR" && cp -r "$SHIPPED"/. "$TRITON_CACHE_DIR"/ \
+    && "$PY" scripts/relocate_triton_cache.py "$TRITON_CACHE_DIR" >"$W/seed_cache.log" 2>&1
+fi
+START=$(date +%s)
+: >"$W/stages.tsv"
+elapsed() { echo $(( $(date +%s) - START )); }
+
+bundle() {      # the work folder into $OUTDIR: summary.txt, campaign.tar.gz, the headline CSVs (<= 8 files)
+  "$PY" scripts/gpu_summary.py "$W" --out "$OUTDIR/summary.txt" --total "$TOTAL" >/dev/null 2>"$W/summary.err" \
+    || { echo "gpu_summary.py failed:"; tail -n 5 "$W/summary.err"; } >"$OUTDIR/summary.txt"
+  tar -czf "$OUTDIR/campaign.tar.gz.part" -C "$W" --exclude=./triton_cache --exclude='./coldstart_cache*' . \
+    2>/dev/null && mv "$OUTDIR/campaign.tar.gz.part" "$OUTDIR/campaign.tar.gz"
+  local f
+  for f in "${HEADLINE_CSVS[@]}"; do [ -f "$W/$f" ] && cp "$W/$f" "$OUTDIR/$f"; done
+  return 0
+}
+
+run_stage() {   # run_stage NAME [args]: the stage under `timeout`, output in $W/NAME.log, status in stages.tsv
+  local name=$1; shift
+  local budget=${BUDGET[$name]}
+  [ "$TOTAL" -gt 540 ] && budget=$(( budget * TOTAL / 540 ))     # a larger total (CI runner): longer stages too
+  if [ "$stage" = all ]; then
+    local left=$(( TOTAL - $(elapsed) - 15 ))     # 15 s kept for the last bundle and the summary
+    if [ "$left" -lt 10 ]; then
+      printf '%s\tskipped\t0\t0\tno time left of the %s s budget\n' "$name" "$TOTAL" >>"$W/stages.tsv"; return
+    fi
+    [ "$budget" -gt "$left" ] && budget=$left
+  else
+    budget=$(( budget > TOTAL ? budget : TOTAL ))     # one stage alone: its budget or --budget, the larger
+  fi
+  echo "=== $name: budget ${budget} s (at $(elapsed) s of $TOTAL)"
+  local t0 rc dt status=ok
+  t0=$(date +%s)
+  STAGE_BUDGET=$budget timeout --signal=TERM --kill-after=10 "$budget" bash "$0" __stage "$name" "$@" \
+    >"$W/$name.log" 2>&1
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; elif [ $rc -ne 0 ]; then status="failed(rc=$rc)"; fi
+  printf '%s\t%s\t%s\t%s\t\n' "$name" "$status" "$dt" "$budget" >>"$W/stages.tsv"
+  echo "    $status in ${dt} s; last lines:"
+  tail -n 3 "$W/$name.log" | cut -c1-160 | sed 's/^/    | /'
+  bundle
+}
+
+export STAGE_BUDGET ALL=0
+if [ "$stage" = all ]; then
+  ALL=1
+  for s in "${STAGES_ALL[@]}"; do run_stage "$s"; done
+else
+  [ "$stage" != install ] && [ "$DRY" != 1 ] && run_stage install    # a lone stage on a fresh machine
+  run_stage "$stage" "${EXTRA[@]}"
+fi
+echo
+echo "=== output: $OUTDIR ($(ls "$OUTDIR" | tr '\n' ' ')); work folder: $W"
+cat "$OUTDIR/summary.txt"
+# exit 1 if a stage failed or a GPU test failed (verdict.txt, written by gpu_summary.py): CI reads this
+grep -q "stages_failed=0 tests_failed=0" "$W/verdict.txt" 2>/dev/null || exit 1
+exit 0

@@ -13,13 +13,17 @@ per program, which it runs as one numpy step instead of 64 (its cost is per prog
 model's sampling test on the Triton kernels took ~430 s of CPU with one row per program).
 """
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
 from fastvar.triton_kernels._device import on_tensor_device
 
 
-@triton.jit
+# ``l`` (tokens per sample) and ``R`` (rows) change every scale: Triton would compile another kernel when one is
+# 1 (a constant) or a multiple of 16 (a divisibility hint), e.g. R = 2 * 16 at d16's fourth scale. ``l`` only
+# divides the row index and ``R`` only masks the last rows: neither specialisation buys anything.
+@triton.jit(do_not_specialize=["l", "R"])
 def _adaln_fwd_kernel(
     X, Y, GAMMA, SCALE, SHIFT, H, XNEW,
     stride_x, stride_y, stride_h, stride_xnew, stride_mod,
@@ -46,6 +50,10 @@ def _adaln_fwd_kernel(
     tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
 
 
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
 @on_tensor_device
 def adaln_fwd(x, scale, shift, eps, y=None, gamma=None, h=None, x_new=None):
     """Launch on row-major views: ``x``, ``y``, ``h``, ``x_new`` ``(R, C)`` with unit column stride,
@@ -55,7 +63,7 @@ def adaln_fwd(x, scale, shift, eps, y=None, gamma=None, h=None, x_new=None):
     has_res = y is not None
     block = triton.next_power_of_2(C)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    block_r = 1 if x.is_cuda else 64
+    block_r = 64 if _interpreting(x) else 1
     _adaln_fwd_kernel[(triton.cdiv(R, block_r),)](
         x, y if has_res else x, gamma if has_res else scale, scale, shift, h, x_new if has_res else h,
         x.stride(0), (y if has_res else x).stride(0), h.stride(0), (x_new if has_res else h).stride(0),

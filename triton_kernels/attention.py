@@ -21,7 +21,7 @@ Tiling (FlashAttention-2, online softmax in base 2, scores never leave registers
   ragged last key tile, are masked too).
 * The bounds come from two ``(L,)`` int32 tables ``begin(i)``, ``end(i)`` built once per
   ``(scale_lens, device)`` on the host (:func:`scale_bounds`): a program reads two scalars, no search,
-  and the tables do not depend on the tile sizes, so the tile sizes are free to be autotuned.
+  and the tables do not depend on the tile sizes, so any tile size can be pinned (see ``_HOPPER_CONFIGS``).
 * The L2 norm is fused: the scores of raw q and k tiles are scaled in fp32 per row (``c_h / |q_i|``) and
   per column (``1 / |k_j|``), the norms taken from the registers the tiles are loaded into. No separate
   normalisation pass, no normalised copy in memory (the KV step writes the normalised new keys, which the
@@ -40,7 +40,6 @@ row and summed on the host. Both gradient kernels are deterministic (no atomics)
 Launchers here are plain functions on tensors: no autograd, no custom ops (``fastvar.ops.attention``).
 """
 import functools
-import os
 
 import numpy as np
 import torch
@@ -53,7 +52,16 @@ from fastvar.triton_kernels._device import on_tensor_device
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
-NORM_EPS = tl.constexpr(1e-12)    # F.normalize's eps
+NORM_EPS = tl.constexpr(1e-12)
+# Integer arguments Triton must not specialise on (by default a 1 becomes a constant and a multiple of 16 gets
+# a divisibility hint, each a separate compiled kernel). The sequence length L (680, 2240, 10521 for VAR's
+# schedules) only bounds loops and masks: a hint on it buys nothing but a second compile per kernel. In the KV
+# step, ``cache_len`` (0, 1, 5, 14, ...) and ``l`` (1, 4, 9, ...) change every scale: specialising them
+# compiled 3 variants per query tile mid-sample. The head count H only splits the program id into (batch, head):
+# a hint on it (H = 16 is a multiple of 16, 30 and 36 are not) compiled d30's and d36's kernels again. Strides
+# stay specialised (a unit stride or 16-aligned rows give vector loads).
+_SIZE_ARGS = ["L", "H"]
+_KV_STEP_ARGS = ["cache_len", "l", "H"]    # F.normalize's eps
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -69,8 +77,39 @@ def _inv_norm(x, AXIS: tl.constexpr):
 
 @triton.jit
 def _tile(base, rows, offs_d, stride_l, stride_d):
-    """Pointers to the ``(len(rows), D)`` tile ``base[rows, :]`` of a strided ``(L, D)`` slice."""
-    return base + rows[:, None] * stride_l + offs_d[None, :] * stride_d
+    """Pointers to the ``(len(rows), D)`` tile ``base[rows, :]`` of a strided ``(L, D)`` slice.
+
+    ``rows * stride_l`` in int64: in int32 it wraps once it passes 2^31 elements, e.g. for a sequence-outer
+    view (``stride_l = B*H*D``) at 1024 px (L = 10521) from ``B*H*D >= 204k`` (B = 200 at H = 16, D = 64)."""
+    return base + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _tile_t(base, rows, offs_d, stride_l, stride_d):
+    """Pointers to the transposed tile ``base[rows, :]^T`` ``(D, len(rows))``; int64 offsets as :func:`_tile`."""
+    return base + rows.to(tl.int64)[None, :] * stride_l + offs_d[:, None] * stride_d
+
+
+@triton.jit
+def _round_to_tf32(x):
+    """``x`` rounded to TF32's 10-bit mantissa, to nearest (ties away from zero): Triton hands raw float32 to the
+    tensor cores, which drop the low 13 bits, a rounding toward zero (finite x only)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_scaled_grad(acc, g, x, NORM: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``acc + g @ x^T`` for a gradient tile ``g`` (fp32) and an input tile ``x`` given transposed (``(D, n)``).
+
+    With NORM in fp16, ``g`` holds ``dz * row_scale`` (dK) or ``dz / |k|`` (dQ), which grow as ``1 / |q|`` and
+    ``1 / |k|``: cast to fp16 they overflow to inf once that factor passes ~6.5e4 / |dz| (|q| ~ 1e-5 at
+    VAR's c = 100). Then the product runs in float32 with TF32 operands (fp16's 10-bit mantissa, float32's
+    range), ``g`` rounded to nearest as the fp16 cast would. bf16 has float32's range: its cast stays."""
+    if NORM and x.dtype == tl.float16:
+        return tl.dot(_round_to_tf32(g), tl.trans(x.to(tl.float32)), acc, input_precision="tf32")
+    else:
+        return tl.dot(g.to(x.dtype), tl.trans(x), acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -97,7 +136,7 @@ def _attend_tiles(acc, l_i, m_i, q, row_scale, row_end, K, V, stride_kl, stride_
     """
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        kt_ptrs = K + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd
+        kt_ptrs = _tile_t(K, cols, offs_d, stride_kl, stride_kd)
         v_ptrs = _tile(V, cols, offs_d, stride_vl, stride_vd)
         if MASK == 0:
             kt = tl.load(kt_ptrs)
@@ -163,7 +202,7 @@ def _query_row_scale(q, SCALE_MUL, h, qk_scale, max_log, BLOCK_M: tl.constexpr, 
 
 
 # ------------------------------------------------------------------------------------------ forward
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _block_causal_attn_fwd_kernel(
         Q, K, V, O, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, BEGIN_END, SCALE_MUL, qk_scale, max_log, L, H,
         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -208,7 +247,7 @@ def _block_causal_attn_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------ backward
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _block_causal_attn_bwd_preprocess_kernel(
         O, DO, DELTA, L, H, stride_ob, stride_ol, stride_oh, stride_od,
         stride_dob, stride_dol, stride_doh, stride_dod, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -239,7 +278,7 @@ def _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, 
     """
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + offs_m
-        qt_ptrs = Q + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd
+        qt_ptrs = _tile_t(Q, rows, offs_d, stride_ql, stride_qd)
         do_ptrs = _tile(DO, rows, offs_d, stride_dol, stride_dod)
         if MASKED:
             row_ok = rows < L
@@ -273,11 +312,11 @@ def _dkdv_tiles(dk, dv, k, rk, v, cols, Q, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, 
         if NORM:
             # dz/dkt_j = softmax_scale * qt_i = softmax_scale c q_i / |q_i| = ln(2) row_scale_i q_i
             dst = dst * row_scale[None, :]
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PREC)
+        dk = _dot_scaled_grad(dk, dst, qt, NORM, DOT_PREC)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _block_causal_attn_bwd_dkdv_kernel(
         Q, K, V, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, DK, DV, BEGIN_END, qk_scale, softmax_scale, L, H,
         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -350,8 +389,8 @@ def _dq_tiles(dq, q, do, row_max, log2sum, delta, row_scale, row_end, K, V, stri
     :func:`_attend_tiles` with ``MASK`` 0 / 2)."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + offs_n
-        kt_ptrs = K + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd
-        vt_ptrs = V + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd
+        kt_ptrs = _tile_t(K, cols, offs_d, stride_kl, stride_kd)
+        vt_ptrs = _tile_t(V, cols, offs_d, stride_vl, stride_vd)
         if MASKED:
             kt = tl.load(kt_ptrs, mask=cols[None, :] < hi, other=0.0)
             vt = tl.load(vt_ptrs, mask=cols[None, :] < hi, other=0.0)
@@ -369,11 +408,11 @@ def _dq_tiles(dq, q, do, row_max, log2sum, delta, row_scale, row_end, K, V, stri
         ds = p * (dp - delta[:, None])
         if NORM:
             ds = ds * rk[None, :]               # dz_ij kt_j = (dz_ij / |k_j|) k_j
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+        dq = _dot_scaled_grad(dq, ds, kt, NORM, DOT_PREC)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZE_ARGS)
 def _block_causal_attn_bwd_dq_kernel(
         Q, K, V, DO, ROW_MAX, ROW_LOG2SUM, ROW_SCALE, DELTA, DQ, DSM_ROWS, BEGIN_END, SCALE_MUL, qk_scale,
         softmax_scale, max_log, L, H,
@@ -419,7 +458,7 @@ def _block_causal_attn_bwd_dq_kernel(
 
 
 # ------------------------------------------------------------------------------------------ KV-cached step
-@triton.jit
+@triton.jit(do_not_specialize=_KV_STEP_ARGS)
 def _kv_cached_attn_fwd_kernel(
         Q, K, V, KC, VC, O, SCALE_MUL, cache_len, qk_scale, max_log, l, H,
         stride_qb, stride_ql, stride_qh, stride_qd, stride_kb, stride_kl, stride_kh, stride_kd,
@@ -520,7 +559,7 @@ def _rope_rotate(x, base, rows, row_ok, offs_d, stride_l, stride_d, ROPE_T, stri
     return x.to(tl.float32) * cos + sign[None, :] * (partner * sin)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_KV_STEP_ARGS)
 def _kv_append_rope_kernel(
         K, V, KC, VC, ROPE_T, cache_len, l, H,
         stride_kb, stride_kl, stride_kh, stride_kd, stride_vb, stride_vl, stride_vh, stride_vd,
@@ -552,40 +591,53 @@ def _kv_append_rope_kernel(
 
 
 # ------------------------------------------------------------------------------------------ configs
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The first entry is used when autotuning is off; on CUDA
-# the list is autotuned per (L, D, NORM, dtypes) unless FASTVAR_AUTOTUNE=0. Chosen without a GPU: every
-# entry compiles for sm_90 without register spills (ptxas via triton.compile for GPUTarget("cuda", 90),
-# q/k/v strided as VAR's qkv view, NORM on and off) except where noted (with NORM); e.g. dK/dV at D=64
-# with 4 warps and 128-key tiles spilled 456 bytes, with 8 warps none. fp32 uses true fp32 products (no
-# tensor cores) and small tiles; at D=128 it still spills 200-300 bytes. Timings on H100/H200 are owed.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, dtype class, head dim). The FIRST entry is the tile
+# every launch on a GPU uses: pinned, so the choice is deterministic (the same gradient bits in every
+# process) and safe inside CUDA-graph capture (no benchmark runs on first use of a new L). The other entries
+# are candidates for offline tuning (``python tests/sm90_compile.py --all`` compiles them; a benchmark can pass
+# one as ``config=``). Chosen without a GPU, from ptxas's reports for sm_90 (tests/sm90_compile.py: q/k/v
+# strided as VAR's qkv view, NORM on and off, on Triton 3.6 = the GPU image's, and 3.9): registers per thread
+# "3.6/3.9" below, no spill unless said. fp32 uses true fp32 products (no tensor cores) and small tiles.
+# Timings on H100/H200 are owed.
 _HOPPER_CONFIGS = {
-    # forward: query tile x key tile (iterated)
+    # forward: query tile x key tile (iterated). half: 255/233 registers (NORM, D=64), 216/203 (D=128)
     ("fwd", "half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
     ("fwd", "half", 128): [(128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 2)],    # the last spills 8 B
-    ("fwd", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
-    ("fwd", "fp32", 128): [(16, 32, 8, 2), (32, 16, 8, 2)],
-    # dK/dV: query tile (iterated) x key tile
+    # fp32 D=64: 16 x 32, 8 warps: 80/68 registers; 32 x 32 spilled 8 B on 3.9 (255 registers)
+    ("fwd", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    ("fwd", "fp32", 128): [(16, 32, 8, 2), (32, 16, 8, 2)],                        # 78/78
+    # dK/dV: query tile (iterated) x key tile. D=64: 228/236 registers (fp16, NORM); with 4 warps and 128-key
+    # tiles it spilled 456 B, with 8 none.
     ("dkdv", "half", 64): [(32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3)],     # the last spills 96 B
-    ("dkdv", "half", 128): [(32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3)],     # the last two: 100-180 B
-    ("dkdv", "fp32", 64): [(32, 32, 8, 2), (16, 32, 4, 2)],
-    ("dkdv", "fp32", 128): [(16, 32, 8, 2)],
-    # dQ: query tile x key tile (iterated)
+    # D=128: bf16 236/245; fp16 with NORM (its float32 TF32 products, see _dot_scaled_grad) 255/255 and 8 B of
+    # spill on 3.9 only (documented in tests/test_sm90_compile.py); every other candidate spills 48-208 B
+    ("dkdv", "half", 128): [(32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 3), (32, 64, 8, 2)],
+    # fp32 D=64: 16 x 32, 8 warps: 87/88; 32 x 32 spilled 8 B on 3.6 (255 registers)
+    ("dkdv", "fp32", 64): [(16, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+    # fp32 D=128: 16 x 16: 102/104; 16 x 32 spilled 8 B on 3.6, 16 x 32 with 4 warps 472-504 B
+    ("dkdv", "fp32", 128): [(16, 16, 8, 2), (16, 32, 8, 2), (16, 32, 4, 2)],
+    # dQ: query tile x key tile (iterated). half NORM: 201/215 (D=64), 226/250 (D=128)
     ("dq", "half", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
     ("dq", "half", 128): [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
-    ("dq", "fp32", 64): [(32, 32, 8, 2)],
-    ("dq", "fp32", 128): [(16, 32, 8, 2)],
+    ("dq", "fp32", 64): [(32, 32, 8, 2)],                                          # 88/84
+    ("dq", "fp32", 128): [(16, 32, 8, 2)],                                         # 90/86
 }
 # The interpreter runs one program at a time; small tiles keep the masked/full/ragged paths all
 # exercised on the small shapes of the CPU tests.
 INTERPRET_CONFIG = (16, 16, 4, 1)
+# rows per program of the backward's delta pass on a GPU (64 x D loads of O and dO; no dot)
+_GPU_PREPROCESS_M = 64
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _gpu_tiles(t: torch.Tensor) -> bool:
+    """Whether a launch on ``t`` uses the GPU's tiles (a CUDA tensor) or the interpreter's small ones.
+    tests/sm90_compile.py replaces this function to record the GPU's launches from meta tensors."""
+    return t.device.type == "cuda"
 
 
 def _configs(kind, D, dtype, device):
-    if device.type != "cuda":
+    """The tile candidates of ``kind`` for head dim ``D`` and ``dtype`` on ``device`` (the first is pinned)."""
+    if torch.device(device).type != "cuda":
         return [INTERPRET_CONFIG]
     return _HOPPER_CONFIGS[(kind, "fp32" if dtype == torch.float32 else "half", 128 if D > 64 else 64)]
 
@@ -596,7 +648,7 @@ def _kv_config(l, D, dtype, device):
     scale's token count (1 .. 1024 for VAR); in half precision these compile for sm_90 without spills
     (tests/sm90_compile.py; 4 warps spilled 152 B at 128 x 64, D=64, and 8 B at 16 x 64, D=128), with the RoPE
     prologue too (Infinity, D=128: 206 registers at 128 x 64); fp32 at D=128 spills 110-350 B (360 B with RoPE)."""
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return INTERPRET_CONFIG
     if dtype == torch.float32:
         return (16, 32, 8 if D > 64 else 4, 2) if l <= 16 else (32, 32, 8, 2)
@@ -608,29 +660,20 @@ def _kv_config(l, D, dtype, device):
 # 4 x 32 registers per thread at 4 warps (64 rows would double that for a copy that is memory-bound anyway)
 _KV_APPEND_ROWS = 32
 
-_tuned = {}
+
+def _device_of(t: torch.Tensor) -> torch.device:
+    """The device whose tiles a launch on ``t`` uses (see :func:`_gpu_tiles`)."""
+    return torch.device("cuda") if _gpu_tiles(t) else torch.device("cpu")
 
 
 def _launch(kernel, kind, q, config, grid, args, constexprs):
-    """Launch ``kernel`` for ``q``'s head dim, dtype and device with ``config``, else the first of its
-    configs, or autotuned over them on CUDA per (L, D, NORM, dtypes).
+    """Launch ``kernel`` for ``q``'s head dim, dtype and device with ``config``, else the pinned (first) tile
+    of its table. ``grid(block_m, block_n)`` gives the launch grid; configs are (BLOCK_M, BLOCK_N, warps, stages).
 
-    ``grid(block_m, block_n)`` gives the launch grid; configs are (BLOCK_M, BLOCK_N, warps, stages).
-    Every kernel here overwrites its outputs whole, so re-running it while tuning is harmless.
-    """
-    configs = [config] if config else _configs(kind, q.shape[-1], q.dtype, q.device)
-    autotune = (len(configs) > 1 and q.is_cuda and not _interpreting()
-                and os.environ.get("FASTVAR_AUTOTUNE", "1") != "0")
-    if not autotune:
-        bm, bn, warps, stages = configs[0]
-        kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        return
-    tuned = _tuned.get((kind, tuple(configs)))
-    if tuned is None:
-        tuned = _tuned[(kind, tuple(configs))] = triton.autotune(
-            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                     for bm, bn, w, s in configs], key=["L", "HEAD_DIM", "NORM"])(kernel)
-    tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+    No run-time autotuning: a benchmark on the first launch of a new L cannot run inside CUDA-graph capture,
+    and its pick (timing noise) would change the gradient bits from one process to the next."""
+    bm, bn, warps, stages = config or _configs(kind, q.shape[-1], q.dtype, _device_of(q))[0]
+    kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -648,18 +691,31 @@ def _strides(t):
     return tuple(t.stride())
 
 
+def _scale_bounds(scale_lens, device) -> torch.Tensor:
+    """The table by fills on ``device`` (two per scale): no host-to-device copy, which CUDA-graph capture forbids."""
+    table = torch.empty((2, sum(scale_lens)), dtype=torch.int32, device=device)
+    start = 0
+    for n in scale_lens:
+        table[0, start:start + n].fill_(start)
+        table[1, start:start + n].fill_(start + n)
+        start += n
+    return table
+
+
 @functools.lru_cache(maxsize=64)
 def _scale_bounds_cached(scale_lens, device):
-    ends = np.cumsum(scale_lens)
-    begins = ends - np.asarray(scale_lens)
-    table = np.stack([np.repeat(begins, scale_lens), np.repeat(ends, scale_lens)]).astype(np.int32)
-    return torch.from_numpy(table).to(device)
+    return _scale_bounds(scale_lens, device)
 
 
 def scale_bounds(scale_lens, device) -> torch.Tensor:
     """``(2, L)`` int32 on ``device``: row 0 the first token of every token's scale, row 1 one past its
-    last. Cached per ``(scale_lens, device)``: built once, before any CUDA-graph capture."""
-    return _scale_bounds_cached(tuple(int(n) for n in scale_lens), torch.device(device))
+    last. Cached per ``(scale_lens, device)``, except while a CUDA graph is being captured: its fills are then
+    recorded into the graph (redone at every replay) and the table is not kept, since a cached tensor would
+    hold what the graph writes only once it replays. A schedule first seen inside a capture is thus fine."""
+    lens, device = tuple(int(n) for n in scale_lens), torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _scale_bounds(lens, device)
+    return _scale_bounds_cached(lens, device)
 
 
 def _scale_mul_arg(scale_mul, like):
@@ -714,7 +770,7 @@ def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_sc
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     dq, dk, dv = (torch.empty((B, L, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
     dsm_rows = torch.empty((B, H, L) if norm else (1,), dtype=torch.float32, device=q.device)
-    pre_m = 64 if q.is_cuda else INTERPRET_CONFIG[0]
+    pre_m = _GPU_PREPROCESS_M if _gpu_tiles(q) else INTERPRET_CONFIG[0]
     _block_causal_attn_bwd_preprocess_kernel[(triton.cdiv(L, pre_m), B * H)](
         out, dout, delta, L, H, *_strides(out), *_strides(dout), HEAD_DIM=D, BLOCK_M=pre_m)
     scales = (_f32(softmax_scale * LOG2E), _f32(softmax_scale))
@@ -746,11 +802,11 @@ def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale,
     """
     B, l, H, D = q.shape
     out = torch.empty((B, l, H, D), dtype=q.dtype, device=q.device)
-    bm, bn, warps, stages = config or _kv_config(l, D, q.dtype, q.device)
+    bm, bn, warps, stages = config or _kv_config(l, D, q.dtype, _device_of(q))
     norm = scale_mul is not None
     rope_arg = (rope, *_strides(rope)) if rope is not None else (q.new_empty(1, dtype=torch.float32), 0, 0, 0)
     if rope is not None:
-        am = INTERPRET_CONFIG[0] if q.device.type != "cuda" else _KV_APPEND_ROWS
+        am = _KV_APPEND_ROWS if _gpu_tiles(q) else INTERPRET_CONFIG[0]
         _kv_append_rope_kernel[(triton.cdiv(l, am), B * H)](
             k, v, k_cache, v_cache, rope, int(cache_len), l, H, *_strides(k), *_strides(v), *_strides(k_cache),
             *_strides(v_cache), *_strides(rope), HEAD_DIM=D, BLOCK_M=am, NORM=norm, num_warps=4)

@@ -36,7 +36,10 @@ ERR_ALL_NEG_INF = 2
 ERR_POS_INF = 4
 
 
-@triton.jit
+# Sizes that change with the scale (the token map's width ``w`` is 1 at the first; rows, bits and the guided
+# half's offset grow with h * w): a 1 or a multiple of 16 among them would compile another kernel mid-sample
+# (the 1024 px schedule compiled 3). They only index and mask.
+@triton.jit(do_not_specialize=["stride_b", "uncond_offset", "n_rows", "n", "w"])
 def _bit_sampling_fwd_kernel(
     LOGITS, NOISE, BITS, CODES, ERR,
     stride_b, stride_n, stride_v, uncond_offset, stride_noise,

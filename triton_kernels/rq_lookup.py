@@ -59,7 +59,8 @@ def _dot_chunk(z_ptr, et_ptr, rows, rmask, cols, cmask, k0, C, stride_zn, stride
     return tl.dot(a, b, acc, input_precision="ieee")
 
 
-@triton.jit
+# N (rows: B*h*w) changes with every scale and batch size; it only bounds the row mask (no hint helps).
+@triton.jit(do_not_specialize=["N"])
 def _rq_lookup_fwd_kernel(
     z_ptr, et_ptr, zz_ptr, ee_ptr,            # z (N, C); E^T (C, V); zz (N,); ee (V,)
     idx_ptr, key_ptr, codes_ptr, cb_ptr,      # idx (N,) int64; keys (N,) int64; codes (N, C); codebook (V, C)
@@ -174,6 +175,10 @@ def rq_lookup(
     v_blocks = triton.cdiv(V, block_v)
     if split is None:
         split = 1 if interp else min(v_blocks, max(1, triton.cdiv(2 * _sm_count(z.device), n_blocks)))
+        if not interp:
+            # tiles per split rounded up to a power of two: TILES is a constexpr (a compiled kernel each), and N
+            # changes with every scale and batch size; V = 4096 then compiles at most 6 variants, not 9
+            split = triton.cdiv(v_blocks, triton.next_power_of_2(triton.cdiv(v_blocks, split)))
     split = max(1, min(int(split), v_blocks))
     v_per_split = triton.cdiv(v_blocks, split) * block_v
     split = triton.cdiv(V, v_per_split)

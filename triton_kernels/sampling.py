@@ -52,12 +52,20 @@ ERR_NAN = 1
 ERR_ALL_NEG_INF = 2
 ERR_POS_INF = 4
 
+# Integer arguments Triton must not specialise on (a 1 becomes a constant, a multiple of 16 gets a hint, each a
+# separate compiled kernel): the row count, the scale's token count and the batch-dependent offsets change with
+# every scale and batch size (l = 1 and B = 1 were each a new kernel mid-sample), the seed and offset with every
+# draw, top_k with the settings (k = 1 too). None of them feeds an address that a hint would vectorise. The seed
+# and offset are typed int64 (annotations): by value, Triton types an int i32 below 2^31 and i64 above, so a
+# seed past 2^31 compiled a second kernel.
+_RUNTIME_ARGS = ["stride_b", "uncond_offset", "n_rows", "l", "top_k", "seed", "offset"]
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _sample_fwd_kernel(
     LOGITS, NOISE, SEED_PTR, TOKENS, FILTERED, ERR,
     stride_b, stride_l, stride_v, uncond_offset, stride_noise,
-    n_rows, l, V, cfg_a, cfg_t, top_k, top_p_thr, seed, offset,
+    n_rows, l, V, cfg_a, cfg_t, top_k, top_p_thr, seed: tl.int64, offset: tl.int64,
     HAS_CFG: tl.constexpr, HAS_TOP_K: tl.constexpr, HAS_TOP_P: tl.constexpr, FAST: tl.constexpr,
     SEED_FROM_PTR: tl.constexpr, WRITE_FILTERED: tl.constexpr, PRECISE_EXP: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -166,16 +174,20 @@ def _sample_fwd_kernel(
         tl.store(FILTERED + rows[:, None] * V + cols[None, :], tl.where(keep, x, neg_inf), mask=valid)
 
 
-def _launch_config(n_rows: int, block_v: int, interpret: bool):
+def _launch_config(n_rows: int, block_v: int, interpret: bool, filtered: bool = False):
     """Rows per program and warps: one row per program at VAR's V = 4096 (16 values per thread at 8
     warps); several rows per program for small vocabularies; many in the interpreter, which runs
-    programs one after another but vectorises inside one."""
+    programs one after another but vectorises inside one. Writing the filtered logits (``more_smooth``)
+    keeps the CFG-mixed row alive to the end: at V = 4096 and 8 warps that spilled 16 B (ptxas, sm_90,
+    Triton 3.9); 16 warps halve the values per thread."""
     if interpret:
         rows = max(1, min(triton.next_power_of_2(n_rows), (1 << 18) // block_v, 4096))
         return rows, 4
     rows = max(1, min(triton.next_power_of_2(n_rows), 2048 // block_v))
     elems = rows * block_v
     num_warps = 4 if elems <= 2048 else 8 if elems <= 8192 else 16
+    if filtered and elems > 2048:
+        num_warps = min(2 * num_warps, 32)
     return rows, num_warps
 
 
@@ -197,7 +209,7 @@ def sample_fwd(logits, tokens, err, n_cond, cfg_a, cfg_t, top_k, top_p_thr, nois
     if n_rows == 0:
         return
     block_v = triton.next_power_of_2(V)
-    rows_per_prog, num_warps = _launch_config(n_rows, block_v, interpret)
+    rows_per_prog, num_warps = _launch_config(n_rows, block_v, interpret, filtered is not None)
     fast = noise is None
     if precise_exp is None:
         precise_exp = not fast and not interpret

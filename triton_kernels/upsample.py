@@ -43,6 +43,20 @@ import triton.language as tl
 
 from fastvar.triton_kernels._device import on_tensor_device
 
+# Integer arguments Triton must not specialise on (by default a 1 becomes a constant and a multiple of 16 gets a
+# divisibility hint, each a separate compiled kernel): the sizes and strides of a scale's token map change every
+# scale (1x1, 2x2, ... 16x16: h = w = 1 and then 16 are both specialised), so they recompiled kernels mid-sample.
+# They only bound masks and index gathers, which no hint speeds up. Fixed per model and kept: C, H, W, the
+# codebook's, f_hat's and the outputs' strides (unit strides give vector loads).
+# The layout of a scale's maps is not fixed either: ATen picks the memory format of the code map (hence of the
+# upsampled map and the conv's output) from its shape, contiguous for B = 1 or a 1x1 map, channels-last else,
+# so their strides (1 in one layout, C or H*W in the other) are not specialised either. Per-pixel gathers and
+# a 256-pixel plane per program gain little from a unit-stride hint.
+_SCALE_ARGS_UP = ["h", "w", "s_b", "s_c", "s_y", "s_x", "i_b", "i_y", "o_b", "o_c", "o_y", "o_x"]
+_SCALE_ARGS_AREA = ["nh", "nw", "x_b", "x_c", "x_y", "x_x", "o_b", "o_c", "o_y", "o_x"]
+_SCALE_ARGS_PHI = ["nh", "nw", "n_off", "n_b", "n_c", "n_y", "n_x", "u_b", "u_c", "u_y", "u_x",
+                   "cv_b", "cv_c", "cv_y", "cv_x"]
+
 
 # ----------------------------------------------------------------------------------- bicubic helpers
 @triton.jit
@@ -148,7 +162,7 @@ def _code_tile(src_ptr, idx_ptr, cb_ptr, b, c, oy, ox, mask2, pmask, h, w, scale
                          i_b, i_y, i_x, cb_v, cb_c, FROM_IDX)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SCALE_ARGS_UP)
 def _bicubic_upsample_fwd_kernel(
     src_ptr, idx_ptr, cb_ptr, out_ptr,
     C, h, w, H, W,
@@ -189,7 +203,7 @@ def _round_to_tf32(x):
     return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SCALE_ARGS_UP)
 def _upsample_phi_accumulate_fwd_kernel(
     src_ptr, idx_ptr, cb_ptr, w_ptr, bias_ptr, f_ptr,
     C, h, w, H, W,
@@ -276,7 +290,7 @@ def _area_mean(src_ptr, b, c, cmask, s_b, s_c, s_y, s_x, H, W, nh, nw, o, KH_MAX
     return tl.math.div_rn(s, tl.broadcast_to(kw.to(tl.float32)[None, :], s.shape))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SCALE_ARGS_AREA)
 def _area_downsample_fwd_kernel(
     x_ptr, out_ptr,
     C, H, W, nh, nw,
@@ -299,7 +313,7 @@ def _area_downsample_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------- Phi + accumulate step
-@triton.jit
+@triton.jit(do_not_specialize=_SCALE_ARGS_PHI)
 def _phi_accumulate_fwd_kernel(
     u_ptr, cv_ptr, fin_ptr, fout_ptr, rest_ptr, next_ptr,
     C, H, W, nh, nw,

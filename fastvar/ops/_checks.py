@@ -97,9 +97,9 @@ def _hits(delta: int, dims: List[Tuple[int, int]]) -> bool:
 def may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True if ``a`` and ``b`` can share an element. Exact for two views of one layout (same shape and strides,
     e.g. the k and v halves of one ``(B, L, 2, H, D)`` buffer); otherwise true when their byte spans in one
-    storage intersect. Metadata only, no synchronisation; False under torch.compile, whose fake tensors have
-    no storage."""
-    if torch.compiler.is_compiling() or a.numel() == 0 or b.numel() == 0:
+    storage intersect. Metadata only, no synchronisation; False under torch.compile and for meta tensors, which
+    have no storage."""
+    if torch.compiler.is_compiling() or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
         return False
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False

@@ -1,0 +1,137 @@
+"""scripts/gpu_check.sh (the GPU campaign) on CPU, so that it does not fail for a silly reason on a GPU.
+
+``all --dry-run`` runs every stage's smallest variant here (nvidia-smi stubbed; the install, the CUDA build
+and the GPU-only benchmarks go as far as they can without a GPU: argument parsing); the summary, the
+verdict, the per-test deadline and the bundling are checked on their own as well.
+"""
+import csv
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(ROOT, "scripts")
+STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "coldstart", "attention", "sampling",
+          "rq_lookup", "upsample", "adaln", "infinity"]
+KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln"]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("gpu_check")
+    stub = base / "bin"
+    stub.mkdir()
+    (stub / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3 (stub), 580.00, 81559 MiB'\n")
+    (stub / "nvidia-smi").chmod(0o755)
+    out, work = base / "out", base / "work"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVAR_BACKEND", "OUT")}
+    env.update(PATH=f"{stub}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
+               PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"))
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), "all", "--dry-run", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    return proc, out, work
+
+
+def test_dry_run_passes_every_stage(dry_run):
+    proc, out, work = dry_run
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+    with open(work / "stages.tsv") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f]
+    assert [r[0] for r in rows] == STAGES
+    bad = {r[0]: r[1] for r in rows if r[1] != "ok"}
+    assert not bad, {name: (status, (work / f"{name}.log").read_text()[-1500:]) for name, status in bad.items()}
+    for name in KERNEL_BENCHES:   # the stage table names scripts that exist
+        assert "does not exist" not in (work / f"{name}.log").read_text(), name
+
+
+def test_dry_run_output_fits_the_device_tool(dry_run):
+    """At most 8 files, plain names, no sub-folders; the summary is the end of the output, <= 80 lines."""
+    proc, out, work = dry_run
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files
+    assert all(os.path.isfile(out / f) for f in files)
+    assert {"summary.txt", "campaign.tar.gz", "ceilings.csv", "coldstart.csv", "e2e.csv"} <= set(files), files
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) <= 80
+    assert proc.stdout.rstrip().endswith(summary[-1]) and summary[-1].startswith("## verdict: stages_failed=0")
+    for name in STAGES:
+        assert any(line.split()[:2] == [name, "ok"] for line in summary), name
+    with tarfile.open(out / "campaign.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"stages.tsv", "env.txt", "tests_1.xml", "tests_6.xml", "e2e.csv", "ceilings.csv", "infinity.csv"} <= names, names
+    rows = list(csv.DictReader(open(out / "e2e.csv")))
+    assert {r["provider"] for r in rows} == {"eager", "fastvar"}
+
+
+def test_dry_run_runs_the_ordered_test_groups(dry_run):
+    """Six groups (five named, the rest), each a JUnit file; with no GPU every selected test skips."""
+    proc, out, work = dry_run
+    for n in range(1, 7):
+        log = (work / f"tests_{n}.log").read_text()
+        assert "skipped" in log and "failed" not in log, log[-1000:]
+
+
+def _summary(work, **files):
+    sys.path.insert(0, SCRIPTS)
+    try:
+        import gpu_summary
+    finally:
+        sys.path.remove(SCRIPTS)
+    for name, text in files.items():
+        (work / name.replace("__", ".")).write_text(textwrap.dedent(text).lstrip())
+    return gpu_summary.build(str(work), 540)
+
+
+def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
+    junit = """
+        <testsuites><testsuite name="pytest">
+        <testcase classname="tests.test_attention" name="test_ok" time="1"/>
+        <testcase classname="tests.test_attention" name="test_bad[bf16]" time="1"><failure message="AssertionError: out: relative error 0.5 &gt; 0.016">trace</failure></testcase>
+        <testcase classname="tests.test_sampler" name="test_hang" time="90"><failure message="DeadlineExceeded: call ran past the 90 s deadline">x</failure></testcase>
+        <testcase classname="tests.test_sampler" name="test_skip" time="0"><skipped message="no"/></testcase>
+        </testsuite></testsuites>"""
+    stages = "install\tok\t10\t60\t\ntests\ttimeout\t240\t240\t\ne2e\tskipped\t0\t0\tno time left of the 540 s budget\n"
+    e2e = """
+        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms
+        H100,d16,1,eager,900,1.1,1.0,1
+        H100,d16,1,fastvar,100,10,9.0,1
+        """
+    lines, verdict = _summary(tmp_path, stages__tsv=stages, tests_1__xml=junit, e2e__csv=e2e,
+                              tests_2__log="group 2: killed by its timeout\n")
+    text = "\n".join(lines)
+    assert verdict == "stages_failed=1 tests_failed=2"
+    assert "1 passed, 2 failed, 0 errors, 1 skipped; cut off: tests_2" in text
+    assert "FAIL test_attention::test_bad[bf16]: AssertionError: out: relative error 0.5 > 0.016" in text
+    assert "FAIL test_sampler::test_hang: DeadlineExceeded" in text
+    assert "d16 B=1: fastvar 100 ms (10 img/s), eager 900 ms: x9.0" in text
+    assert "e2e            skipped" in text and "no time left" in text
+    assert len(lines) <= 80
+
+
+def test_summary_stays_under_80_lines(tmp_path):
+    cases = "".join(f'<testcase classname="t" name="test_{i}"><failure message="m{i}">x</failure></testcase>'
+                    for i in range(200))
+    lines, verdict = _summary(tmp_path, tests_1__xml=f"<testsuite>{cases}</testsuite>")
+    assert len(lines) <= 80 and verdict.endswith("tests_failed=200")
+    assert any("more failures" in line for line in lines)
+
+
+def test_per_test_deadline_fails_the_slow_test_and_goes_on(tmp_path):
+    (tmp_path / "test_slow.py").write_text(textwrap.dedent("""
+        import time
+        def test_slow():
+            time.sleep(30)
+        def test_after():
+            assert True
+        """))
+    env = dict(os.environ, PYTHONPATH=SCRIPTS)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_deadline", "--deadline", "1",
+                           "-p", "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path / "test_slow.py")],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "1 failed, 1 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "DeadlineExceeded" in proc.stdout and "ran past the 1 s deadline" in proc.stdout
