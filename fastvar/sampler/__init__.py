@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from fastvar.sampler.infinity import InfinityAdapter

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 from fastvar import dynamic_resolution as schedules
 from fastvar import ops
-from fastvar.nn.attention import copy_unless_same
 from fastvar.nn.infinity import CrossAttnBlock, InfinityKVCache
 from fastvar.reference import infinity as ref
-from fastvar.sampler.var import tensor_slots, weights_fingerprint
+from fastvar.sampler.weights import HeldWeights, tensor_slots, weights_fingerprint
 from fastvar.settings import InfinitySettings
 from fastvar.utils.images import check_decoded
 
@@ -44,7 +43,7 @@ class InfinityCondition:
     guided: bool
 
 
-class InfinityAdapter:
+class InfinityAdapter(HeldWeights):
     """fastvar's :class:`~fastvar.models.Infinity` as :class:`fastvar.Sampler` drives it.
 
     Holds the blocks', head's and embeddings' weights in the compute ``dtype`` (the model's own tensors where they
@@ -86,7 +85,7 @@ class InfinityAdapter:
             self.chunks: List[List[CrossAttnBlock]] = model._chunks()
             self.blocks = [b for chunk in self.chunks for b in chunk]
             self.block_weights = [b.step_weights(dtype) for b in self.blocks]
-            self.head_ada = model.head_nm.step_weights(dtype)
+            self.head_nm, self.head_ada = model.head_nm, model.head_nm.step_weights(dtype)
         held = [h for h, _ in self._pairs]
         self.pos_start, self.lvl_embed = held[:2]
         self.word, self.head = tuple(held[2:4]), tuple(held[4:6])
@@ -94,33 +93,6 @@ class InfinityAdapter:
     def rebuilt(self) -> "InfinityAdapter":
         """A fresh adapter of the same model, VAE and dtype (new casts)."""
         return InfinityAdapter(self.infinity, self.vae, self.dtype)
-
-    # ------------------------------------------------------------------ weights
-    def stale(self) -> bool:
-        """True once a tensor of the model or the VAE was replaced or moved since this adapter was built."""
-        now = weights_fingerprint(self.slots)
-        return [f and f[0] for f in now] != [f and f[0] for f in self.fingerprint]
-
-    def sync(self, always: bool = True) -> None:
-        """Copy the model's current values into the held casts, in place (as ``VARAdapter.sync``)."""
-        now = weights_fingerprint(self.slots)
-        if not always and now == self.fingerprint:
-            return
-        with torch.inference_mode(False), torch.no_grad():
-            for held, t in self._pairs:
-                copy_unless_same(held, t)
-            for b, w in zip(self.blocks, self.block_weights):
-                b.sync_step_weights(w)
-            self.infinity.head_nm.sync_step_weights(self.head_ada)
-        self.fingerprint = now
-
-    def weight_bytes(self) -> int:
-        """Bytes of the held tensors that are not the model's own (casts and concatenated biases)."""
-        own = {t.data_ptr() for d, name in self.slots if (t := d.get(name)) is not None}
-        held = [h for h, _ in self._pairs] + list(self.head_ada)
-        for w in self.block_weights:
-            held += [getattr(w, f.name) for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in {id(t): t for t in held}.values() if t.data_ptr() not in own)
 
     # ------------------------------------------------------------------ requests
     def settings(self, scale_schedule=None, cfg=DEFAULTS["cfg"], tau=DEFAULTS["tau"], top_k=DEFAULTS["top_k"],
