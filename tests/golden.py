@@ -1,6 +1,7 @@
-"""Loading the official golden outputs in ../shared/golden (see its README for the format).
+"""Loading the official golden outputs in ../shared/golden (see its README for the format), and the one
+loader behind it and ``golden_infinity``.
 
-CI has ``shared/`` beside the checkout; ``FASTVAR_GOLDEN`` may point elsewhere. When the folder is
+CI has ``shared/`` beside the checkout; an environment variable may point elsewhere. When the folder is
 missing, tests that need it skip with a message saying where it was looked for.
 """
 import functools
@@ -10,17 +11,36 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CANDIDATES = [os.environ.get("FASTVAR_GOLDEN", ""), os.path.join(HERE, "..", "..", "shared", "golden"),
-              os.path.join(HERE, "..", "shared", "golden")]
-FILES = ("var_d2_256.pt", "var_d2_512_saln.pt")
 
 
-def golden_dir() -> str:
-    for c in CANDIDATES:
-        if c and all(os.path.isfile(os.path.join(c, f)) for f in FILES):
-            return os.path.abspath(c)
-    pytest.skip("golden outputs not found (looked in $FASTVAR_GOLDEN and ../shared/golden beside the "
-                f"checkout: {[os.path.abspath(c) for c in CANDIDATES if c]}); parity with the official code is untested")
+class GoldenSet:
+    """The golden files ``files`` of the folder ``folder`` in ../shared (or ``$env``), and the fastvar models
+    ``build(state dict of the file)`` makes of them (cached; shared: do not modify)."""
+
+    def __init__(self, env: str, folder: str, files, what: str, build):
+        self.env, self.folder, self.files, self.what, self.build = env, folder, tuple(files), what, build
+        self.candidates = [os.environ.get(env, ""), os.path.join(HERE, "..", "..", "shared", folder),
+                           os.path.join(HERE, "..", "shared", folder)]
+
+    def golden_dir(self) -> str:
+        for c in self.candidates:
+            if c and all(os.path.isfile(os.path.join(c, f)) for f in self.files):
+                return os.path.abspath(c)
+        pytest.skip(f"{self.what} golden outputs not found (looked in ${self.env} and ../shared/{self.folder} beside "
+                    f"the checkout: {[os.path.abspath(c) for c in self.candidates if c]}); parity with the official "
+                    f"{self.what} code is untested")
+
+    def load(self, name: str):
+        """The golden dict of ``name`` (a file of ``files``); skips when the folder is missing."""
+        return _load(os.path.join(self.golden_dir(), name))
+
+    @functools.lru_cache(maxsize=None)
+    def models(self, name: str):
+        """fastvar ``(vae, model)`` from the golden weights of ``name`` (float32, CPU, eval mode,
+        ``cond_drop_rate = 0``)."""
+        vae, model = self.build(self.load(name))
+        model.cond_drop_rate = 0.0
+        return vae, model
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,21 +48,11 @@ def _load(path: str):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load(name: str):
-    """The golden dict of ``name`` (a file of ``FILES``); skips when the folder is missing."""
-    return _load(os.path.join(golden_dir(), name))
-
-
-@functools.lru_cache(maxsize=None)
-def _models(name: str):
+def _build_var(g):
     from fastvar.models import vae_var_from_state_dicts
-    g = load(name)
-    vae, var = vae_var_from_state_dicts(g["var_state_dict"], g["vae_state_dict"])
-    var.cond_drop_rate = 0.0
-    return vae, var
+    return vae_var_from_state_dicts(g["var_state_dict"], g["vae_state_dict"])
 
 
-def models(name: str):
-    """fastvar ``(vae, var)`` loaded from the golden weights of ``name`` (float32, CPU, eval mode, shared:
-    do not modify)."""
-    return _models(name)
+VAR_GOLDEN = GoldenSet("FASTVAR_GOLDEN", "golden", ("var_d2_256.pt", "var_d2_512_saln.pt"), "VAR", _build_var)
+FILES = VAR_GOLDEN.files
+golden_dir, load, models = VAR_GOLDEN.golden_dir, VAR_GOLDEN.load, VAR_GOLDEN.models
