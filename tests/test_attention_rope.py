@@ -93,7 +93,7 @@ def test_rope_with_the_official_table_and_an_offset(cpu_backend):
     before = k_cache.clone(), v_cache.clone()
     out = ops.kv_cached_attention(q, k, v, k_cache, v_cache, past, 1.0, sm, rope=table[:, past:past + n])
     qn, kn = ref_inf.qk_norm(q.double().transpose(1, 2), k.double().transpose(1, 2), sm.double())
-    qr, kr = ref_inf.apply_rope2d(qn, kn, table[:, past:past + n].double())
+    qr, kr = ref.apply_rope2d(qn, kn, table[:, past:past + n].double())
     keys = torch.cat((before[0][:, :past].double().transpose(1, 2), kr), 2)
     values = torch.cat((before[1][:, :past].double(), v.double()), 1).transpose(1, 2)
     want = torch.nn.functional.scaled_dot_product_attention(qr, keys, values, scale=1.0).transpose(1, 2)

@@ -8,6 +8,7 @@ import torch
 import fastvar
 from fastvar.models import BSQVAE, Infinity, infinity_from_state_dicts, load_infinity
 from fastvar import dynamic_resolution as S
+from fastvar.reference import attention as ref_attn
 from fastvar.reference import infinity as ref
 from tolerances import INF_GOLDEN_LOGITS_REL, assert_rel
 
@@ -103,7 +104,7 @@ def test_rope_positions_round_half_to_even():
 def test_rope_rotation_is_pairwise_and_norm_preserving():
     q, k = torch.randn(2, 3, 521, 16, dtype=torch.float64).unbind(0)
     table = ref.rope2d_table(SCHED, 16).double()
-    qr, kr = ref.apply_rope2d(q.unsqueeze(0), k.unsqueeze(0), table)
+    qr, kr = ref_attn.apply_rope2d(q.unsqueeze(0), k.unsqueeze(0), table)
     assert torch.allclose(qr.norm(dim=-1), q.norm(dim=-1)) and torch.allclose(kr.norm(dim=-1), k.norm(dim=-1))
     angle = torch.atan2(table[1], table[0])                    # (L, 8): rows, then cols, 4 frequencies each
     z = torch.view_as_complex(q.reshape(3, 521, 8, 2).contiguous()) * torch.polar(torch.ones_like(angle), angle)

@@ -281,7 +281,7 @@ def test_settings_value():
     (dict(top_p=1.5), ValueError, r"top_p must be in \[0.0, 1.0\]"),
     (dict(B=3), ValueError, "lens must hold B=3 text lengths"),
     (dict(negative=text([2, 2, 2])), ValueError, "negative: lens must hold B=2"),
-    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\)"),
+    (dict(seed=2 ** 64), ValueError, r"seed must be in \[-2\*\*63, 2\*\*64\)"),
 ])
 def test_bad_input(pair, kwargs, error, match):
     vae, model = pair

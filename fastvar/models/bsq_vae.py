@@ -213,6 +213,8 @@ class BSQVAE(nn.Module):
     patchify VAE), ``num_res_blocks`` (2). No attention blocks (``cnn_attention='no'``), no quant_conv.
     """
 
+    family = "bsq_vae"      # how fastvar.Sampler tells the model families apart (no import of this module)
+
     def __init__(self, codebook_dim: int = 32, base_ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 4, 4),
                  num_res_blocks: int = 2, test_mode: bool = True):
         super().__init__()

@@ -46,6 +46,8 @@ class Infinity(nn.Module):
     models (``ValueError`` otherwise).
     """
 
+    family = "infinity"      # how fastvar.Sampler tells the model families apart (no import of this module)
+
     def __init__(self, vae_local, text_channels: int = 2048, text_maxlen: int = 512, embed_dim: int = 1024,
                  depth: int = 16, num_heads: int = 16, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-6, shared_aln: bool = True,

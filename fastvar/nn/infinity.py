@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fastvar import ops
 from fastvar.nn.attention import FFN, DropPath, copy_unless_same
+from fastvar.reference import attention as ref_attn
 from fastvar.reference import infinity as ref
 
 CaKV = Tuple[torch.Tensor, torch.Tensor, int]
@@ -199,7 +200,7 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
             q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
             v = v.contiguous()
-            q, k = ref.apply_rope2d(q, k, rope)
+            q, k = ref_attn.apply_rope2d(q, k, rope)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
             out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))

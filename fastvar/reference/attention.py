@@ -15,7 +15,7 @@ match the official code to the last bit wherever PyTorch itself is deterministic
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,18 @@ def block_causal_attention(
     return out.transpose(1, 2)
 
 
+def apply_rope2d(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate consecutive pairs of ``q``, ``k`` ``(B, H, L, c)`` by the angles of ``cos_sin`` ``(2, L, c/2)``:
+    ``(x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1)``. Returns new tensors (official ``apply_rotary_emb``)."""
+    qk = torch.stack((q, k), dim=0)
+    rope = cos_sin[:, None, None, None].to(qk.dtype)                    # 2, 1, 1, 1, L, c/2
+    qk = qk.reshape(*qk.shape[:-1], -1, 2)
+    qk = torch.stack([rope[0] * qk[..., 0] - rope[1] * qk[..., 1],
+                      rope[1] * qk[..., 0] + rope[0] * qk[..., 1]], dim=-1)
+    q, k = qk.reshape(*qk.shape[:-2], -1).unbind(dim=0)
+    return q, k
+
+
 def kv_cached_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -113,7 +125,7 @@ def kv_cached_attention(
         softmax_scale, scale_mul: as in :func:`block_causal_attention`.
         rope: optional ``(2, l, D/2)`` cos/sin of the new tokens' rotation angles (Infinity's 2D RoPE):
             after the L2 norm, q and k are rotated pairwise, ``(x_{2p}, x_{2p+1}) -> (cos x_{2p} - sin x_{2p+1},
-            sin x_{2p} + cos x_{2p+1})`` (:func:`fastvar.reference.infinity.apply_rope2d`, the official order).
+            sin x_{2p} + cos x_{2p+1})`` (:func:`apply_rope2d`, the official order).
     Returns:
         ``(B, l, H, D)``: every new query attends to all ``cache_len + l`` cached keys, no mask.
     """
@@ -125,7 +137,6 @@ def kv_cached_attention(
     if scale_mul is not None:
         q, k_new = qk_l2_norm(q, k_new, scale_mul)
     if rope is not None:
-        from fastvar.reference.infinity import apply_rope2d      # (that module imports this one)
         q, k_new = apply_rope2d(q, k_new, rope)
     k_cache[:, cache_len:end].copy_(k_new.transpose(1, 2))
     v_cache[:, cache_len:end].copy_(v_new)

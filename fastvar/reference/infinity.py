@@ -101,18 +101,6 @@ def rope2d_table(schedule: Sequence[Sequence[int]], head_dim: int, length: int =
     return table.to(device)
 
 
-def apply_rope2d(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotate consecutive pairs of ``q``, ``k`` ``(B, H, L, c)`` by the angles of ``cos_sin`` ``(2, L, c/2)``:
-    ``(x0, x1) -> (cos x0 - sin x1, sin x0 + cos x1)``. Returns new tensors (official ``apply_rotary_emb``)."""
-    qk = torch.stack((q, k), dim=0)
-    rope = cos_sin[:, None, None, None].to(qk.dtype)                    # 2, 1, 1, 1, L, c/2
-    qk = qk.reshape(*qk.shape[:-1], -1, 2)
-    qk = torch.stack([rope[0] * qk[..., 0] - rope[1] * qk[..., 1],
-                      rope[1] * qk[..., 0] + rope[0] * qk[..., 1]], dim=-1)
-    q, k = qk.reshape(*qk.shape[:-2], -1).unbind(dim=0)
-    return q, k
-
-
 def qk_norm(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Infinity's cosine attention on ``(B, H, L, c)``: ``normalize(q) * exp(min(scale_mul, ln 100))``,
     ``normalize(k)``, both made contiguous (official op order)."""

@@ -90,11 +90,16 @@ class _Run:
         self.graph_bytes.clear()
 
 
+def family_of(module) -> str:
+    """The ``family`` a model class declares (fastvar's Infinity: ``"infinity"``), else ``"var"``: the sampler reads
+    the models through their attributes and never imports them (they import it)."""
+    return getattr(type(module), "family", "var")
+
+
 def adapter_for(var, vae, dtype: torch.dtype, fused_step_conv: bool = False) -> Adapter:
     """The adapter of ``var``'s family: fastvar's ``Infinity`` -> :class:`InfinityAdapter`; a fastvar ``VAR`` or an
     official VAR patched by ``fastvar.patch`` -> :class:`VARAdapter`; anything else a ``TypeError``."""
-    from fastvar.models.infinity import Infinity
-    if isinstance(var, Infinity):
+    if family_of(var) == "infinity":
         if fused_step_conv:
             raise ValueError("fused_step_conv applies to VAR's quantizer step; Infinity's step has no convolution")
         if vae is None:
@@ -145,13 +150,13 @@ class Sampler:
 
     def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
-        from fastvar.models.infinity import Infinity
-        if not isinstance(var, torch.nn.Module) or not (hasattr(var, "lvl_1L") or isinstance(var, Infinity)):
+        infinity = family_of(var) == "infinity"
+        if not isinstance(var, torch.nn.Module) or not (hasattr(var, "lvl_1L") or infinity):
             hint = ": that is the VQVAE; the transformer comes first, Sampler(var, vae)" if hasattr(
                 var, "fhat_to_img") else ""
             raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch) or "
                             f"fastvar's Infinity, got {type(var).__name__}{hint}")
-        device = var.pos_start.device if isinstance(var, Infinity) else var.lvl_1L.device
+        device = var.pos_start.device if infinity else var.lvl_1L.device
         dtype = dtype or var.head.weight.dtype
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
         if dtype not in allowed:

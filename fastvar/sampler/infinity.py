@@ -59,11 +59,9 @@ class InfinityAdapter(HeldWeights):
     family = "infinity"
 
     def __init__(self, model: nn.Module, vae: nn.Module, dtype: torch.dtype):
-        from fastvar.models.bsq_vae import BSQVAE
-        from fastvar.models.infinity import Infinity
-        if not isinstance(model, Infinity):
+        if getattr(type(model), "family", None) != "infinity":
             raise TypeError(f"model must be fastvar's Infinity, got {type(model).__name__}")
-        if not isinstance(vae, BSQVAE):
+        if getattr(type(vae), "family", None) != "bsq_vae":
             raise TypeError(f"vae must be the BSQ VAE of the Infinity model (fastvar.BSQVAE), got {type(vae).__name__}")
         want = model.d_vae // (4 if model.apply_spatial_patchify else 1)
         if vae.codebook_dim != want:
