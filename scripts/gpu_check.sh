@@ -18,9 +18,11 @@ cd "$(dirname "$0")/.."
 # ------------------------------------------------------------------------------------------------------------
 # THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
-STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity)
+STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity
+            bit_sampling cross_attention)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
-                   [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90)
+                   [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
+                   [bit_sampling]=25 [cross_attention]=25)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
   [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
@@ -33,6 +35,8 @@ declare -A SCRIPT=(
   [upsample]=bench/bench_upsample.py
   [adaln]=bench/bench_adaln.py
   [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, eager vs the Sampler (--out-dir)
+  [bit_sampling]=bench/bench_bit_sampling.py
+  [cross_attention]=bench/bench_cross_attention.py
 )
 declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
   [e2e]="--models d16 d30 --batches 1 64 --providers eager fastvar --reps 3"
@@ -55,7 +59,8 @@ HEADLINE_CSVS=(ceilings.csv coldstart.csv e2e.csv attention.csv sampling.csv inf
 # ------------------------------------------------------------------------------------------------------------
 
 usage() {
-  echo "usage: gpu_check.sh all|${STAGES_ALL[*]// /|} [--budget S] [--out DIR] [--dry-run] [extra args]" >&2
+  local IFS='|'
+  echo "usage: gpu_check.sh all|${STAGES_ALL[*]} [--budget S] [--out DIR] [--dry-run] [extra args]" >&2
   exit 2
 }
 stage=${1:-}
@@ -180,7 +185,7 @@ st_bench() {    # a kernel benchmark of the table: st_bench STAGE [args]
 if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage under `timeout`
   name=${EXTRA[0]}
   case "$name" in
-    attention|sampling|rq_lookup|upsample|adaln) st_bench "$name" "${EXTRA[@]:1}" ;;
+    attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention) st_bench "$name" "${EXTRA[@]:1}" ;;
     *) "st_$name" "${EXTRA[@]:1}" ;;
   esac
   exit $?

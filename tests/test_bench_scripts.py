@@ -210,6 +210,35 @@ def test_bench_adaln(stub_timing, monkeypatch, tmp_path):
         assert r["N"] == str(2 * int(r["B"])) and r["l"] == "5" and float(r["GB/s"]) > 0
 
 
+def test_bench_bit_sampling(stub_timing, monkeypatch, tmp_path):
+    bench = load_on_cpu("bench_bit_sampling", monkeypatch)
+    monkeypatch.setattr(bench, "BITS", 4)
+    out = tmp_path / "bit_sampling.csv"
+    assert bench.main(["--grids", "3", "5", "--batches", "1", "2", "--out", str(out)]) == 0
+    rows = read_rows(out, "bit_sampling")
+    assert sorted((r["provider"], r["dtype"], r["tokens"], r["B"]) for r in rows) == sorted(
+        (p, dt, f"{g}x{g}", b) for p in ("eager", "fastvar") for dt in bench.DTYPES for g in (3, 5) for b in ("1", "2"))
+    for r in rows:
+        assert r["check"] == "bits_differing=0 codes_equal=1", r
+        assert r["N"] == str(2 * int(r["B"])) and float(r["GB/s"]) > 0
+
+
+def test_bench_cross_attention(stub_timing, monkeypatch, tmp_path):
+    from tolerances import REL
+    bench = load_on_cpu("bench_cross_attention", monkeypatch)
+    monkeypatch.setattr(bench, "HEADS", 2)
+    monkeypatch.setattr(bench, "HEAD_DIM", 16)
+    monkeypatch.setattr(bench, "DTYPE", "float32")       # the interpreter's dtype
+    out = tmp_path / "cross_attention.csv"
+    assert bench.main(["--grids", "3", "--batches", "1", "2", "--out", str(out)]) == 0
+    rows = read_rows(out, "cross_attention")
+    assert sorted((r["provider"], r["text"], r["B"]) for r in rows) == sorted(
+        (p, t, b) for p in ("eager", "fastvar") for t in bench.TEXTS for b in ("1", "2"))
+    for r in rows:
+        assert float(r["check"].split("rel_err=")[1]) <= REL[torch.float32], r
+        assert r["N"] == str(2 * int(r["B"])) and float(r["TFLOP/s"]) > 0
+
+
 def test_bench_e2e(monkeypatch, tmp_path):
     """``bench/bench_e2e.py`` is ``fastvar bench``: the smoke model on CPU, the common rows plus the per-scale ones
     (the providers themselves are covered by tests/test_cli.py)."""
@@ -224,7 +253,7 @@ def test_bench_e2e(monkeypatch, tmp_path):
 
 def test_contributing_table_matches_the_tree():
     """CONTRIBUTING.md's per-op table names files that exist, and every op, Triton kernel, test of an op and
-    benchmark of the tree has its row (the end-to-end benchmark aside)."""
+    benchmark of the tree has its row (the end-to-end benchmarks aside)."""
     import re
     root = os.path.dirname(BENCH)
     text = open(os.path.join(root, "CONTRIBUTING.md")).read()
@@ -242,7 +271,8 @@ def test_contributing_table_matches_the_tree():
     assert ops == in_tree
     assert ops == {f[:-3] for f in os.listdir(os.path.join(root, "triton_kernels"))
                    if not f.startswith("_") and f.endswith(".py")}
-    assert {f"bench_{op}.py" for op in ops} | {"bench_e2e.py"} == {f for f in os.listdir(BENCH) if f.endswith(".py")}
+    end_to_end = {"bench_e2e.py", "bench_infinity.py"}         # whole samples: VAR's and Infinity's
+    assert {f"bench_{op}.py" for op in ops} | end_to_end == {f for f in os.listdir(BENCH) if f.endswith(".py")}
 
 
 def test_bench_infinity_smoke(monkeypatch, tmp_path):
