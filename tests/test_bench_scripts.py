@@ -275,6 +275,7 @@ def test_contributing_table_matches_the_tree():
     assert {f"bench_{op}.py" for op in ops} | end_to_end == {f for f in os.listdir(BENCH) if f.endswith(".py")}
 
 
+@pytest.mark.slow
 def test_bench_infinity_smoke(monkeypatch, tmp_path):
     """The Infinity end-to-end benchmark's code path on a tiny CPU model: the common columns, both providers and
     the per-scale rows (the timings mean nothing)."""

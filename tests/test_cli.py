@@ -61,6 +61,7 @@ def test_info_lists_versions_and_backends():
         assert "no GPU" in r.stdout
 
 
+@pytest.mark.slow
 def test_sample_writes_a_png_grid(tmp_path, checkpoints):
     var_ckpt, vae_ckpt = checkpoints
     out = tmp_path / "grid.png"

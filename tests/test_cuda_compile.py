@@ -20,6 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
 ARCH = "90a"
 
+pytestmark = pytest.mark.slow       # builds the extension with nvcc for sm_90a: ~30 s
+
 # every kernel instantiation the launchers use (mangled-name fragments)
 KERNELS = {
     **{f"upsample_phi_accumulate_kernel<{i}, {c}, {cpt}>": rf"upsample_phi_accumulate_kernelILb{i}ELb{c}ELi{cpt}E"

@@ -67,6 +67,7 @@ def test_same_images_at_any_batch_size(reference, tmp_path, batch_size):
     assert np.array_equal(images, reference[0]) and np.array_equal(labels, reference[1])
 
 
+@pytest.mark.slow
 def test_same_images_on_two_processes(reference, tmp_path):
     proc = _torchrun("--standalone", "--nproc_per_node", "2", "-m", "fastvar", "generate", "--out-dir", str(tmp_path),
                      "--num-per-class", str(PER_CLASS), "--classes", CLASSES, "--batch-size", "2", "--quiet")
@@ -76,6 +77,7 @@ def test_same_images_on_two_processes(reference, tmp_path):
     assert np.array_equal(images, reference[0]) and np.array_equal(labels, reference[1])
 
 
+@pytest.mark.slow
 def test_same_images_on_two_machines(reference, tmp_path):
     """Two torchrun agents (``--nnodes 2``) meeting through a c10d rendezvous on localhost."""
     port = _free_port()
@@ -91,6 +93,7 @@ def test_same_images_on_two_machines(reference, tmp_path):
     assert np.array_equal(images, reference[0]) and np.array_equal(labels, reference[1])
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_samples(tmp_path):
     """``kill -9`` in the middle, then the same command (here with another batch size and two processes):
     nothing lost, nothing repeated, the same samples.npz as one uninterrupted run."""

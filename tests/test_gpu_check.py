@@ -37,6 +37,7 @@ def dry_run(tmp_path_factory):
     return proc, out, work
 
 
+@pytest.mark.slow
 def test_dry_run_passes_every_stage(dry_run):
     proc, out, work = dry_run
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
@@ -49,6 +50,7 @@ def test_dry_run_passes_every_stage(dry_run):
         assert "does not exist" not in (work / f"{name}.log").read_text(), name
 
 
+@pytest.mark.slow
 def test_dry_run_output_fits_the_device_tool(dry_run):
     """At most 8 files, plain names, no sub-folders; the summary is the end of the output, <= 80 lines."""
     proc, out, work = dry_run
@@ -68,6 +70,7 @@ def test_dry_run_output_fits_the_device_tool(dry_run):
     assert {r["provider"] for r in rows} == {"eager", "fastvar"}
 
 
+@pytest.mark.slow
 def test_dry_run_runs_the_ordered_test_groups(dry_run):
     """Six groups (five named, the rest), each a JUnit file; with no GPU every selected test skips (the named
     groups hold GPU tests; the rest may hold none)."""

@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("triton", reason="the launch recorder needs Triton")
 
+pytestmark = pytest.mark.slow       # records the launches in a subprocess: ~15 s
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # Distinct compiled kernels of one whole sample (bf16, cfg + top-k + top-p), every batch size alike, recorded

@@ -105,6 +105,7 @@ def test_patch_keeps_frozen_parameters_frozen():
     assert not any(p.requires_grad for p in var.vae_quant_proxy[0].parameters())
 
 
+@pytest.mark.slow
 def test_patched_model_under_autocast():
     """The official demo runs both APIs under torch.autocast (here CPU bf16)."""
     g, var = official_model()

@@ -23,6 +23,8 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="the sm_90 compile check needs Triton")
 
+pytestmark = pytest.mark.slow       # compiles every recorded launch on two Tritons: ~3 min on 2 cores
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GPU_TRITON = "3.6.0"          # what the lent H100/H200 image runs (torch 2.11)
 
