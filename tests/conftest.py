@@ -62,6 +62,20 @@ def cpu_backend(request, monkeypatch):
 
 
 @pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Every ``torch.empty`` holds garbage: NaN for floats, 77 for integers, so that a kernel that leaves part of
+    an output unwritten fails."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            return t.fill_(float("nan"))
+        return t if t.dtype == torch.bool else t.fill_(77)
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
 def gen():
     """A generator seeded at random every run; the seed is in every failure message."""
     seed = int.from_bytes(os.urandom(4), "little")

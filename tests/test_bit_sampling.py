@@ -18,15 +18,6 @@ from tolerances import CHI2_P_MIN
 INF = float("inf")
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """Every ``torch.empty`` is garbage: float NaN, integers 77 (a kernel that leaves an output unwritten fails)."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(77)
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def _rng():
