@@ -20,7 +20,7 @@ import torch
 from fastvar.labels import as_label_tensor, int_scalar
 from fastvar.models import VAR, VQVAE
 from fastvar.models.build import vae_var_from_state_dicts
-from fastvar.settings import SamplingSettings
+from fastvar.settings import SamplingSettings, default_settings
 from fastvar.utils.files import check_finite_tensors, load_tensors
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -156,7 +156,6 @@ def load_models(var_ckpt: Optional[str] = None, vae_ckpt: Optional[str] = None, 
     (:func:`fastvar.settings.default_settings`) and the display defaults ``display_scale``, ``class_names``,
     ``num_per_class``. ``FileNotFoundError`` / ``ValueError`` leading with the name of the path at fault
     (``names``: how the caller calls the two paths, e.g. the CLI's options)."""
-    from fastvar.settings import default_settings
     if not var_ckpt and not vae_ckpt:
         try:
             return load_digits(device=device, dtype=dtype)

@@ -33,6 +33,8 @@ Settings = Union[SamplingSettings, InfinitySettings]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_seeds(seeds, name: str = "seed") -> List[int]:
     """Integer seeds as ``torch.Generator.manual_seed`` takes them (:func:`fastvar.settings.check_seed`)."""
     out = [check_seed(s, name) for s in seeds]
