@@ -161,7 +161,9 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                                  peak_mb=mem, speedup=base / ms[0] if base else None, check=checks[p], **keys,
                                  scale="", ms_per_image=round(ms[0] / B, 3), images_per_s=round(1e3 * B / ms[0], 2),
                                  flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3),
-                                 fid50k_hours_1gpu=round(fid_h, 3), fid50k_hours_8gpu=round(fid_h / 8, 3))
+                                 # 4 significant digits: a short run's hours are fractions, where 3 decimals would break
+                                 # the 1-GPU = 8 x 8-GPU relation (0.0375 -> 0.038)
+                                 fid50k_hours_1gpu=float(f"{fid_h:.4g}"), fid50k_hours_8gpu=float(f"{fid_h / 8:.4g}"))
                 rows.append(row)
                 log(f"{name:9s} B={B:3d} {p:8s} {ms[0]:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
                     f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")

@@ -15,14 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
-
-
-def _user_errors():
-    from fastvar.generate import GenerateError
-    return (CliError, GenerateError)
+from fastvar.utils.user_error import UserError
 
 
 # ---------------------------------------------------------------------------- info
@@ -89,9 +82,9 @@ SEED_HELP = ("seeds one torch.Generator on the device for the whole run (torch.G
 
 
 def check_seed_arg(seed, name: str = "--seed") -> int:
-    """``seed`` (an int from argparse) in ``[0, 2**63)``, else a :class:`CliError` that says how seeds map."""
+    """``seed`` (an int from argparse) in ``[0, 2**63)``, else a :class:`UserError` that says how seeds map."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise CliError(f"{name} must be an int in [0, 2**63), got {seed!r}: it seeds one torch.Generator for the "
+        raise UserError(f"{name} must be an int in [0, 2**63), got {seed!r}: it seeds one torch.Generator for the "
                        f"whole run (every batch draws from it in turn), so each value gives its own pictures")
     return seed
 
@@ -101,7 +94,7 @@ def check_positive_args(args, names: Sequence[str]) -> None:
     for name in names:
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def check_output_path(path: str, name: str = "--out") -> str:
@@ -115,7 +108,7 @@ def check_output_path(path: str, name: str = "--out") -> str:
         image_format(out)
     except ValueError as e:
         msg = str(e)
-        raise CliError(msg if msg.startswith(name) else f"{name}: {msg}") from None
+        raise UserError(msg if msg.startswith(name) else f"{name}: {msg}") from None
     return out
 
 
@@ -127,15 +120,15 @@ def write_picture(image: torch.Tensor, path: str, name: str = "--out") -> str:
     try:
         return save_image(image, path)
     except OSError as e:
-        raise CliError(f"{name}: could not write {path}: {e.strerror or e}") from None
+        raise UserError(f"{name}: could not write {path}: {e.strerror or e}") from None
     except ValueError as e:
-        raise CliError(f"{name}: {e}") from None
+        raise UserError(f"{name}: {e}") from None
 
 
 def check_finite_images(images: torch.Tensor, what: str) -> None:
     """NaN or inf pixels would be written as black: an error instead, and nothing is written."""
     if not bool(torch.isfinite(images).all()):
-        raise CliError(f"{what}: the images hold NaN or inf (a diverged model or an overflow in its dtype); "
+        raise UserError(f"{what}: the images hold NaN or inf (a diverged model or an overflow in its dtype); "
                        f"nothing was written")
 
 
@@ -145,11 +138,11 @@ def check_backend(device: torch.device) -> None:
     try:
         forced = forced_backend()
     except ValueError as e:
-        raise CliError(f"environment variable {e}") from None
+        raise UserError(f"environment variable {e}") from None
     if forced is not None:
         why = unavailable_reason(forced, device)
         if why is not None:
-            raise CliError(f"environment variable {ENV_VAR}={forced} cannot run on {device.type} here: {why}; "
+            raise UserError(f"environment variable {ENV_VAR}={forced} cannot run on {device.type} here: {why}; "
                            f"unset it (automatic choice) or set it to eager")
 
 
@@ -198,16 +191,16 @@ def sample_memory(var, vae, n_images: int, batch: int, scale: int, pictures_per_
 
 
 def check_memory(need: Dict[str, int], device: torch.device, pictures_what: str, batch_what: str) -> None:
-    """:class:`CliError` when :func:`sample_memory`'s estimate exceeds what is free: ``pictures_what`` /
+    """:class:`UserError` when :func:`sample_memory`'s estimate exceeds what is free: ``pictures_what`` /
     ``batch_what`` name the options that set each part (e.g. ``"--num-per-class 9999 x 10 labels at
     --display-scale 4"``), and the message says to lower them."""
     host = available_memory(torch.device("cpu"))
     if host is not None and need["pictures"] > host:
-        raise CliError(f"{pictures_what}: the pictures need about {_gib(need['pictures'])} of memory, "
+        raise UserError(f"{pictures_what}: the pictures need about {_gib(need['pictures'])} of memory, "
                        f"{_gib(host)} is available; lower them")
     free = available_memory(device) if device.type == "cuda" else host
     if free is not None and need["batch"] + (0 if device.type == "cuda" else need["pictures"]) > free:
-        raise CliError(f"{batch_what}: sampling one batch needs about {_gib(need['batch'])} on {device.type}, "
+        raise UserError(f"{batch_what}: sampling one batch needs about {_gib(need['batch'])} on {device.type}, "
                        f"{_gib(free)} is available; lower it")
 
 
@@ -216,14 +209,14 @@ OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype":
                 "device": "--device"}
 
 
-def as_option_error(e: Exception) -> "CliError":
+def as_option_error(e: Exception) -> "UserError":
     """A library error (``top_k must be <= ...``) as the command's, led by the option it is about
     (``--top-k: top_k must be <= ...``)."""
     msg = str(e)
     word = re.match(r"\w+", msg)
     if word and word.group(0) in OPTION_NAMES:
         msg = f"{OPTION_NAMES[word.group(0)]}: {msg}"
-    return CliError(msg)
+    return UserError(msg)
 
 
 def sample_progress(total: int, quiet: bool):
@@ -236,20 +229,20 @@ def sample_progress(total: int, quiet: bool):
 # ---------------------------------------------------------------------------- sample
 
 def parse_labels(text: str, num_classes: int) -> List[int]:
-    """``"207,360"`` -> ``[207, 360]``; a :class:`CliError` naming ``--labels`` for anything else."""
+    """``"207,360"`` -> ``[207, 360]``; a :class:`UserError` naming ``--labels`` for anything else."""
     labels = []
     for part in text.split(","):
         part = part.strip()
         if not part:
             continue
         if not re.fullmatch(r"[+-]?[0-9]+", part):     # not int(): it takes "1_0", and "1.0" is not a class
-            raise CliError(f"--labels must be comma-separated class ids (integers), got {part!r} in {text!r}")
+            raise UserError(f"--labels must be comma-separated class ids (integers), got {part!r} in {text!r}")
         lab = int(part)
         if not 0 <= lab < num_classes:
-            raise CliError(f"--labels: class {lab} is out of range; this model has classes 0..{num_classes - 1}")
+            raise UserError(f"--labels: class {lab} is out of range; this model has classes 0..{num_classes - 1}")
         labels.append(lab)
     if not labels:
-        raise CliError(f"--labels must name at least one class, got {text!r}")
+        raise UserError(f"--labels must name at least one class, got {text!r}")
     return labels
 
 
@@ -259,13 +252,13 @@ def _device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise CliError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise CliError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: no CUDA device is available here")
+        raise UserError("--device cuda: no CUDA device is available here")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -278,7 +271,7 @@ def load_models(args):
     try:
         return load(args.var_ckpt, args.vae_ckpt, device=device, dtype=dtype, names=("--var-ckpt", "--vae-ckpt"))
     except (FileNotFoundError, ValueError) as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def _upscale(images: torch.Tensor, factor: int) -> torch.Tensor:
@@ -307,7 +300,7 @@ def cmd_sample(args) -> str:
     check_backend(device)
     vae, var, info = load_models(args)
     if args.labels is None and info["class_names"] is None:
-        raise CliError("--labels is required with checkpoints (comma-separated class ids, e.g. 207,360)")
+        raise UserError("--labels is required with checkpoints (comma-separated class ids, e.g. 207,360)")
     labels = parse_labels(args.labels, var.num_classes) if args.labels is not None else list(range(var.num_classes))
     per_class = args.num_per_class or info.get("num_per_class", 8)
     scale = args.display_scale or info["display_scale"]
@@ -350,7 +343,7 @@ def cmd_sample(args) -> str:
     except (TypeError, ValueError) as e:
         raise as_option_error(e) from None
     except torch.OutOfMemoryError:
-        raise CliError(f"--batch-size {args.batch_size}: out of memory while sampling; lower --batch-size") from None
+        raise UserError(f"--batch-size {args.batch_size}: out of memory while sampling; lower --batch-size") from None
     images = torch.cat(finals)
     path = write_picture(make_grid(images, ncol=ncol), out, "--out")
     if not args.quiet:
@@ -380,11 +373,11 @@ def cmd_bench(args) -> str:
     from fastvar.benchmark import MODELS, run_benchmark
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
-        raise CliError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+        raise UserError(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
     if any(b < 1 for b in args.batches):
-        raise CliError(f"--batches must be positive, got {args.batches}")
+        raise UserError(f"--batches must be positive, got {args.batches}")
     if args.reps < 1:
-        raise CliError(f"--reps must be >= 1 (timed repetitions; the median is reported), got {args.reps}")
+        raise UserError(f"--reps must be >= 1 (timed repetitions; the median is reported), got {args.reps}")
     check_backend(torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     if args.out_dir:
         from fastvar.utils.files import check_writable
@@ -392,15 +385,15 @@ def cmd_bench(args) -> str:
             os.makedirs(args.out_dir, exist_ok=True)
             check_writable(os.path.join(args.out_dir, "sampling.csv"), "--out-dir", probe=True)
         except OSError as e:
-            raise CliError(f"--out-dir: cannot create {args.out_dir}: {e.strerror or e}") from None
+            raise UserError(f"--out-dir: cannot create {args.out_dir}: {e.strerror or e}") from None
         except ValueError as e:
-            raise CliError(str(e)) from None
+            raise UserError(str(e)) from None
     print(BENCH_COLUMNS)
     try:
         rows = run_benchmark(models=args.models, batches=args.batches, providers=args.providers,
                              dtype=DTYPES[args.dtype], reps=args.reps, out_dir=args.out_dir, smoke=args.smoke)
     except RuntimeError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
     return f"{len(rows)} measurements"
 
 
@@ -482,7 +475,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             line = cmd_generate(args)
             if line:
                 print(line)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"fastvar {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:        # Ctrl-C: one line, the shell's status for SIGINT; no partial file is left

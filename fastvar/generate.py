@@ -49,15 +49,13 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from fastvar.utils.user_error import UserError
+
 MANIFEST_FORMAT = "fastvar.generate/1"
 SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
 # what makes the images: a restart must match these (world size, batch size and timeout may change)
 IMAGE_KEYS = ("model", "classes", "num_per_class", "seed", "cfg", "top_k", "top_p", "more_smooth", "dtype")
 INFINITY_IMAGE_KEYS = IMAGE_KEYS + ("tau", "cfg_insertion_layer", "scale_schedule", "prompts")
-
-
-class GenerateError(Exception):
-    """A user error: one line, exit status 2."""
 
 
 def image_seed(seed: int, cls: int, index: int) -> int:
@@ -82,14 +80,14 @@ def parse_classes(text: str, num_classes: int, noun: str = "class", holder: str 
         try:
             c = int(part)
         except ValueError:
-            raise GenerateError(f"--classes must be 'all' or comma-separated {noun} ids, got {part!r} in {text!r}") from None
+            raise UserError(f"--classes must be 'all' or comma-separated {noun} ids, got {part!r} in {text!r}") from None
         if not 0 <= c < num_classes:
-            raise GenerateError(f"--classes: {noun} {c} is out of range; this {holder} has {plural} 0..{num_classes - 1}")
+            raise UserError(f"--classes: {noun} {c} is out of range; this {holder} has {plural} 0..{num_classes - 1}")
         if c in out:
-            raise GenerateError(f"--classes: {noun} {c} is listed twice")
+            raise UserError(f"--classes: {noun} {c} is listed twice")
         out.append(c)
     if not out:
-        raise GenerateError(f"--classes must name at least one class, got {text!r}")
+        raise UserError(f"--classes must name at least one class, got {text!r}")
     return out
 
 
@@ -150,7 +148,7 @@ class Group:
             else:
                 self.dist.barrier()
         except Exception as e:
-            raise GenerateError(f"rank {self.rank}: the other ranks did not reach '{what}' within "
+            raise UserError(f"rank {self.rank}: the other ranks did not reach '{what}' within "
                                 f"{self.timeout.total_seconds():.0f} s (a rank failed?): {e}") from None
 
     def close(self) -> None:
@@ -181,7 +179,7 @@ def assemble(out_dir: str, n: int) -> str:
         covered[b:e] += 1
     if (covered == 0).any():
         missing = np.flatnonzero(covered == 0)
-        raise GenerateError(f"{out_dir}: {len(missing)} images have no shard (first id {missing[0]}); run again")
+        raise UserError(f"{out_dir}: {len(missing)} images have no shard (first id {missing[0]}); run again")
     tmp_npy = os.path.join(out_dir, f".arr_0.{os.getpid()}.npy")
     images = labels = None
     try:
@@ -253,13 +251,13 @@ def check_or_write_manifest(out_dir: str, manifest: Dict[str, object], keys: Seq
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
-            raise GenerateError(f"{path} is not a readable manifest ({e}); use another --out-dir") from None
+            raise UserError(f"{path} is not a readable manifest ({e}); use another --out-dir") from None
         if old.get("format") != MANIFEST_FORMAT:
-            raise GenerateError(f"{path} is not a fastvar generate manifest; use another --out-dir")
+            raise UserError(f"{path} is not a fastvar generate manifest; use another --out-dir")
         differ = [k for k in keys if old.get(k) != manifest[k]]
         if differ:
             what = "; ".join(f"{k}: {old.get(k)!r} before, {manifest[k]!r} now" for k in differ)
-            raise GenerateError(f"{out_dir} holds a run with other settings ({what}); use another --out-dir, or "
+            raise UserError(f"{out_dir} holds a run with other settings ({what}); use another --out-dir, or "
                                 "the same settings to resume it")
         return
     atomic_write(path, lambda f: f.write((json.dumps(manifest, indent=1) + "\n").encode()))
@@ -268,37 +266,37 @@ def check_or_write_manifest(out_dir: str, manifest: Dict[str, object], keys: Seq
 # -------------------------------------------------------------------------------------- Infinity
 def load_prompt_features(path: str, text_channels: int) -> Tuple[List[torch.Tensor], str]:
     """The per-prompt text features of ``path`` (see the module docstring) as float32 ``(len_i, C_t5)`` CPU tensors,
-    and the file's SHA-256 (the manifest's identity of the prompts). ``GenerateError`` saying what is wrong."""
+    and the file's SHA-256 (the manifest's identity of the prompts). ``UserError`` saying what is wrong."""
     from fastvar.utils.files import load_tensors
     if not os.path.isfile(path):
-        raise GenerateError(f"--prompts: {path} not found")
+        raise UserError(f"--prompts: {path} not found")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise GenerateError("--prompts: reading a .safetensors file needs the safetensors package "
+            raise UserError("--prompts: reading a .safetensors file needs the safetensors package "
                                 "(pip install safetensors), or save the features with torch.save") from None
         raw = load_file(path)
         if not all(k.isdigit() for k in raw) or sorted(int(k) for k in raw) != list(range(len(raw))):
-            raise GenerateError(f"--prompts: the keys of {path} must be the prompt indices 0..n-1, got {sorted(raw)[:8]}")
+            raise UserError(f"--prompts: the keys of {path} must be the prompt indices 0..n-1, got {sorted(raw)[:8]}")
         feats = [raw[str(i)] for i in range(len(raw))]
     else:
         try:
             raw = load_tensors(path, "--prompts file")
         except (FileNotFoundError, ValueError) as e:
-            raise GenerateError(str(e)) from None
+            raise UserError(str(e)) from None
         feats = raw.get("features") if isinstance(raw, dict) else raw
         if not isinstance(feats, (list, tuple)):
-            raise GenerateError(f"--prompts: {path} must hold a list of (len, C_t5) tensors (or a dict with one under "
+            raise UserError(f"--prompts: {path} must hold a list of (len, C_t5) tensors (or a dict with one under "
                                 f"'features'), got {type(raw).__name__}")
     if not feats:
-        raise GenerateError(f"--prompts: {path} holds no prompt")
+        raise UserError(f"--prompts: {path} holds no prompt")
     out = []
     for i, f in enumerate(feats):
         if not isinstance(f, torch.Tensor) or not f.is_floating_point() or f.dim() != 2 or f.shape[0] < 1 \
                 or f.shape[1] != text_channels:
             what = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, torch.Tensor) else type(f).__name__
-            raise GenerateError(f"--prompts: prompt {i} must be a float (len >= 1, C_t5={text_channels}) tensor, got "
+            raise UserError(f"--prompts: prompt {i} must be a float (len >= 1, C_t5={text_channels}) tensor, got "
                                 f"{what}")
         out.append(f.float().contiguous())
     with open(path, "rb") as fh:
@@ -312,22 +310,22 @@ def _infinity_setup(args, group, dtype):
     from fastvar.models import load_infinity
     from fastvar.sampler import Sampler
     if args.var_ckpt:
-        raise GenerateError("pass --var-ckpt or --infinity-ckpt, not both")
+        raise UserError("pass --var-ckpt or --infinity-ckpt, not both")
     if not args.vae_ckpt:
-        raise GenerateError("--infinity-ckpt needs --vae-ckpt (the BSQ VAE checkpoint)")
+        raise UserError("--infinity-ckpt needs --vae-ckpt (the BSQ VAE checkpoint)")
     if not args.prompts:
-        raise GenerateError("--infinity-ckpt needs --prompts (a file of per-prompt text features)")
+        raise UserError("--infinity-ckpt needs --prompts (a file of per-prompt text features)")
     if args.more_smooth:
-        raise GenerateError("--more-smooth is VAR's option; Infinity has no such mode")
+        raise UserError("--more-smooth is VAR's option; Infinity has no such mode")
     try:
         sched = dynamic_resolution.scale_schedule(args.h_div_w, args.pn)
         cil = [int(x) for x in args.cfg_insertion_layer.split(",") if x.strip()]
     except (TypeError, ValueError) as e:
-        raise GenerateError(f"--h-div-w / --pn / --cfg-insertion-layer: {e}") from None
+        raise UserError(f"--h-div-w / --pn / --cfg-insertion-layer: {e}") from None
     try:
         vae, model = load_infinity(args.infinity_ckpt, args.vae_ckpt, device=group.device)
     except (FileNotFoundError, ValueError) as e:
-        raise GenerateError(str(e)) from None
+        raise UserError(str(e)) from None
     feats, digest = load_prompt_features(args.prompts, model.Ct5)
     prompts = parse_classes(args.classes, len(feats), noun="prompt", holder="prompt file")
     sampler = Sampler(model, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
@@ -337,11 +335,11 @@ def _infinity_setup(args, group, dtype):
     try:
         settings = sampler.settings(**kwargs)
     except (TypeError, ValueError) as e:
-        raise GenerateError(str(e)) from None
+        raise UserError(str(e)) from None
     if settings.guided:
         long = [p for p in prompts if feats[p].shape[0] > model.cfg_uncond.shape[0]]
         if long:
-            raise GenerateError(f"--prompts: prompt {long[0]} has {feats[long[0]].shape[0]} tokens, more than the "
+            raise UserError(f"--prompts: prompt {long[0]} has {feats[long[0]].shape[0]} tokens, more than the "
                                 f"model's empty prompt cfg_uncond ({model.cfg_uncond.shape[0]}), which guidance uses")
 
     def sample(ids, seeds):
@@ -396,24 +394,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def _check_args(args) -> str:
     if args.num_per_class < 1:
-        raise GenerateError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+        raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     if args.batch_size < 1:
-        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.seed < 2 ** 63:
-        raise GenerateError(f"--seed must be in [0, 2**63), got {args.seed}")
+        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not args.timeout > 0:
-        raise GenerateError(f"--timeout must be positive, got {args.timeout}")
+        raise UserError(f"--timeout must be positive, got {args.timeout}")
     out_dir = os.path.abspath(os.path.expanduser(args.out_dir))
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise GenerateError(f"--out-dir {out_dir} exists and is not a folder")
+        raise UserError(f"--out-dir {out_dir} exists and is not a folder")
     parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise GenerateError(f"--out-dir: {parent} is not a writable folder")
+        raise UserError(f"--out-dir: {parent} is not a writable folder")
     return out_dir
 
 
 def cmd_generate(args) -> str:
-    """Run (or resume) the generation; returns the final line. Errors: :class:`GenerateError`."""
+    """Run (or resume) the generation; returns the final line. Errors: :class:`UserError`."""
     from fastvar.pretrained import load_models
     from fastvar.sampler import Sampler
     from fastvar.utils.images import to_uint8
@@ -431,7 +429,7 @@ def cmd_generate(args) -> str:
                 vae, var, info = load_models(args.var_ckpt, args.vae_ckpt, device=group.device, dtype=dtype,
                                              names=("--var-ckpt", "--vae-ckpt"))
             except (FileNotFoundError, ValueError) as e:
-                raise GenerateError(str(e)) from None
+                raise UserError(str(e)) from None
             classes = parse_classes(args.classes, var.num_classes)
             sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
             try:
@@ -439,7 +437,7 @@ def cmd_generate(args) -> str:
                                             info["top_k"] if args.top_k is None else args.top_k,
                                             info["top_p"] if args.top_p is None else args.top_p, args.more_smooth)
             except (TypeError, ValueError) as e:
-                raise GenerateError(str(e)) from None
+                raise UserError(str(e)) from None
             image_hw = tuple(sampler.decode(torch.zeros(1, var.Cvae, *var.schedule.hws[-1],
                                                         device=group.device)).shape[-2:])
             manifest, keys = _manifest(args, classes, settings, image_hw), IMAGE_KEYS
@@ -465,7 +463,7 @@ def cmd_generate(args) -> str:
             pad = len(ids) == 1         # batch size 1 runs other CPU convolution algorithms: sample two copies
             imgs = sample(labels * (2 if pad else 1), seeds * (2 if pad else 1))[:len(ids)]
             if not bool(torch.isfinite(imgs).all()):
-                raise GenerateError(f"the images of ids {b}..{e - 1} hold NaN or inf (a diverged model?); "
+                raise UserError(f"the images of ids {b}..{e - 1} hold NaN or inf (a diverged model?); "
                                     "nothing was written for them")
             arr = to_uint8(imgs).numpy()
             _save_shard(shard_dir, b, e, arr, np.asarray(labels, dtype=np.int64))
