@@ -8,21 +8,12 @@ import golden_infinity as golden
 from fastvar import dynamic_resolution as S
 from fastvar.sampler import Sampler
 from fastvar.settings import InfinitySettings
-from test_infinity_golden import SETTINGS, fragile_bits
+from test_infinity_golden import SETTINGS, fragile_bits, one_thread  # noqa: F401 (one_thread: autouse, here too)
 from test_infinity_models import text, tiny_pair
 from tolerances import INF_GOLDEN_LATENT_ABS
 
 SCHED = S.scale_schedule(1.0, "0.06M")                  # 7 scales up to 16 x 16
 SCHED_WIDE = S.scale_schedule(0.5, "0.06M")             # 7 scales up to 11 x 22
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The golden files were made with one thread (with two, the VAE convolutions round differently)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
