@@ -134,13 +134,13 @@ def test_infinity_self_attention_cached_steps_equal_its_masked_forward(cpu_backe
     rope = ref_inf.rope2d_table(S.scale_schedule(0.5, "0.06M"), 128)[:, :L]
     x = torch.randn(B, L, 256)
     with torch.no_grad():
-        full = sa(x, ref_inf.padded_block_causal_mask(lens, 1), rope)
+        full = sa(x, ref_inf.padded_block_causal_mask(lens, 1), scale_schedule=sched, rope2d_freqs_grid=rope)
         sa.kv_caching(True)
-        sa.cache_capacity = L
         start, out = 0, []
-        for n in lens:
-            out.append(sa(x[:, start:start + n], None, rope[:, start:start + n]))
+        for si, n in enumerate(lens):
+            out.append(sa(x[:, start:start + n], None, scale_schedule=sched, rope2d_freqs_grid=rope, scale_ind=si))
             start += n
+        assert sa.kv_cache.k.shape[2] == L          # sized for the schedule's tokens
         sa.kv_caching(False)
     assert_rel(torch.cat(out, 1), full, REL[torch.float32], f"{cpu_backend}: cached steps vs masked forward")
 

@@ -249,7 +249,7 @@ class Infinity(nn.Module):
             if i == 0 or not self.add_lvl_embeding_only_first_block:
                 x = torch.cat((x[:, :L] + lvl, x[:, L:]), dim=1)
             for b in chunk:
-                x = b(x, gss, ca_kv, mask, rope)
+                x = b(x, gss, ca_kv, mask, scale_schedule=sched, rope2d_freqs_grid=rope)
         return self.get_logits(x[:, :L], cond_BD)
 
     # ------------------------------------------------------------------ sampling
@@ -344,25 +344,21 @@ class Infinity(nn.Module):
             record.update(cond_BD=cond_BD, logits=[], noise=[], sampled_bits=[], bits=[], word_embed_in=[])
         x = cond_BD.unsqueeze(1).expand(bs, 1, -1) + self.pos_start.expand(bs, 1, -1)
 
-        lens_s = schedules.scale_lens(sched)
         rope = ref.rope2d_table(sched, self.head_dim, device=x.device)
         for b in self.unregistered_blocks:
             b.sa.kv_caching(True)
-            b.sa.cache_capacity = sum(lens_s)
-        summed, start = 0, 0
+        summed = 0
         try:
             for si, (_, h, w) in enumerate(sched):
                 if si >= trunk_scale:
                     break
                 cfg, n = cfg_list[si], h * w
-                rope_s = rope[:, start:start + n]
-                start += n
                 layer = 0
                 for ci, chunk in enumerate(self._chunks()):
                     if ci == 0 or not self.add_lvl_embeding_only_first_block:
                         x[:, :n] += self.lvl_embed.weight[si]
                     for blk in chunk:
-                        x = blk(x, gss, ca_kv, None, rope_s)
+                        x = blk(x, gss, ca_kv, None, scale_schedule=sched, rope2d_freqs_grid=rope, scale_ind=si)
                         if cfg != 1 and layer in hidden_layers:
                             x = ref.cfg_mix(x, cfg)
                             x = torch.cat((x, x), 0)

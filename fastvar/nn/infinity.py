@@ -9,11 +9,13 @@ pool, else a ``Linear``), ``mat_kv``, ``v_bias``, ``zero_k_bias``, ``proj``. ``S
 (same names and computation), from :mod:`fastvar.nn.attention`.
 
 Text conditioning arrives as ``ca_kv = (kv_compact (N, C), cu_seqlens_k (B + 1,) int32, max_seqlen_k)``.
+The forwards take the official arguments (``attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid,
+scale_ind``), so the official ``Infinity`` runs on these modules after ``fastvar.patch``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -134,6 +136,42 @@ class InfinityKVCache:
         self.length = 0
 
 
+def schedule_tokens(scale_schedule: Sequence[Sequence[int]], scales: Optional[int] = None) -> int:
+    """The tokens of the first ``scales`` scales (all by default) of an official ``[(t, h, w), ...]`` schedule."""
+    return sum(int(t) * int(h) * int(w) for t, h, w in list(scale_schedule)[:scales])
+
+
+def rope_rows(rope2d_freqs_grid, scale_schedule, scale_ind: int, length: int,
+              device: torch.device) -> Optional[torch.Tensor]:
+    """The ``(2, length, c/2)`` cos/sin rows of the tokens one call computes: those from scale ``scale_ind`` of
+    ``scale_schedule`` on (row ``schedule_tokens(scale_schedule, scale_ind)``), as the official
+    ``apply_rotary_emb`` slices them. ``rope2d_freqs_grid`` is the schedule's table ``(2, >= L, c/2)`` (fastvar's
+    ``Infinity`` passes :func:`fastvar.reference.infinity.rope2d_table`), or the official model's dict of tables
+    keyed by ``str(tuple(scale_schedule))``, each ``(2, 1, 1, 1, L', c/2)``; None: no rotation (as officially).
+    A dict's table is moved to ``device`` once and kept there (in the dict, as the official code does); a table
+    tensor's rows are copied to ``device`` when it lives elsewhere."""
+    if rope2d_freqs_grid is None:
+        return None
+    if scale_schedule is None and (scale_ind or isinstance(rope2d_freqs_grid, Mapping)):
+        raise ValueError("scale_schedule is required to find this call's RoPE rows (scale_ind > 0 or the official "
+                         "dict of tables)")
+    start = schedule_tokens(scale_schedule, scale_ind) if scale_ind else 0
+    table = rope2d_freqs_grid
+    if isinstance(table, Mapping):
+        key = str(tuple(tuple(int(v) for v in s) for s in scale_schedule))
+        if key not in table:
+            raise ValueError(f"rope2d_freqs_grid has no table for scale_schedule {key}: the official tables cover "
+                             f"the full template schedules only (fastvar.dynamic_resolution)")
+        if table[key].device != device:
+            table[key] = table[key].to(device)
+        table = table[key]
+        table = table.reshape(2, table.shape[-2], table.shape[-1])
+    if table.dim() != 3 or table.shape[0] != 2 or start + length > table.shape[1]:
+        raise ValueError(f"rope2d_freqs_grid: rows [{start}, {start + length}) of a (2, L, c/2) table are needed, got "
+                         f"{tuple(table.shape)}")
+    return table[:, start:start + length].to(device)
+
+
 def kv_cached_rope_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int,
                              scale_mul: torch.Tensor, rope: torch.Tensor, softmax_scale: float = 1.0) -> torch.Tensor:
     """Infinity's KV-cached self-attention of one scale: ``qkv`` ``(N, l, 3, H, c)`` the projection; q and k
@@ -150,10 +188,13 @@ class SelfAttention(nn.Module):
     """Infinity's self-attention (official ``SelfAttention`` with ``cos_attn=True``): q and k L2-normalised,
     q scaled by ``exp(min(scale_mul_1H11, ln 100))`` per head, 2D RoPE on both, softmax scale 1.
 
-    ``forward(x, attn_bias, rope)``: ``x`` ``(B, L, C)``; ``rope`` ``(2, L, c/2)`` the cos/sin rows of x's
-    tokens. Teacher forcing: ``attn_bias`` the ``(1, 1, L, L)`` additive mask (the padded block-causal mask of
-    the official forward). With ``kv_caching(True)`` every call is one scale of sampling: keys and values go
-    into a preallocated cache (``cache_capacity`` tokens) and the queries attend to all cached tokens.
+    ``forward(x, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None, rope2d_freqs_grid=None,
+    scale_ind=0)`` (official): ``x`` ``(B, L, C)``; the RoPE rows of x's tokens come from ``rope2d_freqs_grid``,
+    ``scale_schedule`` and ``scale_ind`` (:func:`rope_rows`). Teacher forcing: ``attn_bias_or_two_vector`` the
+    ``(1, 1, L, L)`` additive mask (the padded block-causal mask of the official forward). With
+    ``kv_caching(True)`` every call is scale ``scale_ind`` of sampling: keys and values go into a cache
+    preallocated for all the tokens of ``scale_schedule``, and the queries attend to all cached tokens.
+    ``attn_fn`` (the official flex-attention function) is not called: the same attention runs on fastvar's ops.
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, proj_drop: float = 0.0, cos_attn: bool = True):
@@ -174,25 +215,29 @@ class SelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop, inplace=True) if proj_drop > 0 else nn.Identity()
         self.caching = False
         self.kv_cache: Optional[InfinityKVCache] = None
-        self.cache_capacity: Optional[int] = None
 
     def kv_caching(self, enable: bool) -> None:
         """Start (True) or end (False) a sampling run; either way the previous cache is dropped."""
         self.caching, self.kv_cache = bool(enable), None
 
-    def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor], rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias_or_two_vector: Optional[torch.Tensor], attn_fn=None,
+                scale_schedule: Optional[Sequence[Sequence[int]]] = None, rope2d_freqs_grid=None,
+                scale_ind: int = 0) -> torch.Tensor:
         B, L, C = x.shape
         H, c = self.num_heads, self.head_dim
+        rope = rope_rows(rope2d_freqs_grid, scale_schedule, scale_ind, L, x.device)
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, H, c)
         if self.caching:       # the q/k norm and the rotation happen inside the step (fused in the Triton kernel)
+            if scale_schedule is None:
+                raise ValueError("with kv_caching(True), pass scale_schedule: the cache is sized for its tokens")
             cache = self.kv_cache
             if cache is None or cache.k.shape[0] != B:
-                cache = self.kv_cache = InfinityKVCache(B, H, max(self.cache_capacity or 0, L), c, qkv.dtype,
+                cache = self.kv_cache = InfinityKVCache(B, H, schedule_tokens(scale_schedule), c, qkv.dtype,
                                                         qkv.device)
             if cache.length + L > cache.k.shape[2]:
-                raise ValueError(f"the KV cache holds {cache.k.shape[2]} tokens; {cache.length} are used and this "
-                                 f"scale adds {L} (cache_capacity is the schedule's token count)")
+                raise ValueError(f"the KV cache holds the {cache.k.shape[2]} tokens of scale_schedule; {cache.length} "
+                                 f"are used and this scale adds {L}")
             out = kv_cached_rope_attention(qkv, cache.k, cache.v, cache.length, self.scale_mul_1H11, rope, self.scale)
             cache.length += L
             out = out.reshape(B, L, C)
@@ -200,8 +245,9 @@ class SelfAttention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
             q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
             v = v.contiguous()
-            q, k = ref_attn.apply_rope2d(q, k, rope)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
+            if rope is not None:
+                q, k = ref_attn.apply_rope2d(q, k, rope)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias_or_two_vector, scale=self.scale)
             out = out.transpose(1, 2).reshape(B, L, C)
         return self.proj_drop(self.proj(out))
 
@@ -213,9 +259,10 @@ class CrossAttnBlock(nn.Module):
     """An Infinity block (official ``CrossAttnBlock``): AdaLN self-attention, cross-attention to the text,
     AdaLN FFN, with gated residuals.
 
-    ``forward(x, cond_BD, ca_kv, attn_bias, rope)``: ``x`` ``(B, L, C)`` float32; ``cond_BD`` the shared
+    ``forward(x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
+    rope2d_freqs_grid=None, scale_ind=0)`` (official): ``x`` ``(B, L, C)`` float32; ``cond_BD`` the shared
     ``(B, 1, 6, C)`` modulation (``shared_aln``) or the ``(B, D)`` condition; ``ca_kv`` the packed text keys
-    source; ``attn_bias``, ``rope`` as :class:`SelfAttention`.
+    source; the rest as :class:`SelfAttention`.
     """
 
     def __init__(self, embed_dim: int, kv_dim: int, cond_dim: int, num_heads: int, mlp_ratio: float = 4.0,
@@ -247,11 +294,13 @@ class CrossAttnBlock(nn.Module):
             return ref.shared_modulation(self.ada_gss, cond_BD)
         return self.ada_lin(cond_BD).view(-1, 1, 6, self.C).unbind(2)
 
-    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: CaKV, attn_bias: Optional[torch.Tensor],
-                rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond_BD: torch.Tensor, ca_kv: CaKV,
+                attn_bias_or_two_vector: Optional[torch.Tensor], attn_fn=None,
+                scale_schedule: Optional[Sequence[Sequence[int]]] = None, rope2d_freqs_grid=None,
+                scale_ind: int = 0) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond_BD)
         x_sa = ops.adaln_modulate(x, scale1, shift1, self.norm_eps).to(x.dtype)
-        x_sa = self.sa(x_sa, attn_bias, rope)
+        x_sa = self.sa(x_sa, attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid, scale_ind)
         x = x + self.drop_path(x_sa.mul_(gamma1))
         x = x + self.ca(self.ca_norm(x), ca_kv).mul_(self.ca_gamma)
         h = ops.adaln_modulate(x, scale2, shift2, self.norm_eps).to(x.dtype)
@@ -387,7 +436,11 @@ class MultipleLayers(nn.Module):
         super().__init__()
         self.module = nn.ModuleList(blocks[index:index + num_blocks_in_a_chunk])
 
-    def forward(self, x, cond_BD, ca_kv, attn_bias, rope):
+    def forward(self, x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn=None, scale_schedule=None,
+                checkpointing_full_block: bool = False, rope2d_freqs_grid=None):
+        """The official chunk call (teacher forcing: the RoPE table from row 0, no checkpointing in fastvar)."""
+        if checkpointing_full_block:
+            raise NotImplementedError("checkpointing_full_block: fastvar's Infinity blocks do not checkpoint")
         for m in self.module:
-            x = m(x, cond_BD, ca_kv, attn_bias, rope)
+            x = m(x, cond_BD, ca_kv, attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid)
         return x
