@@ -75,7 +75,7 @@ def test_patch_keeps_training_mode_and_gradients():
 
 
 def test_patch_rejects_what_it_does_not_recognise():
-    with pytest.raises(ValueError, match="holds no official VAR/VQVAE module that fastvar recognises"):
+    with pytest.raises(ValueError, match="holds no official VAR/VQVAE or Infinity module that fastvar recognises"):
         fastvar.patch(torch.nn.Sequential(torch.nn.Linear(3, 3)))
     with pytest.raises(TypeError, match="expects a torch.nn.Module"):
         fastvar.patch("var_d16.pth")
