@@ -203,9 +203,8 @@ def load_sharded_tensors(index, what: str, convert: Optional[Callable] = None) -
         if elsewhere:
             raise ValueError(f"{what} shard {path} holds {len(elsewhere)} tensors the index {index} puts in other "
                              f"shards: " + _show(f"{k} (in {weight_map[k]})" for k in elsewhere))
-        for k in list(shard):
-            t = shard.pop(k)             # the shard dict lets go of each tensor as it is merged
-            out[k] = convert(k, t) if convert is not None else t
+        for k in list(shard):            # popped: the shard lets go of each tensor as it is merged (or cast)
+            out[k] = convert(k, shard.pop(k)) if convert is not None else shard.pop(k)
             origin[k] = shard_name
     return out
 
