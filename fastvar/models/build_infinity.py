@@ -190,7 +190,7 @@ def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, o
     heads, chunks, text width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
     arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` in eval mode. A state dict that does not
     match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family; a missing file
-    ``FileNotFoundError``."""
+    ``FileNotFoundError``; ``.safetensors`` shards without the safetensors package ``ImportError``."""
     dtype = _check_dtype(dtype)             # before reading gigabytes
     inf_sd = _read_state_dict(infinity_ckpt, "Infinity", ("state_dict",), _caster(dtype))
     vae_sd = _read_state_dict(vae_ckpt, "BSQ VAE", ("vae", "state_dict"), _caster(torch.float32))

@@ -176,7 +176,7 @@ def load_sharded_tensors(index, what: str, convert: Optional[Callable] = None) -
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, set()).add(name)
     absent = [s for s in sorted(by_shard) if not os.path.isfile(os.path.join(folder, s))]
-    if absent:                           # before reading any shard: the 8B's shards take minutes to read
+    if absent:                           # said before gigabytes of shards are read in vain
         raise FileNotFoundError(f"{what}: shard {os.path.join(folder, absent[0])} not found (the index {index} puts "
                                 f"{len(by_shard[absent[0]])} tensors there; {len(absent)} of its {len(by_shard)} "
                                 f"shards are missing: {_show(absent)})")
