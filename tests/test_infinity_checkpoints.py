@@ -25,8 +25,8 @@ N_SHARDS = 3
 
 @pytest.fixture(scope="module")
 def weights():
-    """The golden state dicts (stored in float16) in float32, as official checkpoints are: cast once here, not
-    on every load (the float16 casts took 0.6 s of each 0.7 s load on the 2-core dev machine)."""
+    """The golden state dicts (stored in float16) in float32: cast once here, not on every load (the float16
+    casts took 0.6 s of each 0.7 s load on the 2-core dev machine)."""
     g = golden.load(NAME)               # shared and cached: never modified here
     return tuple({k: v.float() if v.is_floating_point() else v for k, v in g[n].items()}
                  for n in ("infinity_state_dict", "vae_state_dict"))
