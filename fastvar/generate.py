@@ -309,6 +309,7 @@ def _infinity_setup(args, group, dtype):
     from fastvar import dynamic_resolution
     from fastvar.models import load_infinity
     from fastvar.sampler import Sampler
+    from fastvar.utils.files import checkpoint_bytes
     if args.var_ckpt:
         raise UserError("pass --var-ckpt or --infinity-ckpt, not both")
     if not args.vae_ckpt:
@@ -324,7 +325,7 @@ def _infinity_setup(args, group, dtype):
         raise UserError(f"--h-div-w / --pn / --cfg-insertion-layer: {e}") from None
     try:
         vae, model = load_infinity(args.infinity_ckpt, args.vae_ckpt, device=group.device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ImportError, ValueError) as e:    # ImportError: .safetensors shards, no safetensors
         raise UserError(str(e)) from None
     feats, digest = load_prompt_features(args.prompts, model.Ct5)
     prompts = parse_classes(args.classes, len(feats), noun="prompt", holder="prompt file")
@@ -348,8 +349,8 @@ def _infinity_setup(args, group, dtype):
         cu = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32, device=group.device)
         return sampler.sample((kv, lens, cu, max(lens)), image_seeds=seeds, **kwargs)
 
-    identity = {"infinity_ckpt": os.path.abspath(args.infinity_ckpt), "infinity_bytes": os.path.getsize(args.infinity_ckpt),
-                "vae_ckpt": os.path.abspath(args.vae_ckpt), "vae_bytes": os.path.getsize(args.vae_ckpt)}
+    identity = {"infinity_ckpt": os.path.abspath(args.infinity_ckpt), "infinity_bytes": checkpoint_bytes(args.infinity_ckpt),
+                "vae_ckpt": os.path.abspath(args.vae_ckpt), "vae_bytes": checkpoint_bytes(args.vae_ckpt)}
     extra = {"model": identity, "cfg": list(settings.cfg), "tau": list(settings.tau), "top_k": settings.top_k,
              "top_p": settings.top_p, "more_smooth": False, "cfg_insertion_layer": cil,
              "scale_schedule": [list(x) for x in settings.scale_schedule],
@@ -376,7 +377,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes, the official visualisation option (default: off)")
     g.add_argument("--var-ckpt", help="VAR checkpoint (default: the bundled digits model)")
     g.add_argument("--vae-ckpt", help="VQVAE checkpoint (Infinity: the BSQ VAE checkpoint; default: the bundled digits model)")
-    g.add_argument("--infinity-ckpt", help="Infinity checkpoint (text-to-image; needs --vae-ckpt and --prompts; default: none, a VAR)")
+    g.add_argument("--infinity-ckpt", help="Infinity checkpoint, a file or a sharded folder (infinity_8b_weights/) (text-to-image; needs --vae-ckpt and --prompts; default: none, a VAR)")
     g.add_argument("--prompts", help="Infinity: per-prompt text features, a .pt list of (len, C_t5) tensors (default: none)")
     g.add_argument("--tau", type=float, default=None, help="Infinity: temperature (default: 0.5)")
     g.add_argument("--cfg-insertion-layer", default="0",

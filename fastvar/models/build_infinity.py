@@ -10,14 +10,32 @@ import torch
 import torch.nn as nn
 
 from fastvar.models.bsq_vae import BSQVAE
-from fastvar.models.build import check_state_dict
+from fastvar.models.build import _load_into_meta, check_state_dict
 from fastvar.models.families import reject_other_family
 from fastvar.models.infinity import Infinity
-from fastvar.utils.files import load_tensors
+from fastvar.utils.files import load_sharded_tensors, load_tensors, shard_index
 
 # The official inference loader's constructor settings (tools/run_infinity.load_infinity)
 OFFICIAL_INFERENCE = dict(shared_aln=True, pad_to_multiplier=128, add_lvl_embeding_only_first_block=1,
                           text_maxlen=512, norm_eps=1e-6, drop_path_rate=0.1, cond_drop_rate=0.1)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The transformer's weights dtype: ``None`` is float32."""
+    if dtype is None:
+        return torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a floating-point dtype ({', '.join(str(d) for d in DTYPES)}), got {dtype}")
+    return dtype
+
+
+def _caster(dtype: torch.dtype):
+    """``(name, tensor) -> tensor``: floating tensors in ``dtype`` (the same tensor when it has it already)."""
+    return lambda name, t: t.to(dtype) if t.is_floating_point() else t
 
 
 def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list:
@@ -112,18 +130,21 @@ def _add_wrapper_names(vae: nn.Module, sd: Mapping[str, torch.Tensor]) -> Dict[s
 
 
 def infinity_from_state_dicts(infinity_sd: Mapping[str, torch.Tensor], vae_sd: Mapping[str, torch.Tensor], *,
-                              device: Union[str, torch.device] = "cpu",
+                              device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
                               infinity_config: Optional[Mapping[str, Any]] = None,
                               vae_config: Optional[Mapping[str, Any]] = None) -> Tuple[BSQVAE, Infinity]:
     """Build the models that match two official state dicts (configs inferred unless given) and load them
-    strictly, in float32. Returns ``(vae, infinity)`` in eval mode."""
+    strictly. The transformer's floating-point tensors are loaded in ``dtype`` (float32, bfloat16, float16 or
+    float64; ``None``: float32), each cast once, and a tensor that has that dtype already becomes the model's
+    own (no copy); the BSQ VAE is always float32 (its decoder is small, and the golden parity is float32).
+    Returns ``(vae, infinity)`` in eval mode."""
+    dtype = _check_dtype(dtype)
     vae_cfg = dict(vae_config or bsq_vae_config_from_state_dict(vae_sd))
     with torch.device("meta"):
         vae = BSQVAE(**vae_cfg)
     vae_sd = _add_wrapper_names(vae, vae_sd)
     check_state_dict(vae, vae_sd, "BSQ VAE")
-    vae.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in vae_sd.items()},
-                        strict=True, assign=True)
+    _load_into_meta(vae, vae_sd, torch.float32)
     vae = vae.to(device).eval()
     inf_cfg = dict(infinity_config or infinity_config_from_state_dict(infinity_sd, vae.codebook_dim))
     with torch.device("meta"):
@@ -133,23 +154,48 @@ def infinity_from_state_dicts(infinity_sd: Mapping[str, torch.Tensor], vae_sd: M
         raise ValueError(f"Infinity state dict: cfg_uncond is {tuple(sd['cfg_uncond'].shape)}, the model's "
                          f"{tuple(model.cfg_uncond.shape)}; pass infinity_config with that text_maxlen")
     check_state_dict(model, sd, "Infinity")
-    nn.Module.load_state_dict(model, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()},
-                              strict=True, assign=True)
+    _load_into_meta(model, sd, dtype)
     return vae, model.to(device).eval()
 
 
+def _read_state_dict(path, what: str, keys, convert) -> Dict[str, torch.Tensor]:
+    """A state dict from one checkpoint file (unwrapped from ``keys``) or a sharded checkpoint (a folder with an
+    index, or the index file), each tensor passed through ``convert(name, tensor)`` once."""
+    index = shard_index(path, f"{what} checkpoint")
+    if index is not None:
+        return load_sharded_tensors(index, f"{what} checkpoint", convert)
+    sd = _unwrap(load_tensors(path, f"{what} checkpoint"), what, keys)
+    for k in sd:                         # replaced one at a time: the file's tensor goes as its cast comes
+        sd[k] = convert(k, sd[k])
+    return sd
+
+
 def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, os.PathLike], *,
-                  device: Union[str, torch.device] = "cpu", **infinity_overrides) -> Tuple[BSQVAE, Infinity]:
-    """Load official checkpoint files (``infinity_2b_reg.pth`` + ``infinity_vae_d32_reg.pth``), read with
-    ``torch.load(weights_only=True)``. A transformer file holds the state dict (or one under
-    ``"state_dict"``); a VAE file holds it under ``"vae"`` (the official layout) or plainly. Depth, width,
+                  device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                  **infinity_overrides) -> Tuple[BSQVAE, Infinity]:
+    """Load official checkpoints (``infinity_2b_reg.pth`` + ``infinity_vae_d32_reg.pth``; the 8B's sharded
+    ``infinity_8b_weights/`` + ``infinity_vae_d56_f8_14_patchify.pth``).
+
+    A checkpoint is one file read with ``torch.load(weights_only=True)`` (a transformer file holds the state dict,
+    or one under ``"state_dict"``; a VAE file holds it under ``"vae"``, the official layout, or plainly), or a
+    Hugging Face sharded checkpoint: a folder holding one ``*.index.json`` (``pytorch_model.bin.index.json``,
+    ``model.safetensors.index.json``) and its shards, or that index file; ``.safetensors`` shards need the
+    ``safetensors`` package. Shards are merged one at a time without copies (see
+    :func:`fastvar.utils.files.load_sharded_tensors` for what must agree between index and shards).
+
+    ``dtype`` (float32, bfloat16, float16 or float64; ``None``: float32) is the transformer's weights dtype: each
+    floating tensor is cast once as it is read, and one that has the dtype already is used as read (a bf16
+    checkpoint with ``dtype=torch.bfloat16`` costs its own size in memory, 16.7 GB for the 8B, never a float32
+    copy). The BSQ VAE is always float32 (its decoder is small, and the golden parity is float32). Depth, width,
     heads, chunks, text width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
-    arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` float32, eval mode; a state dict that
-    does not match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family.
-    The 8B model's sharded weights are not read (merge the shards into one state dict first)."""
-    inf_sd = _unwrap(load_tensors(infinity_ckpt, "Infinity checkpoint"), "Infinity")
-    vae_sd = _unwrap(load_tensors(vae_ckpt, "BSQ VAE checkpoint"), "BSQ VAE", keys=("vae", "state_dict"))
+    arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` in eval mode. A state dict that does not
+    match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family; a missing file
+    ``FileNotFoundError``; ``.safetensors`` shards without the safetensors package ``ImportError``."""
+    dtype = _check_dtype(dtype)             # before reading gigabytes
+    inf_sd = _read_state_dict(infinity_ckpt, "Infinity", ("state_dict",), _caster(dtype))
+    vae_sd = _read_state_dict(vae_ckpt, "BSQ VAE", ("vae", "state_dict"), _caster(torch.float32))
     vae_cfg = bsq_vae_config_from_state_dict(vae_sd)
     inf_cfg = infinity_config_from_state_dict(inf_sd, vae_cfg["codebook_dim"])
     inf_cfg.update(infinity_overrides)
-    return infinity_from_state_dicts(inf_sd, vae_sd, device=device, infinity_config=inf_cfg, vae_config=vae_cfg)
+    return infinity_from_state_dicts(inf_sd, vae_sd, device=device, dtype=dtype, infinity_config=inf_cfg,
+                                     vae_config=vae_cfg)
