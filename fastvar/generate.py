@@ -324,7 +324,7 @@ def _infinity_setup(args, group, dtype):
     except (TypeError, ValueError) as e:
         raise UserError(f"--h-div-w / --pn / --cfg-insertion-layer: {e}") from None
     try:
-        vae, model = load_infinity(args.infinity_ckpt, args.vae_ckpt, device=group.device)
+        vae, model = load_infinity(args.infinity_ckpt, args.vae_ckpt, device=group.device, dtype=dtype)
     except (FileNotFoundError, ImportError, ValueError) as e:    # ImportError: .safetensors shards, no safetensors
         raise UserError(str(e)) from None
     feats, digest = load_prompt_features(args.prompts, model.Ct5)
@@ -386,7 +386,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--h-div-w", type=float, default=1.0, help="Infinity: aspect ratio h/w (nearest template; default 1)")
     g.add_argument("--pn", default="1M", help="Infinity: size, 0.06M / 0.25M / 0.60M / 1M (default: 1M, 1024 px)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="VAR compute dtype (default: float32)")
+                   help="compute dtype, also the dtype the weights are loaded in (default: float32)")
     g.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds a rank waits for the others before it stops with an error (default: 1800)")
     g.add_argument("--quiet", action="store_true", help="no progress bar (default: off; the bar is drawn on a terminal only)")

@@ -1,5 +1,6 @@
 """Infinity without the golden files: schedules, bit/code helpers, the loader, sampler options and bad input,
 on tiny random models (CPU, seconds)."""
+import copy
 import random
 
 import pytest
@@ -10,7 +11,7 @@ from fastvar.models import BSQVAE, Infinity, infinity_from_state_dicts, load_inf
 from fastvar import dynamic_resolution as S
 from fastvar.reference import attention as ref_attn
 from fastvar.reference import infinity as ref
-from tolerances import INF_GOLDEN_LOGITS_REL, assert_rel
+from tolerances import INF_GOLDEN_LOGITS_REL, INF_WEIGHTS_LOGITS_REL, assert_rel
 
 SCHED = S.scale_schedule(1.0, "0.06M")                  # 7 scales up to 16 x 16, L = 521
 
@@ -327,3 +328,28 @@ def test_patchify_model_samples_and_teacher_forces():
     with torch.no_grad():
         logits = model(t, x, scale_schedule=sched)
     assert logits.shape == (2, 451, 16) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_weights(pair, dtype):
+    """bf16/fp16 weights (``load_infinity(dtype=)``, ``model.to(dtype)``): the model's own forward and sampling loop
+    run under autocast in that dtype, close to the float32 model, without casting the weights back; the Sampler
+    takes them as they are; weights of two low-precision dtypes are named."""
+    vae, model32 = pair
+    model = copy.deepcopy(model32).to(dtype)
+    t = text([5, 3])
+    L = sum(S.scale_lens(SCHED))
+    x = torch.randint(0, 2, (2, L - 1, model.d_vae), generator=torch.Generator().manual_seed(4)).float() - 0.5
+    with torch.no_grad():
+        want, got = model32(t, x, SCHED), model(t, x, SCHED)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert_rel(got.float(), want, INF_WEIGHTS_LOGITS_REL[dtype], f"{dtype} weights: teacher-forced logits")
+    assert all(p.dtype == dtype for p in model.parameters())
+    _, _, img = _sample(model, vae, t, ret_img=True)
+    assert img.dtype == torch.uint8 and img.shape == (2, 256, 256, 3)
+    compute = dtype if dtype == torch.bfloat16 else torch.float32     # a CPU Sampler computes in these two
+    images = fastvar.Sampler(model, vae, dtype=compute).sample(t, seed=0, scale_schedule=SCHED)
+    assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
+    model.head.to(torch.float16 if dtype == torch.bfloat16 else torch.bfloat16)
+    with pytest.raises(ValueError, match=r"the Infinity weights mix the dtypes \['torch.bfloat16', 'torch.float16'\]"):
+        model(t, x, SCHED)

@@ -9,6 +9,7 @@ This file is composition only: attention, AdaLN, RoPE and the bit sampler live i
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -178,11 +179,24 @@ class Infinity(nn.Module):
         """The text path: ``(cond_BD (B, D), ca_kv, cond_BD_or_gss)``; ``ca_kv`` is the packed keys/values
         source ``(kv (N, D), cu_seqlens_k, max_seqlen_k)``, ``cond_BD_or_gss`` the shared ``(B, 1, 6, C)``
         AdaLN modulation (or ``cond_BD`` without ``shared_aln``), computed once per prompt."""
-        kv = self.text_norm(kv_compact.float()).contiguous()
-        cond_BD = self.text_proj_for_sos((kv, cu_seqlens_k, max_seqlen_k)).contiguous()
-        kv = self.text_proj_for_ca(kv).contiguous()
-        gss = self.shared_ada_lin(cond_BD).contiguous()
+        with self._weights_autocast():
+            kv = self.text_norm(kv_compact.float()).contiguous()
+            cond_BD = self.text_proj_for_sos((kv, cu_seqlens_k, max_seqlen_k)).contiguous()
+            kv = self.text_proj_for_ca(kv).contiguous()
+            gss = self.shared_ada_lin(cond_BD).contiguous()
         return cond_BD, (kv, cu_seqlens_k, max_seqlen_k), gss
+
+    def _weights_autocast(self):
+        """Autocast in the weights' dtype when they are bfloat16 or float16 (``load_infinity(..., dtype=)``, or the
+        official ``--bf16`` run: low-precision blocks under autocast): matmuls in that dtype, norms, softmax and
+        the residual stream in float32. With float32 weights, nothing (an autocast the caller opened stays)."""
+        low = {p.dtype for p in self.parameters() if p.is_floating_point()} - {torch.float32}
+        if not low:
+            return contextlib.nullcontext()
+        if len(low) > 1:
+            raise ValueError(f"the Infinity weights mix the dtypes {sorted(map(str, low))}: cast the model to one "
+                             f"(model.to(torch.bfloat16)) or load it with load_infinity(..., dtype=)")
+        return torch.autocast(self.pos_start.device.type, dtype=low.pop())
 
     def _uncond_rows(self, lens: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """The empty prompt of each length: ``cat(cfg_uncond[:len_i])``, ``(sum(lens), C_t5)``."""
@@ -236,21 +250,22 @@ class Infinity(nn.Module):
                 if d:
                     kv_compact[total:total + n] = self.cfg_uncond[:n]
                 total += n
-        cond_BD, ca_kv, gss = self.text_condition(kv_compact, cu_seqlens_k, max_seqlen_k)
-        sos = cond_BD.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
-        x = torch.cat((sos, self.word_embed(x_BLC_wo_prefix.float())), dim=1)
-        pad = -(-L // self.pad_to_multiplier) * self.pad_to_multiplier - L
-        mask = ref.padded_block_causal_mask(lens_s, self.pad_to_multiplier, x.device, x.dtype)
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        rope = ref.rope2d_table(sched, self.head_dim, L + pad, x.device)
-        lvl = self.lvl_embed.weight[scale_index(lens_s, x.device)]
-        for i, chunk in enumerate(self._chunks()):
-            if i == 0 or not self.add_lvl_embeding_only_first_block:
-                x = torch.cat((x[:, :L] + lvl, x[:, L:]), dim=1)
-            for b in chunk:
-                x = b(x, gss, ca_kv, mask, scale_schedule=sched, rope2d_freqs_grid=rope)
-        return self.get_logits(x[:, :L], cond_BD)
+        with self._weights_autocast():
+            cond_BD, ca_kv, gss = self.text_condition(kv_compact, cu_seqlens_k, max_seqlen_k)
+            sos = cond_BD.unsqueeze(1).expand(B, 1, -1) + self.pos_start.expand(B, 1, -1)
+            x = torch.cat((sos, self.word_embed(x_BLC_wo_prefix.float())), dim=1)
+            pad = -(-L // self.pad_to_multiplier) * self.pad_to_multiplier - L
+            mask = ref.padded_block_causal_mask(lens_s, self.pad_to_multiplier, x.device, x.dtype)
+            if pad:
+                x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+            rope = ref.rope2d_table(sched, self.head_dim, L + pad, x.device)
+            lvl = self.lvl_embed.weight[scale_index(lens_s, x.device)]
+            for i, chunk in enumerate(self._chunks()):
+                if i == 0 or not self.add_lvl_embeding_only_first_block:
+                    x = torch.cat((x[:, :L] + lvl, x[:, L:]), dim=1)
+                for b in chunk:
+                    x = b(x, gss, ca_kv, mask, scale_schedule=sched, rope2d_freqs_grid=rope)
+            return self.get_logits(x[:, :L], cond_BD)
 
     # ------------------------------------------------------------------ sampling
     def _generator(self, g_seed: Optional[int]) -> Optional[torch.Generator]:
@@ -339,58 +354,59 @@ class Infinity(nn.Module):
             cu_seqlens_k = torch.cat((cu_seqlens_k, cu_un[1:] + cu_seqlens_k[-1]), dim=0)
         else:
             bs = B
-        cond_BD, ca_kv, gss = self.text_condition(kv_compact, cu_seqlens_k, max_seqlen_k)
-        if record is not None:
-            record.update(cond_BD=cond_BD, logits=[], noise=[], sampled_bits=[], bits=[], word_embed_in=[])
-        x = cond_BD.unsqueeze(1).expand(bs, 1, -1) + self.pos_start.expand(bs, 1, -1)
+        with self._weights_autocast():       # the VAE decodes outside it, in its own dtype
+            cond_BD, ca_kv, gss = self.text_condition(kv_compact, cu_seqlens_k, max_seqlen_k)
+            if record is not None:
+                record.update(cond_BD=cond_BD, logits=[], noise=[], sampled_bits=[], bits=[], word_embed_in=[])
+            x = cond_BD.unsqueeze(1).expand(bs, 1, -1) + self.pos_start.expand(bs, 1, -1)
 
-        rope = ref.rope2d_table(sched, self.head_dim, device=x.device)
-        for b in self.unregistered_blocks:
-            b.sa.kv_caching(True)
-        summed = 0
-        try:
-            for si, (_, h, w) in enumerate(sched):
-                if si >= trunk_scale:
-                    break
-                cfg, n = cfg_list[si], h * w
-                layer = 0
-                for ci, chunk in enumerate(self._chunks()):
-                    if ci == 0 or not self.add_lvl_embeding_only_first_block:
-                        x[:, :n] += self.lvl_embed.weight[si]
-                    for blk in chunk:
-                        x = blk(x, gss, ca_kv, None, scale_schedule=sched, rope2d_freqs_grid=rope, scale_ind=si)
-                        if cfg != 1 and layer in hidden_layers:
-                            x = ref.cfg_mix(x, cfg)
-                            x = torch.cat((x, x), 0)
-                        layer += 1
-                mix = cfg if (cfg != 1 and on_logits) else None
-                raw = self.get_logits(x, cond_BD) if mix is not None else self.get_logits(x[:B], cond_BD[:B])
-                raw = raw.reshape(raw.shape[0], -1, 2)
-                if record is not None:          # what entered the official sampler: after 1/tau and guidance
-                    mixed = raw.mul(1 / tau_list[si])
-                    record["logits"].append(ref.cfg_mix(mixed, mix) if mix is not None else mixed)
-                noise = ref.bit_noise(B * raw.shape[1], rng, raw.device)
-                sampled, codes = ops.sample_bits(raw, B, cfg=mix, tau=tau_list[si], top_k=top_k, top_p=top_p,
-                                                 noise=noise, grid=(h, w), patchify=bool(self.apply_spatial_patchify))
-                if si < gt_leak:
-                    bits = gt_ls_Bl[si]
-                    codes = ref.bits_to_codes(bits)
-                elif record is not None:
-                    bits = ref.tokens_to_vae_bits(sampled.reshape(B, h, w, -1), self.apply_spatial_patchify)
-                summed, nxt = ref.bitwise_step(summed, codes, vae_sched, si, self.apply_spatial_patchify)
-                if record is not None:
-                    record["noise"].append(noise)
-                    record["sampled_bits"].append(sampled)
-                    record["bits"].append(bits)
-                    if nxt is not None:
-                        record["word_embed_in"].append(nxt)
-                if nxt is not None and si != S - 1:
-                    # float32 residual stream (a no-op without autocast; under it word_embed gives bf16, which
-                    # the AdaLN op takes only as the modulation's dtype)
-                    x = self.word_embed(nxt).float().repeat(bs // B, 1, 1)
-        finally:
+            rope = ref.rope2d_table(sched, self.head_dim, device=x.device)
             for b in self.unregistered_blocks:
-                b.sa.kv_caching(False)
+                b.sa.kv_caching(True)
+            summed = 0
+            try:
+                for si, (_, h, w) in enumerate(sched):
+                    if si >= trunk_scale:
+                        break
+                    cfg, n = cfg_list[si], h * w
+                    layer = 0
+                    for ci, chunk in enumerate(self._chunks()):
+                        if ci == 0 or not self.add_lvl_embeding_only_first_block:
+                            x[:, :n] += self.lvl_embed.weight[si]
+                        for blk in chunk:
+                            x = blk(x, gss, ca_kv, None, scale_schedule=sched, rope2d_freqs_grid=rope, scale_ind=si)
+                            if cfg != 1 and layer in hidden_layers:
+                                x = ref.cfg_mix(x, cfg)
+                                x = torch.cat((x, x), 0)
+                            layer += 1
+                    mix = cfg if (cfg != 1 and on_logits) else None
+                    raw = self.get_logits(x, cond_BD) if mix is not None else self.get_logits(x[:B], cond_BD[:B])
+                    raw = raw.reshape(raw.shape[0], -1, 2)
+                    if record is not None:          # what entered the official sampler: after 1/tau and guidance
+                        mixed = raw.mul(1 / tau_list[si])
+                        record["logits"].append(ref.cfg_mix(mixed, mix) if mix is not None else mixed)
+                    noise = ref.bit_noise(B * raw.shape[1], rng, raw.device)
+                    sampled, codes = ops.sample_bits(raw, B, cfg=mix, tau=tau_list[si], top_k=top_k, top_p=top_p,
+                                                     noise=noise, grid=(h, w), patchify=bool(self.apply_spatial_patchify))
+                    if si < gt_leak:
+                        bits = gt_ls_Bl[si]
+                        codes = ref.bits_to_codes(bits)
+                    elif record is not None:
+                        bits = ref.tokens_to_vae_bits(sampled.reshape(B, h, w, -1), self.apply_spatial_patchify)
+                    summed, nxt = ref.bitwise_step(summed, codes, vae_sched, si, self.apply_spatial_patchify)
+                    if record is not None:
+                        record["noise"].append(noise)
+                        record["sampled_bits"].append(sampled)
+                        record["bits"].append(bits)
+                        if nxt is not None:
+                            record["word_embed_in"].append(nxt)
+                    if nxt is not None and si != S - 1:
+                        # float32 residual stream (a no-op without autocast; under it word_embed gives bf16, which
+                        # the AdaLN op takes only as the modulation's dtype)
+                        x = self.word_embed(nxt).float().repeat(bs // B, 1, 1)
+            finally:
+                for b in self.unregistered_blocks:
+                    b.sa.kv_caching(False)
         self.last_summed_codes = summed
         if record is not None:
             record["summed_codes"] = summed

@@ -302,7 +302,9 @@ class CrossAttnBlock(nn.Module):
         x_sa = ops.adaln_modulate(x, scale1, shift1, self.norm_eps).to(x.dtype)
         x_sa = self.sa(x_sa, attn_bias_or_two_vector, attn_fn, scale_schedule, rope2d_freqs_grid, scale_ind)
         x = x + self.drop_path(x_sa.mul_(gamma1))
-        x = x + self.ca(self.ca_norm(x), ca_kv).mul_(self.ca_gamma)
+        ln = self.ca_norm          # in x's dtype whatever the weights' (autocast's float32 LayerNorm, also on CPU)
+        x = x + self.ca(F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps),
+                        ca_kv).mul_(self.ca_gamma)
         h = ops.adaln_modulate(x, scale2, shift2, self.norm_eps).to(x.dtype)
         return x + self.drop_path(self.ffn(h).mul(gamma2))
 
