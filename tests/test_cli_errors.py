@@ -220,7 +220,8 @@ def test_a_pair_of_models_with_other_schedules_in_python():
 def test_a_module_that_is_not_a_var():
     vae, var = tiny_vae_var((1, 2, 4))
     with pytest.raises(TypeError, match=r"^var must be a VAR model \(fastvar.VAR or an official VAR patched by "
-                                        r"fastvar.patch\) or fastvar's Infinity, got Linear$"):
+                                        r"fastvar.patch\) or an Infinity \(fastvar's, or an official one that "
+                                        r"fastvar.patch swapped entirely\), got Linear$"):
         Sampler(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match=r"got VQVAE: that is the VQVAE; the transformer comes first"):
         Sampler(vae, var)

@@ -169,6 +169,7 @@ def test_look_alikes_are_left_alone():
     assert type(model.block_chunks[0].module[0]) is official.CrossAttnBlock
     assert type(model.block_chunks[1].module[0]) is official.CrossAttnBlock
     assert type(model.block_chunks[1].module[0].sa) is finf.SelfAttention     # its children still are
+    assert not hasattr(model, "fastvar_proxy")           # not fully patched: the Sampler cannot take it
     flash = official.SelfAttention(256, 2, customized_flash_attn=True)
     holder = torch.nn.Sequential(flash)
     with pytest.warns(UserWarning, match="customized flash-attention kernel"):
@@ -188,3 +189,21 @@ def test_rope_rows_errors():
     sa.kv_caching(True)
     with pytest.raises(ValueError, match="with kv_caching\\(True\\), pass scale_schedule"):
         sa(torch.zeros(1, 1, 256), None)
+
+
+def test_sampler_on_a_patched_official_model(name):
+    """``fastvar.Sampler`` takes the patched official model (through its ``fastvar_proxy``, made of the model's own
+    modules): the same bits and latent as on fastvar's Infinity with the same weights; a later ``.to()`` of the
+    official model (new buffer objects) is seen by the proxy."""
+    g, vae, model = _patched(name)
+    _, ours = golden.models(name)
+    view = model.fastvar_proxy[0]
+    assert "fastvar_proxy" not in "".join(model.state_dict()) and view.pos_start is model.pos_start
+    assert view.block_chunks is model.block_chunks and view.unregistered_blocks is model.unregistered_blocks
+    s = g["samples"]["cfg3_tau0.5_k900_p0.97"]
+    kw = dict(scale_schedule=g["config"]["scale_schedule"], cfg=s["kwargs"]["cfg_list"][0],
+              tau=s["kwargs"]["tau_list"][0], top_k=s["kwargs"]["top_k"], top_p=s["kwargs"]["top_p"])
+    want_bits, want_latent = fastvar.Sampler(ours, vae, dtype=torch.float32).tokens(golden.text_tuple(g), 5, **kw)
+    model.to(torch.float64).to(torch.float32)                # every parameter's data and every buffer replaced
+    bits, latent = fastvar.Sampler(model, vae, dtype=torch.float32).tokens(golden.text_tuple(g), 5, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(bits, want_bits)) and torch.equal(latent, want_latent)

@@ -5,11 +5,15 @@ through. The official model's own ``forward`` / ``autoregressive_infer_cfg`` the
 the official arguments (its dict of RoPE tables included, :func:`fastvar.nn.infinity.rope_rows`)."""
 from __future__ import annotations
 
+import types
 from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
+from fastvar.models.build_infinity import infinity_config_from_state_dict
+from fastvar.models.infinity import Infinity
+from fastvar.nn import attention as fnn
 from fastvar.nn import infinity as finf
 from fastvar.nn.attention import FFN
 from fastvar.patch.checks import (Rule, ada_lin_check, diff, first, forward_arguments, is_plain_layernorm, on_meta,
@@ -173,8 +177,43 @@ FASTVAR_TYPES = (finf.SelfAttention, finf.CrossAttention, finf.CrossAttnBlock)
 
 def finish(model: nn.Module, patch_tree: Callable[[nn.Module, str], nn.Module], replaced: Dict[int, nn.Module]) -> None:
     """The official Infinity keeps its blocks twice: in ``block_chunks`` (modules) and in the plain list
-    ``unregistered_blocks``, through which its sampler turns the KV caches on; the list gets the new blocks."""
+    ``unregistered_blocks``, through which its sampler turns the KV caches on; the list gets the new blocks. A
+    fully patched official Infinity also gets ``fastvar_proxy``: a fastvar ``Infinity`` made of its very modules
+    and parameters, which ``fastvar.Sampler`` samples (kept in a tuple, so it is neither a sub-module nor in the
+    state dict)."""
     for holder in model.modules():
         blocks = getattr(holder, "unregistered_blocks", None)
-        if isinstance(blocks, list):
+        if isinstance(blocks, list) and not isinstance(holder, Infinity):
             holder.unregistered_blocks = [replaced.get(id(b), b) for b in blocks]
+            view = _fastvar_view(holder)
+            if view is not None:
+                holder.fastvar_proxy = (view,)
+
+
+def _fastvar_view(official: nn.Module) -> Optional[Infinity]:
+    """A fastvar ``Infinity`` whose sub-modules and parameters are ``official``'s own objects (so a later ``.to()``,
+    an optimizer step or ``load_state_dict`` on either is seen by both), or None when ``official`` is not a fully
+    patched official Infinity (a block or the head left as it was)."""
+    blocks = official.unregistered_blocks
+    if not blocks or not all(isinstance(b, finf.CrossAttnBlock) for b in blocks) \
+            or not isinstance(getattr(official, "head_nm", None), fnn.AdaLNBeforeHead):
+        return None
+    try:
+        patchify = int(bool(getattr(official, "apply_spatial_patchify", 0)))
+        d = official.d_vae // (4 if patchify else 1)
+        cfg = infinity_config_from_state_dict(official.state_dict(), d)
+        cfg.update(norm_eps=blocks[0].norm_eps, cond_drop_rate=official.cond_drop_rate,
+                   pad_to_multiplier=official.pad_to_multiplier, top_k=getattr(official, "top_k", 0),
+                   top_p=getattr(official, "top_p", 0.0),
+                   add_lvl_embeding_only_first_block=official.add_lvl_embeding_only_first_block)
+        view = on_meta(lambda: Infinity(types.SimpleNamespace(embed_dim=d), **cfg))
+    except (AttributeError, ValueError, TypeError):
+        return None
+    if set(view._modules) - set(official._modules) or set(view._parameters) - set(official._parameters):
+        return None
+    for name in view._modules:
+        view._modules[name] = official._modules[name]
+    for name in view._parameters:
+        view._parameters[name] = official._parameters[name]
+    view.unregistered_blocks = blocks
+    return view.train(official.training)

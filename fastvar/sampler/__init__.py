@@ -116,7 +116,9 @@ def adapter_for(var, vae, dtype: torch.dtype, fused_step_conv: bool = False) -> 
 
 class Sampler:
     """Fast sampling for a fastvar ``VAR`` or an official VAR patched by ``fastvar.patch`` (class-conditional), or a
-    fastvar ``Infinity`` (text-to-image): one driver, the model's part of each scale in its adapter.
+    fastvar ``Infinity`` or an official Infinity patched by ``fastvar.patch`` (text-to-image; sampled through the
+    fastvar ``Infinity`` made of its modules that the patch leaves in ``fastvar_proxy``): one driver, the model's
+    part of each scale in its adapter.
 
     Args:
         var: the transformer: a VAR (its VQVAE is taken from ``var.vae_proxy`` unless ``vae`` is given) or an
@@ -152,12 +154,14 @@ class Sampler:
 
     def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
+        var = getattr(var, "fastvar_proxy", (var,))[0]      # an official Infinity patched by fastvar.patch: its view
         infinity = family_of(var) == "infinity"
         if not isinstance(var, torch.nn.Module) or not (hasattr(var, "lvl_1L") or infinity):
             hint = ": that is the VQVAE; the transformer comes first, Sampler(var, vae)" if hasattr(
                 var, "fhat_to_img") else ""
             raise TypeError(f"var must be a VAR model (fastvar.VAR or an official VAR patched by fastvar.patch) or "
-                            f"fastvar's Infinity, got {type(var).__name__}{hint}")
+                            f"an Infinity (fastvar's, or an official one that fastvar.patch swapped entirely), got "
+                            f"{type(var).__name__}{hint}")
         device = var.pos_start.device if infinity else var.lvl_1L.device
         dtype = dtype or var.head.weight.dtype
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
