@@ -111,3 +111,42 @@ def ada_lin_check(m: nn.Module, D: int, out: int) -> Optional[str]:
 def first(*reasons: Optional[str]) -> Optional[str]:
     return next((r for r in reasons if r), None)
 
+
+
+def attention_widths(m: nn.Module):
+    """``(reason, C, H)`` of an official self-attention: ``reason`` None when ``mat_qkv`` and ``proj`` are Linear
+    layers and ``num_heads`` divides the width ``C``."""
+    lin = getattr(m, "mat_qkv", None)
+    if not isinstance(lin, nn.Linear) or not isinstance(getattr(m, "proj", None), nn.Linear):
+        return "its mat_qkv / proj are not Linear layers", 0, 0
+    C, H = lin.in_features, getattr(m, "num_heads", None)
+    if not positive_ints(H) or C % H:
+        return f"its num_heads {H!r} does not divide the width {C}", C, 0
+    return None, C, H
+
+
+def adaln_block(m: nn.Module, children) -> Optional[str]:
+    """None if ``m`` is an official AdaLN block so far: integer widths ``C``, ``D``, each ``(name, class)`` of
+    ``children`` already swapped for fastvar's (they are patched first), and a plain ``ln_wo_grad``."""
+    if not positive_ints(getattr(m, "C", None), getattr(m, "D", None)):
+        return "it has no integer widths C and D"
+    return first(*(None if isinstance(getattr(m, child, None), cls) else
+                   f"its {child} was not recognised as the official {cls.__name__} (left as it is)"
+                   for child, cls in children),
+                 is_plain_layernorm(getattr(m, "ln_wo_grad", None)))
+
+
+def modulation_tensors(m: nn.Module, C: int, D: int):
+    """``(reason, parameters)`` of an AdaLN block's modulation: the shared ``ada_gss`` (``shared_aln``) or its own
+    ``ada_lin`` = Sequential(SiLU, Linear(D, 6C))."""
+    if bool(getattr(m, "shared_aln", False)):
+        return None, {"ada_gss": (1, 1, 6, C)}
+    return ada_lin_check(m, D, 6 * C), {"ada_lin.1.weight": (6 * C, D), "ada_lin.1.bias": (6 * C,)}
+
+
+def take_modulation(old: nn.Module, new: nn.Module) -> None:
+    """Hand ``old``'s modulation module or parameter to ``new`` (the same object)."""
+    if old.shared_aln:
+        new.ada_gss = old.ada_gss
+    else:
+        new.ada_lin = old.ada_lin

@@ -16,8 +16,9 @@ from fastvar.models.infinity import Infinity
 from fastvar.nn import attention as fnn
 from fastvar.nn import infinity as finf
 from fastvar.nn.attention import FFN
-from fastvar.patch.checks import (Rule, ada_lin_check, diff, first, forward_arguments, is_plain_layernorm, on_meta,
-                                  positive_ints, seeded_randn, signature, swap, tensors)
+from fastvar.patch.checks import (Rule, adaln_block, attention_widths, diff, first, forward_arguments,
+                                  modulation_tensors, on_meta, positive_ints, seeded_randn, signature, swap,
+                                  take_modulation, tensors)
 from fastvar.reference.attention import block_causal_bias
 
 _BLOCK_ARGS = ("x", "cond_BD", "ca_kv", "attn_bias_or_two_vector", "attn_fn", "scale_schedule", "rope2d_freqs_grid",
@@ -48,22 +49,16 @@ def _cross_attn_block(old: nn.Module) -> nn.Module:
     new.sa, new.ca, new.ffn, new.drop_path = old.sa, old.ca, old.ffn, old.drop_path
     new.ln_wo_grad, new.ca_norm, new.ca_gamma = old.ln_wo_grad, old.ca_norm, gamma
     new.drop_path_rate = getattr(old, "drop_path_rate", 0.0)
-    if old.shared_aln:
-        new.ada_gss = old.ada_gss
-    else:
-        new.ada_lin = old.ada_lin
+    take_modulation(old, new)
     new.train(old.training)
     return new
 
 
 # ------------------------------------------------------------------------------------------ structure
 def _self_attention_structure(m: nn.Module) -> Optional[str]:
-    lin = getattr(m, "mat_qkv", None)
-    if not isinstance(lin, nn.Linear) or not isinstance(getattr(m, "proj", None), nn.Linear):
-        return "its mat_qkv / proj are not Linear layers"
-    C, H = lin.in_features, getattr(m, "num_heads", None)
-    if not positive_ints(H) or C % H:
-        return f"its num_heads {H!r} does not divide the width {C}"
+    reason, C, H = attention_widths(m)
+    if reason:
+        return reason
     if not getattr(m, "cos_attn", False):
         return "it does not use cosine attention (cos_attn=False; every released Infinity model uses it)"
     if getattr(m, "using_flash", False):
@@ -92,15 +87,10 @@ def _cross_attention_structure(m: nn.Module) -> Optional[str]:
 
 
 def _cross_attn_block_structure(m: nn.Module) -> Optional[str]:
-    C, D = getattr(m, "C", None), getattr(m, "D", None)
-    if not positive_ints(C, D):
-        return "it has no integer widths C and D"
-    reason = first(*(None if isinstance(getattr(m, child, None), cls) else
-                     f"its {child} was not recognised as the official {cls.__name__} (left as it is)"
-                     for child, cls in (("sa", finf.SelfAttention), ("ca", finf.CrossAttention), ("ffn", FFN))),
-                   is_plain_layernorm(getattr(m, "ln_wo_grad", None)))
+    reason = adaln_block(m, (("sa", finf.SelfAttention), ("ca", finf.CrossAttention), ("ffn", FFN)))
     if reason:
         return reason
+    C, D = m.C, m.D
     if getattr(m, "using_swiglu", False):
         return "its FFN is SwiGLU (swiglu=True; no released Infinity model uses it)"
     if getattr(m, "fused_norm_func", None) is None:
@@ -113,10 +103,7 @@ def _cross_attn_block_structure(m: nn.Module) -> Optional[str]:
     if not isinstance(getattr(m, "norm_eps", None), float):
         return "it has no float norm_eps"
     own = {n: tuple(p.shape) for n, p in m.named_parameters() if not n.startswith(("sa.", "ca.", "ffn.", "ca_norm."))}
-    if bool(getattr(m, "shared_aln", False)):
-        want, reason = {"ada_gss": (1, 1, 6, C)}, None
-    else:
-        want, reason = {"ada_lin.1.weight": (6 * C, D), "ada_lin.1.bias": (6 * C,)}, ada_lin_check(m, D, 6 * C)
+    reason, want = modulation_tensors(m, C, D)
     gamma = getattr(m, "ca_gamma", None)
     if isinstance(gamma, nn.Parameter):
         want["ca_gamma"] = (C,)

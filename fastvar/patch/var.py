@@ -13,8 +13,9 @@ import torch.nn as nn
 from fastvar.nn import attention as fnn
 from fastvar.nn import quant as fquant
 from fastvar.nn.attention import schedule_of_mask
-from fastvar.patch.checks import (Rule, ada_lin_check, diff, first, forward_arguments, is_plain_layernorm, on_meta,
-                                  positive_ints, seeded_randn, signature, swap, tensors)
+from fastvar.patch.checks import (Rule, adaln_block, ada_lin_check, attention_widths, diff, first, forward_arguments,
+                                  is_plain_layernorm, modulation_tensors, on_meta, positive_ints, seeded_randn,
+                                  signature, swap, take_modulation, tensors)
 from fastvar.reference.attention import block_causal_bias
 from fastvar.schedule import Schedule
 
@@ -52,10 +53,7 @@ def _ada_ln_self_attn(old: nn.Module) -> nn.Module:
         attn_l2_norm=bool(old.attn.attn_l2_norm)))
     # the children were swapped first (bottom-up): take them over as they are
     new.attn, new.ffn, new.drop_path, new.ln_wo_grad = old.attn, old.ffn, old.drop_path, old.ln_wo_grad
-    if old.shared_aln:
-        new.ada_gss = old.ada_gss
-    else:
-        new.ada_lin = old.ada_lin
+    take_modulation(old, new)
     new.train(old.training)
     return new
 
@@ -82,12 +80,9 @@ def _vector_quantizer(old: nn.Module) -> nn.Module:
 
 
 def _self_attention_structure(m: nn.Module) -> Optional[str]:
-    lin = getattr(m, "mat_qkv", None)
-    if not isinstance(lin, nn.Linear) or not isinstance(getattr(m, "proj", None), nn.Linear):
-        return "its mat_qkv / proj are not Linear layers"
-    C, H = lin.in_features, getattr(m, "num_heads", None)
-    if isinstance(H, bool) or not isinstance(H, int) or H < 1 or C % H:
-        return f"its num_heads {H!r} does not divide the width {C}"
+    reason, C, H = attention_widths(m)
+    if reason:
+        return reason
     params = {"mat_qkv.weight": (3 * C, C), "q_bias": (C,), "v_bias": (C,), "proj.weight": (C, C), "proj.bias": (C,)}
     if getattr(m, "attn_l2_norm", None):
         params["scale_mul_1H11"] = (1, H, 1, 1)
@@ -112,21 +107,11 @@ def _ffn_structure(m: nn.Module) -> Optional[str]:
 
 
 def _ada_ln_self_attn_structure(m: nn.Module) -> Optional[str]:
-    C, D = getattr(m, "C", None), getattr(m, "D", None)
-    if not positive_ints(C, D):
-        return "it has no integer widths C and D"
-    reason = first(*(None if isinstance(getattr(m, child, None), cls) else
-                      f"its {child} was not recognised as the official {cls.__name__} (left as it is)"
-                      for child, cls in (("attn", fnn.SelfAttention), ("ffn", fnn.FFN))),
-                    is_plain_layernorm(getattr(m, "ln_wo_grad", None)))
+    reason = adaln_block(m, (("attn", fnn.SelfAttention), ("ffn", fnn.FFN)))
     if reason:
         return reason
     own = {n: tuple(p.shape) for n, p in m.named_parameters() if not n.startswith(("attn.", "ffn."))}
-    if bool(getattr(m, "shared_aln", False)):
-        want = {"ada_gss": (1, 1, 6, C)}
-    else:
-        reason = ada_lin_check(m, D, 6 * C)
-        want = {"ada_lin.1.weight": (6 * C, D), "ada_lin.1.bias": (6 * C,)}
+    reason, want = modulation_tensors(m, m.C, m.D)
     return first(reason, diff("parameters", own, want), signature(m, "forward", 3, ("x", "cond_BD", "attn_bias")))
 
 
