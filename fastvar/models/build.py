@@ -197,6 +197,22 @@ def _verify_buffers(var: VAR, sd: Mapping[str, torch.Tensor]) -> None:
                              f"the model's schedule has {list(var.schedule.lens)}")
 
 
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_weights_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a loader casts the transformer's weights to: one of :data:`WEIGHT_DTYPES` (``None``: float32)."""
+    if dtype is None:
+        return torch.float32
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype must be a floating-point dtype ({', '.join(str(d) for d in WEIGHT_DTYPES)}), "
+                         f"got {dtype}")
+    return dtype
+
+
 def _load_into_meta(module: nn.Module, sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype]) -> None:
     """Load ``sd`` into a module built on the meta device, taking the tensors over (no second copy)."""
     own = module.state_dict()
@@ -219,8 +235,7 @@ def vae_var_from_state_dicts(var_sd: Mapping[str, torch.Tensor], vae_sd: Mapping
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device must be a device of this machine: {device} was asked for, no CUDA device is "
                          f"available")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise TypeError(f"dtype must be a floating-point dtype (float32, bfloat16, float16, float64), got {dtype}")
+    dtype = check_weights_dtype(dtype)
     var_cfg = dict(var_config or var_config_from_state_dict(var_sd))
     vae_cfg = dict(vae_config or vae_config_from_state_dict(vae_sd, var_cfg["patch_nums"]))
     with torch.device("meta"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from fastvar.models.bsq_vae import BSQVAE
-from fastvar.models.build import _load_into_meta, check_state_dict
+from fastvar.models.build import _load_into_meta, check_state_dict, check_weights_dtype
 from fastvar.models.families import reject_other_family
 from fastvar.models.infinity import Infinity
 from fastvar.utils.files import load_sharded_tensors, load_tensors, shard_index
@@ -18,21 +18,6 @@ from fastvar.utils.files import load_sharded_tensors, load_tensors, shard_index
 # The official inference loader's constructor settings (tools/run_infinity.load_infinity)
 OFFICIAL_INFERENCE = dict(shared_aln=True, pad_to_multiplier=128, add_lvl_embeding_only_first_block=1,
                           text_maxlen=512, norm_eps=1e-6, drop_path_rate=0.1, cond_drop_rate=0.1)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _check_dtype(dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The transformer's weights dtype: ``None`` is float32."""
-    if dtype is None:
-        return torch.float32
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.bfloat16, ...), got "
-                        f"{type(dtype).__name__} {dtype!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be a floating-point dtype ({', '.join(str(d) for d in DTYPES)}), got {dtype}")
-    return dtype
-
-
 def _caster(dtype: torch.dtype):
     """``(name, tensor) -> tensor``: floating tensors in ``dtype`` (the same tensor when it has it already)."""
     return lambda name, t: t.to(dtype) if t.is_floating_point() else t
@@ -138,7 +123,7 @@ def infinity_from_state_dicts(infinity_sd: Mapping[str, torch.Tensor], vae_sd: M
     float64; ``None``: float32), each cast once, and a tensor that has that dtype already becomes the model's
     own (no copy); the BSQ VAE is always float32 (its decoder is small, and the golden parity is float32).
     Returns ``(vae, infinity)`` in eval mode."""
-    dtype = _check_dtype(dtype)
+    dtype = check_weights_dtype(dtype)
     vae_cfg = dict(vae_config or bsq_vae_config_from_state_dict(vae_sd))
     with torch.device("meta"):
         vae = BSQVAE(**vae_cfg)
@@ -191,7 +176,7 @@ def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, o
     arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` in eval mode. A state dict that does not
     match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family; a missing file
     ``FileNotFoundError``; ``.safetensors`` shards without the safetensors package ``ImportError``."""
-    dtype = _check_dtype(dtype)             # before reading gigabytes
+    dtype = check_weights_dtype(dtype)             # before reading gigabytes
     inf_sd = _read_state_dict(infinity_ckpt, "Infinity", ("state_dict",), _caster(dtype))
     vae_sd = _read_state_dict(vae_ckpt, "BSQ VAE", ("vae", "state_dict"), _caster(torch.float32))
     vae_cfg = bsq_vae_config_from_state_dict(vae_sd)
