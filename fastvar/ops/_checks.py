@@ -8,6 +8,9 @@ import torch
 
 from fastvar.reference.quantize import PhiParams
 
+# the dtypes the ops take for floating inputs (float64 for the reference's own checks)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None,
                  shape: Optional[Sequence[Optional[int]]] = None) -> None:

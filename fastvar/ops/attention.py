@@ -16,10 +16,9 @@ import torch
 
 from fastvar.reference import attention as ref
 from fastvar.ops._backend import select
-from fastvar.ops._checks import (check_finite_scalar, check_int, check_same, check_scale_lens, check_tensor,
-                                 may_overlap)
+from fastvar.ops._checks import (FLOAT_DTYPES, check_finite_scalar, check_int, check_same, check_scale_lens,
+                                 check_tensor, may_overlap)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _bias_cache: dict = {}
 

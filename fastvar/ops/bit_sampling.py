@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from fastvar.ops._backend import select
-from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor
+from fastvar.ops._checks import FLOAT_DTYPES, capturing as _capturing, check_finite_scalar, check_tensor
 from fastvar.ops.sampling import check_top_k_top_p
 from fastvar.reference import infinity as ref
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ERR_TEXT = {1: "logits hold NaN", 2: "both logits of a bit are -inf", 4: "logits hold +inf"}
 
 

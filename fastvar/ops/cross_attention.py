@@ -14,10 +14,9 @@ from typing import Optional
 import torch
 
 from fastvar.ops._backend import select, warn_once
-from fastvar.ops._checks import check_finite_scalar, check_same, check_tensor
+from fastvar.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same, check_tensor
 from fastvar.reference import infinity as ref
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, max_seqlen_q, max_seqlen_k):

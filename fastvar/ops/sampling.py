@@ -64,9 +64,9 @@ import torch
 from fastvar.reference import sampling as ref
 from fastvar.ops import cuda_ext
 from fastvar.ops._backend import select, warn_once
-from fastvar.ops._checks import capturing as _capturing, check_finite_scalar, check_tensor, raise_for_sample_errors
+from fastvar.ops._checks import (FLOAT_DTYPES, capturing as _capturing, check_finite_scalar, check_tensor,
+                                 raise_for_sample_errors)
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MODES = ("exact", "fast")
 
 
