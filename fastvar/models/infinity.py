@@ -188,7 +188,7 @@ class Infinity(nn.Module):
 
     def _weights_autocast(self):
         """Autocast in the weights' dtype when they are bfloat16 or float16 (``load_infinity(..., dtype=)``, or the
-        official ``--bf16`` run: low-precision blocks under autocast): matmuls in that dtype, norms, softmax and
+        official ``--bf16`` run: low-precision blocks under autocast): matmuls in that dtype, LayerNorms and
         the residual stream in float32. With float32 weights, nothing (an autocast the caller opened stays)."""
         low = {p.dtype for p in self.parameters() if p.is_floating_point()} - {torch.float32}
         if not low:
