@@ -89,7 +89,8 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "scikit-learn", "pybind11>=2.10", "pillow"],   # pybind11: cuda_host tests; pillow: image formats
+        # pybind11: the cuda_host tests; pillow: image formats; safetensors: .safetensors checkpoint shards
+        "test": ["pytest>=7", "pytest-benchmark", "scikit-learn", "pybind11>=2.10", "pillow", "safetensors"],
         "train": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["fastvar = fastvar.cli:main"]},
