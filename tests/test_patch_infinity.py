@@ -177,7 +177,7 @@ def test_look_alikes_are_left_alone():
             fastvar.patch(holder)
 
 
-def test_rope_rows_errors():
+def test_rope_rows_and_attention_call_errors():
     table = torch.zeros(2, 5, 4)
     with pytest.raises(ValueError, match=r"rope2d_freqs_grid has no table for scale_schedule \(\(1, 1, 1\),\)"):
         finf.rope_rows({"((1, 2, 2),)": table[:, None, None, None]}, [(1, 1, 1)], 0, 1, torch.device("cpu"))
@@ -186,6 +186,8 @@ def test_rope_rows_errors():
     with pytest.raises(ValueError, match="scale_schedule is required"):
         finf.rope_rows(table, None, 1, 4, torch.device("cpu"))
     sa = finf.SelfAttention(embed_dim=256, num_heads=2)
+    with pytest.raises(NotImplementedError, match="build the official model with use_flex_attn=False"):
+        sa(torch.zeros(1, 5, 256), None, attn_fn=lambda *a, **k: None)       # the official flex teacher forcing
     sa.kv_caching(True)
     with pytest.raises(ValueError, match="with kv_caching\\(True\\), pass scale_schedule"):
         sa(torch.zeros(1, 1, 256), None)

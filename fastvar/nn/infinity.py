@@ -194,7 +194,8 @@ class SelfAttention(nn.Module):
     ``(1, 1, L, L)`` additive mask (the padded block-causal mask of the official forward). With
     ``kv_caching(True)`` every call is scale ``scale_ind`` of sampling: keys and values go into a cache
     preallocated for all the tokens of ``scale_schedule``, and the queries attend to all cached tokens.
-    ``attn_fn`` (the official flex-attention function) is not called: the same attention runs on fastvar's ops.
+    ``attn_fn`` (the official flex-attention function) is not called: in sampling the same attention runs on
+    fastvar's ops; teacher forcing through it (no mask given) raises ``NotImplementedError``.
     """
 
     def __init__(self, embed_dim: int = 768, num_heads: int = 12, proj_drop: float = 0.0, cos_attn: bool = True):
@@ -242,6 +243,10 @@ class SelfAttention(nn.Module):
             cache.length += L
             out = out.reshape(B, L, C)
         else:
+            if attn_fn is not None and attn_bias_or_two_vector is None:
+                raise NotImplementedError("teacher forcing through the official flex-attention function (attn_fn, no "
+                                          "mask): build the official model with use_flex_attn=False, whose padded "
+                                          "dense mask gives the same result; sampling is unaffected")
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(dim=0)                   # B, H, L, c
             q, k = ref.qk_norm(q, k, self.scale_mul_1H11)
             v = v.contiguous()
