@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastvar.utils.user_error import UserError
+from fastvar.utils.user_error import UserError, check_seed_option
 
 
 # ---------------------------------------------------------------------------- info
@@ -75,18 +75,15 @@ def info_text() -> str:
 
 # ---------------------------------------------------------------------------- checks shared by sampling commands
 
-SEED_LIMIT = 2 ** 63
 SEED_HELP = ("seeds one torch.Generator on the device for the whole run (torch.Generator.manual_seed): every "
              "batch draws from it in turn, so the same --seed and --batch-size give the same pictures; "
              "an int in [0, 2**63)")
 
 
 def check_seed_arg(seed, name: str = "--seed") -> int:
-    """``seed`` (an int from argparse) in ``[0, 2**63)``, else a :class:`UserError` that says how seeds map."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-        raise UserError(f"{name} must be an int in [0, 2**63), got {seed!r}: it seeds one torch.Generator for the "
-                       f"whole run (every batch draws from it in turn), so each value gives its own pictures")
-    return seed
+    """``seed`` in ``[0, 2**63)``, else a :class:`UserError` that says how seeds map."""
+    return check_seed_option(seed, name, "it seeds one torch.Generator for the whole run (every batch draws from it "
+                                         "in turn), so each value gives its own pictures")
 
 
 def check_positive_args(args, names: Sequence[str]) -> None:

@@ -49,7 +49,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from fastvar.utils.user_error import UserError
+from fastvar.utils.user_error import UserError, check_seed_option
 
 MANIFEST_FORMAT = "fastvar.generate/1"
 SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
@@ -398,8 +398,7 @@ def _check_args(args) -> str:
         raise UserError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0 <= args.seed < 2 ** 63:
-        raise UserError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_seed_option(args.seed, "--seed", "image i of class c uses the seed SHA-256(seed, c, i) (image_seed)")
     if not args.timeout > 0:
         raise UserError(f"--timeout must be positive, got {args.timeout}")
     out_dir = os.path.abspath(os.path.expanduser(args.out_dir))

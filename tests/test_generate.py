@@ -135,7 +135,9 @@ def test_restart_with_other_settings_names_what_differs(tmp_path, capsys):
     (["--classes", "1,1"], r"--classes: class 1 is listed twice"),
     (["--num-per-class", "0"], r"--num-per-class must be >= 1, got 0"),
     (["--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
-    (["--seed", str(2 ** 63)], r"--seed must be in \[0, 2\*\*63\)"),
+    (["--seed", str(2 ** 63)], r"--seed must be an int in \[0, 2\*\*63\), got 9223372036854775808: image i of "
+                               r"class c uses the seed SHA-256\(seed, c, i\)"),
+    (["--seed", "-1"], r"--seed must be an int in \[0, 2\*\*63\), got -1: "),
     (["--top-k", "-1"], r"top_k must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, capsys, extra, match):
