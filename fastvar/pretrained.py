@@ -138,13 +138,14 @@ def _read_checkpoint(path: str, what: str, name: str, other: str) -> Dict[str, t
     """The state dict of the ``what`` ("VAR" / "VQVAE") checkpoint at ``path``; errors lead with ``name`` (the
     argument or option that gave the path) and say when it is the other model's checkpoint (``other``)."""
     from fastvar.models.build import load_checkpoint
+    from fastvar.models.families import checkpoint_family
     try:
         sd = load_checkpoint(path, what)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"{name}: {e}") from None
-    if ("quantize.embedding.weight" if what == "VAR" else "word_embed.weight") in sd:
-        raise ValueError(f"{name}: {path} is a {'VQVAE' if what == 'VAR' else 'VAR'} checkpoint, not a {what} one; "
-                         f"did you swap {name} and {other}?")
+    swapped = "VQVAE" if what == "VAR" else "VAR"
+    if checkpoint_family(sd) == swapped:
+        raise ValueError(f"{name}: {path} is a {swapped} checkpoint, not a {what} one; did you swap {name} and {other}?")
     return sd
 
 

@@ -201,6 +201,17 @@ def test_swapped_checkpoints(tmp_path, capsys, checkpoints, no_sampling):
           "did you swap --var-ckpt and --vae-ckpt?")
 
 
+def test_an_infinity_checkpoint_in_the_vqvae_slot_is_named_not_called_swapped(tmp_path, capsys, checkpoints,
+                                                                             no_sampling):
+    from test_infinity_models import tiny_pair
+    _, infinity = tiny_pair()
+    torch.save(infinity.state_dict(), tmp_path / "infinity.pth")
+    err = fails(capsys, ["sample", "--var-ckpt", checkpoints[0], "--vae-ckpt", str(tmp_path / "infinity.pth"),
+                         "--labels", "1", "--out", str(tmp_path / "x.png")],
+                "this is an Infinity checkpoint", "fastvar.load_infinity")
+    assert "swap" not in err
+
+
 def test_a_var_and_a_vqvae_that_are_not_a_pair(tmp_path, capsys, checkpoints, no_sampling):
     vae16, _ = fastvar.build_vae_var("cpu", depth=1, ch=32, V=64, Cvae=16, patch_nums=(1, 2, 4),
                                      vae_kwargs=dict(ch_mult=(1, 2, 2)))

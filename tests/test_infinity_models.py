@@ -183,7 +183,7 @@ def test_other_family_checkpoints_are_named(tmp_path, pair):
         load_infinity(files["var"], files["bsq"])
     with pytest.raises(ValueError, match=r"BSQ VAE state dict: this is a VQVAE checkpoint"):
         load_infinity(files["inf"], files["vqvae"])
-    with pytest.raises(ValueError, match=r"VAR state dict: this is a Infinity checkpoint .*fastvar\.load_infinity"):
+    with pytest.raises(ValueError, match=r"VAR state dict: this is an Infinity checkpoint .*fastvar\.load_infinity"):
         fastvar.load_vae_var(files["inf"], files["vqvae"])
     with pytest.raises(ValueError, match=r"VQVAE state dict: this is a BSQ VAE checkpoint"):
         fastvar.load_vae_var(files["var"], files["bsq"])

@@ -21,11 +21,15 @@ def checkpoint_family(sd: Mapping[str, object]) -> Optional[str]:
     return None
 
 
+def _a(family: str) -> str:
+    return f"{'an' if family[0] in 'AEIOU' else 'a'} {family}"
+
+
 def reject_other_family(sd: Mapping[str, object], expected: str, what: str) -> None:
     """``ValueError`` naming the family when ``sd`` is a checkpoint of a family other than ``expected``."""
     family = checkpoint_family(sd)
     if family is not None and family != expected:
         loader = next(loader for f, _, loader in FAMILIES if f == family)
         marker = next(k for f, markers, _ in FAMILIES if f == family for k in markers if k in sd)
-        raise ValueError(f"{what}: this is a {family} checkpoint (it has {marker!r}), not a {expected} one; "
+        raise ValueError(f"{what}: this is {_a(family)} checkpoint (it has {marker!r}), not {_a(expected)} one; "
                          f"load it with {loader}")
