@@ -23,7 +23,7 @@ PNS = ("0.06M", "0.25M", "0.60M", "1M")
 def varlen_kvpacked_bf16(q, kv, cu_seqlens_q, cu_seqlens_k, scale):
     """Stand-in for flash-attn's varlen call (the golden files' definition): per sequence and head, float32
     softmax(q k^T * scale) v from the given (bf16) inputs, rounded once to q's dtype."""
-    out = torch.empty(q.shape, dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         qi = q[cq[i]:cq[i + 1]].float().transpose(0, 1)
@@ -61,7 +61,9 @@ def rope_tables(head_dim, pad_to, h_div_w_list):
 
 def rotate(q, k, scale_schedule, tables, scale_ind):
     start = sum(t * h * w for t, h, w in scale_schedule[:scale_ind])
-    table = tables[str(tuple(scale_schedule))]                                        # 2, 1, 1, 1, L', c/2
+    key = str(tuple(scale_schedule))
+    tables[key] = tables[key].to(q.device)                       # moved once and kept there, as officially
+    table = tables[key]                                                               # 2, 1, 1, 1, L', c/2
     cs = table[:, 0, 0, 0, start:start + q.shape[2]]
     out = []
     for x in (q, k):
@@ -164,7 +166,7 @@ class CrossAttention(nn.Module):
         else:
             B, Lq = q.shape[:2]
             qc = self.mat_q(q).view(-1, self.num_heads, self.head_dim)
-        cu_q = torch.arange(0, Lq * (B + 1), Lq, dtype=torch.int32)
+        cu_q = torch.arange(0, Lq * (B + 1), Lq, dtype=torch.int32, device=qc.device)
         out = varlen_kvpacked_bf16(qc.bfloat16(), kv.bfloat16(), cu_q, cu_seqlens_k, self.scale).float()
         return self.proj_drop(self.proj(out.reshape(B, Lq, -1)))
 
@@ -301,6 +303,7 @@ class Infinity(nn.Module):
         L = x.shape[1]
         pad = -L % self.pad_to_multiplier
         d = torch.cat([torch.full((t * h * w,), i) for i, (t, h, w) in enumerate(scale_schedule)]).view(1, L, 1)
+        d = d.to(x.device)
         mask = torch.where(d >= d.transpose(1, 2), 0.0, -torch.inf).reshape(1, 1, L, L)
         if pad:
             mask = F.pad(mask, (0, pad, 0, pad), value=-torch.inf)
@@ -318,6 +321,8 @@ class Infinity(nn.Module):
     def autoregressive_infer_cfg(self, vae=None, scale_schedule=None, label_B_or_BLT=None, B=1, g_seed=None,
                                  cfg_list=(), tau_list=(), top_k=0, top_p=0.0, cfg_insertion_layer=(-5,), vae_type=0,
                                  ret_img=False, gt_leak=0, gt_ls_Bl=None, inference_mode=False):
+        if self.rng.device != self.pos_start.device:         # officially made on the model's device
+            self.rng = torch.Generator(device=self.pos_start.device)
         rng = None if g_seed is None else self.rng.manual_seed(g_seed)
         vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in scale_schedule] if self.apply_spatial_patchify \
             else scale_schedule
@@ -341,7 +346,7 @@ class Infinity(nn.Module):
             cfg, layer = cfg_list[si], 0
             for ci, chunk in enumerate(self.block_chunks):
                 if ci == 0:
-                    x[:, :h * w] += self.lvl_embed(torch.full((bs, h * w), si))
+                    x[:, :h * w] += self.lvl_embed(torch.full((bs, h * w), si, device=x.device))
                 for m in chunk.module:
                     x = m(x=x, cond_BD=gss, ca_kv=ca_kv, attn_bias_or_two_vector=None, attn_fn=None,
                           scale_schedule=scale_schedule, rope2d_freqs_grid=self.rope2d_freqs_grid, scale_ind=si)
