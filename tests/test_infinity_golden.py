@@ -7,6 +7,7 @@ where a bit's decision margin lies within the logit difference between fastvar a
 bits, see :func:`fragile_bits`): such a bit may flip on another CPU, and everything sampled after a flip
 differs, so the free-running comparison stops at the first scale with a (fragile) flip.
 """
+import copy
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ import golden_infinity as golden
 from fastvar import dynamic_resolution as schedules
 from fastvar.reference import infinity as ref
 from tolerances import (INF_FRAGILE_MAX, INF_GOLDEN_IMAGE_ABS, INF_GOLDEN_LATENT_ABS, INF_GOLDEN_LOGITS_REL,
-                        INF_GOLDEN_RAW_REL, INF_GOLDEN_ROPE_ABS, assert_rel)
+                        INF_GOLDEN_RAW_REL, INF_GOLDEN_ROPE_ABS, INF_GPU_LOGITS_REL, assert_rel)
 
 FILES = golden.FILES
 SETTINGS = ("cfg3_tau0.5_k900_p0.97", "plain", "hiddencfg_ramp_p0.9")
@@ -190,6 +191,19 @@ def test_teacher_forcing_input_and_logits(gold, case):
         logits = model(golden.text_tuple(g), tf["x_BLC_wo_prefix"], scale_schedule=cfg["scale_schedule"])
     assert logits.dtype == torch.float32 and logits.shape == tf["logits"].shape
     assert_rel(logits, tf["logits"], INF_GOLDEN_LOGITS_REL, f"{name} {case} teacher-forced logits")
+
+
+@pytest.mark.gpu
+def test_teacher_forcing_on_gpu(gold):
+    """fastvar's Infinity on CUDA in float32 (the Triton kernels) against the official teacher-forced logits."""
+    name, g = gold
+    _, model = golden.models(name)
+    model = copy.deepcopy(model).cuda()
+    tf = g["teacher_forcing"]["clean"]
+    text = tuple(t.cuda() if isinstance(t, torch.Tensor) else t for t in golden.text_tuple(g))
+    with torch.no_grad():
+        logits = model(text, tf["x_BLC_wo_prefix"].cuda(), scale_schedule=g["config"]["scale_schedule"])
+    assert_rel(logits.cpu(), tf["logits"], INF_GPU_LOGITS_REL, f"{name}: teacher-forced logits on CUDA")
 
 
 def test_bitwise_self_correction_random_numbers(gold):

@@ -68,6 +68,9 @@ INF_GOLDEN_RAW_REL = 1e-5       # VAE encoder output (convolutions): 2.3e-6
 INF_GOLDEN_LATENT_ABS = 1e-6    # BSQ latents, next-scale inputs, summed codes (|values| <= 2): 3.6e-7
 INF_GOLDEN_IMAGE_ABS = 1e-4     # decoded images in [-1, 1] (convolutions): 2.0e-5
 INF_GOLDEN_ROPE_ABS = 1.2e-7    # 2D-RoPE cos/sin: one float32 ulp below 1 (cos/sin implementations): 0
+INF_GPU_LOGITS_REL = 2e-2       # the same logits on a GPU (Triton kernels: float32 dots in IEEE, the text
+                                # cross-attention in bfloat16 with its own internal rounding): a bound set before any
+                                # GPU run, to fit to the first measurement; a wrong RoPE row or cache is off by > 0.1
 INF_WEIGHTS_LOGITS_REL = {       # Infinity with bf16 / fp16 weights under autocast vs float32 weights, teacher-forced
     torch.bfloat16: 5e-2,        # logits of a random 2-block model rel. to max|logits|: measured 1.3e-2
     torch.float16: 1e-2,         # measured 3.6e-3
