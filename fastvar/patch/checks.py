@@ -9,6 +9,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from fastvar.reference.attention import block_causal_bias
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
@@ -123,6 +125,22 @@ def attention_widths(m: nn.Module):
     if not positive_ints(H) or C % H:
         return f"its num_heads {H!r} does not divide the width {C}", C, 0
     return None, C, H
+
+
+def attention_tensors(m: nn.Module, C: int, H: int, scale_mul: bool) -> Optional[str]:
+    """None if ``m`` holds the official self-attention's tensors for width ``C`` and ``H`` heads (``mat_qkv``
+    without bias, ``q_bias``, ``v_bias``, ``proj``, the ``zero_k_bias`` buffer, and ``scale_mul_1H11`` with
+    cosine attention) and a ``kv_caching()``; VAR's and Infinity's share them."""
+    params = {"mat_qkv.weight": (3 * C, C), "q_bias": (C,), "v_bias": (C,), "proj.weight": (C, C), "proj.bias": (C,)}
+    if scale_mul:
+        params["scale_mul_1H11"] = (1, H, 1, 1)
+    return first(tensors(m, params, {"zero_k_bias": (C,)}),
+                 None if callable(getattr(m, "kv_caching", None)) else "it has no kv_caching()")
+
+
+def probe_mask(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The ``(1, 1, 5, 5)`` block-causal mask of the probe calls: two scales of 1 and 4 tokens."""
+    return block_causal_bias([1, 4], device, dtype)[None, None]
 
 
 def adaln_block(m: nn.Module, children) -> Optional[str]:

@@ -16,10 +16,9 @@ from fastvar.models.infinity import Infinity
 from fastvar.nn import attention as fnn
 from fastvar.nn import infinity as finf
 from fastvar.nn.attention import FFN
-from fastvar.patch.checks import (Rule, adaln_block, attention_widths, diff, first, forward_arguments,
-                                  modulation_tensors, on_meta, positive_ints, seeded_randn, signature, swap,
-                                  take_modulation, tensors)
-from fastvar.reference.attention import block_causal_bias
+from fastvar.patch.checks import (Rule, adaln_block, attention_tensors, attention_widths, diff, first,
+                                  forward_arguments, modulation_tensors, on_meta, positive_ints, probe_mask,
+                                  seeded_randn, signature, swap, take_modulation, tensors)
 
 _BLOCK_ARGS = ("x", "cond_BD", "ca_kv", "attn_bias_or_two_vector", "attn_fn", "scale_schedule", "rope2d_freqs_grid",
                "scale_ind")
@@ -64,11 +63,7 @@ def _self_attention_structure(m: nn.Module) -> Optional[str]:
     if getattr(m, "using_flash", False):
         return "it runs the customized flash-attention kernel (customized_flash_attn=True), whose scale_mul and " \
                "training mask have other shapes"
-    params = {"mat_qkv.weight": (3 * C, C), "q_bias": (C,), "v_bias": (C,), "proj.weight": (C, C), "proj.bias": (C,),
-              "scale_mul_1H11": (1, H, 1, 1)}
-    return first(tensors(m, params, {"zero_k_bias": (C,)}),
-                 None if callable(getattr(m, "kv_caching", None)) else "it has no kv_caching()",
-                 signature(m, "forward", 6, ("x",) + _BLOCK_ARGS[3:]))
+    return first(attention_tensors(m, C, H, scale_mul=True), signature(m, "forward", 6, ("x",) + _BLOCK_ARGS[3:]))
 
 
 def _cross_attention_structure(m: nn.Module) -> Optional[str]:
@@ -113,8 +108,8 @@ def _cross_attn_block_structure(m: nn.Module) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------ probes
-# a call over two scales of 1 and 4 tokens: the schedule [(1, 1, 1), (1, 2, 2)] with its RoPE table, the official
-# dict form (the form the official model hands its blocks)
+# a call over probe_mask's two scales of 1 and 4 tokens: the schedule [(1, 1, 1), (1, 2, 2)] with its RoPE table,
+# in the official dict form (the form the official model hands its blocks)
 _PROBE_SCHEDULE = [(1, 1, 1), (1, 2, 2)]
 
 
@@ -133,8 +128,7 @@ def _probe_text(kv_dim: int, randn) -> tuple:
 def _self_attention_probe(m, dtype, device):
     randn = seeded_randn(dtype, device)
     C = m.mat_qkv.in_features
-    mask = block_causal_bias([1, 4], device, dtype)[None, None]
-    return "forward", (randn(1, 5, C), mask, None, _PROBE_SCHEDULE, _probe_rope(C // m.num_heads, device), 0), {}
+    return "forward", (randn(1, 5, C), probe_mask(dtype, device), None, _PROBE_SCHEDULE, _probe_rope(C // m.num_heads, device), 0), {}
 
 
 def _cross_attention_probe(m, dtype, device):
@@ -145,8 +139,7 @@ def _cross_attention_probe(m, dtype, device):
 def _cross_attn_block_probe(m, dtype, device):
     randn = seeded_randn(dtype, device)
     cond = randn(1, 1, 6, m.C) if m.shared_aln else randn(1, m.D)
-    mask = block_causal_bias([1, 4], device, dtype)[None, None]
-    return "forward", (randn(1, 5, m.C), cond, _probe_text(m.ca.kv_dim, randn), mask, None, _PROBE_SCHEDULE,
+    return "forward", (randn(1, 5, m.C), cond, _probe_text(m.ca.kv_dim, randn), probe_mask(dtype, device), None, _PROBE_SCHEDULE,
                        _probe_rope(m.C // m.sa.num_heads, device), 0), {}
 
 

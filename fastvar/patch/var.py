@@ -13,10 +13,9 @@ import torch.nn as nn
 from fastvar.nn import attention as fnn
 from fastvar.nn import quant as fquant
 from fastvar.nn.attention import schedule_of_mask
-from fastvar.patch.checks import (Rule, adaln_block, ada_lin_check, attention_widths, diff, first, forward_arguments,
-                                  is_plain_layernorm, modulation_tensors, on_meta, positive_ints, seeded_randn,
-                                  signature, swap, take_modulation, tensors)
-from fastvar.reference.attention import block_causal_bias
+from fastvar.patch.checks import (Rule, adaln_block, ada_lin_check, attention_tensors, attention_widths, diff, first,
+                                  forward_arguments, is_plain_layernorm, modulation_tensors, on_meta, positive_ints,
+                                  probe_mask, seeded_randn, signature, swap, take_modulation, tensors)
 from fastvar.schedule import Schedule
 
 
@@ -83,12 +82,8 @@ def _self_attention_structure(m: nn.Module) -> Optional[str]:
     reason, C, H = attention_widths(m)
     if reason:
         return reason
-    params = {"mat_qkv.weight": (3 * C, C), "q_bias": (C,), "v_bias": (C,), "proj.weight": (C, C), "proj.bias": (C,)}
-    if getattr(m, "attn_l2_norm", None):
-        params["scale_mul_1H11"] = (1, H, 1, 1)
-    return first(tensors(m, params, {"zero_k_bias": (C,)}),
-                  None if callable(getattr(m, "kv_caching", None)) else "it has no kv_caching()",
-                  signature(m, "forward", 2, ("attn_bias",)))
+    return first(attention_tensors(m, C, H, bool(getattr(m, "attn_l2_norm", None))),
+                 signature(m, "forward", 2, ("attn_bias",)))
 
 
 def _ffn_structure(m: nn.Module) -> Optional[str]:
@@ -146,22 +141,18 @@ def _vector_quantizer_structure(m: nn.Module) -> Optional[str]:
                   None if callable(getattr(m, "f_to_idxBl_or_fhat", None)) else "it has no f_to_idxBl_or_fhat()")
 
 
-def _mask(dtype, device):
-    return block_causal_bias([1, 4], device, dtype)[None, None]       # two scales of 1 and 4 tokens
-
-
 def _ffn_probe(m, dtype, device):
     return "forward", (seeded_randn(dtype, device)(1, 5, m.fc1.in_features),), {}
 
 
 def _self_attention_probe(m, dtype, device):
-    return "forward", (seeded_randn(dtype, device)(1, 5, m.mat_qkv.in_features),), {"attn_bias": _mask(dtype, device)}
+    return "forward", (seeded_randn(dtype, device)(1, 5, m.mat_qkv.in_features),), {"attn_bias": probe_mask(dtype, device)}
 
 
 def _ada_ln_self_attn_probe(m, dtype, device):
     randn = seeded_randn(dtype, device)
     cond = randn(1, 1, 6, m.C) if m.shared_aln else randn(1, m.D)
-    return "forward", (randn(1, 5, m.C), cond), {"attn_bias": _mask(dtype, device)}
+    return "forward", (randn(1, 5, m.C), cond), {"attn_bias": probe_mask(dtype, device)}
 
 
 def _ada_ln_before_head_probe(m, dtype, device):
