@@ -136,15 +136,10 @@ class InfinityKVCache:
         self.length = 0
 
 
-def schedule_tokens(scale_schedule: Sequence[Sequence[int]], scales: Optional[int] = None) -> int:
-    """The tokens of the first ``scales`` scales (all by default) of an official ``[(t, h, w), ...]`` schedule."""
-    return sum(int(t) * int(h) * int(w) for t, h, w in list(scale_schedule)[:scales])
-
-
 def rope_rows(rope2d_freqs_grid, scale_schedule, scale_ind: int, length: int,
               device: torch.device) -> Optional[torch.Tensor]:
     """The ``(2, length, c/2)`` cos/sin rows of the tokens one call computes: those from scale ``scale_ind`` of
-    ``scale_schedule`` on (row ``schedule_tokens(scale_schedule, scale_ind)``), as the official
+    ``scale_schedule`` on (the row after the tokens of the scales before it), as the official
     ``apply_rotary_emb`` slices them. ``rope2d_freqs_grid`` is the schedule's table ``(2, >= L, c/2)`` (fastvar's
     ``Infinity`` passes :func:`fastvar.reference.infinity.rope2d_table`), or the official model's dict of tables
     keyed by ``str(tuple(scale_schedule))``, each ``(2, 1, 1, 1, L', c/2)``; None: no rotation (as officially).
@@ -155,7 +150,7 @@ def rope_rows(rope2d_freqs_grid, scale_schedule, scale_ind: int, length: int,
     if scale_schedule is None and (scale_ind or isinstance(rope2d_freqs_grid, Mapping)):
         raise ValueError("scale_schedule is required to find this call's RoPE rows (scale_ind > 0 or the official "
                          "dict of tables)")
-    start = schedule_tokens(scale_schedule, scale_ind) if scale_ind else 0
+    start = sum(ref.schedule_lens(list(scale_schedule)[:scale_ind])) if scale_ind else 0
     table = rope2d_freqs_grid
     if isinstance(table, Mapping):
         key = str(tuple(tuple(int(v) for v in s) for s in scale_schedule))
@@ -234,7 +229,7 @@ class SelfAttention(nn.Module):
                 raise ValueError("with kv_caching(True), pass scale_schedule: the cache is sized for its tokens")
             cache = self.kv_cache
             if cache is None or cache.k.shape[0] != B:
-                cache = self.kv_cache = InfinityKVCache(B, H, schedule_tokens(scale_schedule), c, qkv.dtype,
+                cache = self.kv_cache = InfinityKVCache(B, H, sum(ref.schedule_lens(scale_schedule)), c, qkv.dtype,
                                                         qkv.device)
             if cache.length + L > cache.k.shape[2]:
                 raise ValueError(f"the KV cache holds the {cache.k.shape[2]} tokens of scale_schedule; {cache.length} "

@@ -343,4 +343,5 @@ def image_to_uint8_bgr(img: torch.Tensor) -> torch.Tensor:
 
 
 def schedule_lens(schedule) -> List[int]:
-    return [h * w for _, h, w in schedule]
+    """Tokens ``t * h * w`` of every scale of an official ``[(t, h, w), ...]`` schedule (t is 1 for images)."""
+    return [int(t) * int(h) * int(w) for t, h, w in schedule]
