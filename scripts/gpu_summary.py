@@ -4,7 +4,7 @@
 
 Reads what the stages left in the work folder (whatever exists: a stage cut off or never reached is
 reported as such): env.txt, stages.tsv, ceilings.csv, coldstart.csv, precompile.json, tests_*.xml (JUnit)
-and tests_*.log, e2e.csv and the kernel benchmarks' CSVs. Also writes WORK_DIR/verdict.txt
+and tests_*.log, e2e.csv, infinity.csv and the kernel benchmarks' CSVs. Also writes WORK_DIR/verdict.txt
 (``stages_failed=N tests_failed=M``) for scripts and CI.
 """
 import argparse
@@ -79,18 +79,23 @@ def tests(work):
     return counts, failures, killed
 
 
-def e2e_lines(rows):
+def e2e_lines(rows, baseline):
+    """One line per (model, batch): fastvar's whole-sample time against ``baseline``'s (the provider the
+    ``speedup_vs_eager`` column divides by), and the FLOP floor. Per-scale rows (``scale`` set) are left out."""
     out = []
     by = {}
     for r in rows:
-        by.setdefault((r.get("model"), r.get("batch")), {})[r.get("provider")] = r
+        if not r.get("scale"):
+            by.setdefault((r.get("model"), r.get("batch")), {})[r.get("provider")] = r
     for (model, batch), prov in sorted(by.items(), key=lambda kv: (kv[0][0] or "", int(kv[0][1] or 0))):
-        fast, eager = prov.get("fastvar"), prov.get("eager")
+        fast, base = prov.get("fastvar"), prov.get(baseline)
         if fast is None:
             continue
-        line = f"  {model} B={batch}: fastvar {fast.get('ms')} ms ({fast.get('images_per_s')} img/s)"
-        if eager is not None:
-            line += f", eager {eager.get('ms')} ms: x{fast.get('speedup_vs_eager')}"
+        line = f"  {model} B={batch}: fastvar {fast.get('ms')} ms"
+        if fast.get("images_per_s"):
+            line += f" ({fast['images_per_s']} img/s)"
+        if base is not None:
+            line += f", {baseline} {base.get('ms')} ms: x{fast.get('speedup_vs_eager')}"
         if fast.get("flop_floor_ms"):
             line += f", floor {fast['flop_floor_ms']} ms"
         out.append(line)
@@ -158,9 +163,13 @@ def build(work, total):
     e2e = _csv(os.path.join(work, "e2e.csv"))
     if e2e:
         lines.append("## end-to-end sampling (fastvar vs the official eager loop)")
-        lines += e2e_lines(e2e)
+        lines += e2e_lines(e2e, "eager")
+    infinity = _csv(os.path.join(work, "infinity.csv"))
+    if infinity:
+        lines.append("## Infinity end-to-end (fastvar vs the official loop)")
+        lines += e2e_lines(infinity, "official")
     bench = [bench_line(os.path.basename(p)[:-4], _csv(p)) for p in sorted(glob.glob(os.path.join(work, "*.csv")))
-             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv")]
+             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "infinity.csv")]
     bench = [b for b in bench if b]
     if bench:
         lines.append("## kernel benchmarks")
