@@ -34,7 +34,7 @@ declare -A SCRIPT=(
   [rq_lookup]=bench/bench_rq_lookup.py
   [upsample]=bench/bench_upsample.py
   [adaln]=bench/bench_adaln.py
-  [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, eager vs the Sampler (--out-dir)
+  [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, the official loop vs the Sampler (--out-dir)
   [bit_sampling]=bench/bench_bit_sampling.py
   [cross_attention]=bench/bench_cross_attention.py
 )

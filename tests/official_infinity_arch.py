@@ -35,7 +35,13 @@ def varlen_kvpacked_bf16(q, kv, cu_seqlens_q, cu_seqlens_k, scale):
 def rope_tables(head_dim, pad_to, h_div_w_list):
     """The official dict of RoPE tables: for each template its 1M schedule's positions on a 128 x 128 grid, cos/sin
     of row and column angles, zero-padded to a multiple of ``pad_to``, viewed (2, 1, 1, 1, L', c/2), under the key
-    ``str(tuple(schedule))`` of every pn of the template (spec section 5)."""
+    ``str(tuple(schedule))`` of every pn of the template (spec section 5). Built on CPU, as officially (also when
+    the model is built on the meta device, as bench/bench_infinity.py does)."""
+    with torch.device("cpu"):
+        return _rope_tables(head_dim, pad_to, h_div_w_list)
+
+
+def _rope_tables(head_dim, pad_to, h_div_w_list):
     half = head_dim // 2
     inv = 1.0 / (10000.0 ** (torch.arange(0, half, 2) / half))
     t = torch.arange(128).float()
@@ -108,7 +114,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
         self.tau, self.cos_attn, self.scale = tau, cos_attn, 1
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
-        self.max_scale_mul = torch.log(torch.tensor(100)).item()
+        self.max_scale_mul = torch.log(torch.tensor(100, device="cpu")).item()       # a float, also on meta
         self.mat_qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(embed_dim)), nn.Parameter(torch.zeros(embed_dim))
         self.register_buffer("zero_k_bias", torch.zeros(embed_dim))

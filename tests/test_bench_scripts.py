@@ -12,6 +12,7 @@ import torch
 
 from fastvar.utils import benchmarking
 from fastvar.utils.benchmarking import COLUMNS, Case
+from tolerances import assert_rel
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
@@ -278,13 +279,30 @@ def test_contributing_table_matches_the_tree():
 @pytest.mark.slow
 def test_bench_infinity_smoke(monkeypatch, tmp_path):
     """The Infinity end-to-end benchmark's code path on a tiny CPU model: the common columns, both providers and
-    the per-scale rows (the timings mean nothing)."""
+    their per-scale rows (the timings mean nothing)."""
     bench = load_on_cpu("bench_infinity", monkeypatch)
     assert bench.main(["--smoke", "--batches", "1", "--reps", "1", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("infinity_e2e_*.csv")
     rows = list(csv.DictReader(open(path)))
     assert list(rows[0])[:len(benchmarking.COLUMNS)] == list(benchmarking.COLUMNS)
     whole = [r for r in rows if r["scale"] == ""]
-    assert [r["provider"] for r in whole] == ["eager", "fastvar"] and all(float(r["ms"]) > 0 for r in whole)
-    assert [int(r["scale"]) for r in rows if r["scale"]] == list(range(7))    # the 0.06M template: 7 scales
+    assert [r["provider"] for r in whole] == ["official", "fastvar"] and all(float(r["ms"]) > 0 for r in whole)
+    for provider in ("official", "fastvar"):                 # the 0.06M template: 7 scales
+        assert [int(r["scale"]) for r in rows if r["scale"] and r["provider"] == provider] == list(range(7))
+    assert bench.official.varlen_kvpacked_bf16 is not bench.varlen_as_sdpa       # put back after the runs
+
+
+def test_bench_infinity_cross_attention_call_is_flash_attns(monkeypatch):
+    """The official loop's flash-attn call in bench_infinity (one SDPA call for equal lengths) computes what the
+    golden files' definition of it does, in the official dtype."""
+    bench = load_on_cpu("bench_infinity", monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    for B, Lq, Lk in ((3, 5, 7), (2, 1, 77)):                 # image tokens; the attentive pool's one query
+        q = torch.randn(B * Lq, 4, 16, generator=g).bfloat16()
+        kv = torch.randn(B * Lk, 2, 4, 16, generator=g).bfloat16()
+        cu_q, cu_k = (torch.arange(0, n * (B + 1), n, dtype=torch.int32) for n in (Lq, Lk))
+        want = bench.official.varlen_kvpacked_bf16(q, kv, cu_q, cu_k, 0.25)
+        got = bench.varlen_as_sdpa(q, kv, cu_q, cu_k, 0.25)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert_rel(got.float(), want.float(), 2 ** -7, f"B={B} Lq={Lq} Lk={Lk}")     # bf16 rounding of the output
 

@@ -343,8 +343,7 @@ def test_cuda_graphs_give_the_same_bits(dtype):
 
 
 def test_model_api_under_bf16_autocast(pair):
-    """The official demo samples under torch.autocast: the model's own loop keeps a float32 residual stream (the
-    eager baseline of bench/bench_infinity.py)."""
+    """The official demo samples under torch.autocast: the model's own loop keeps a float32 residual stream."""
     vae, model = pair
     with torch.autocast("cpu", torch.bfloat16):
         _, _, img = model.autoregressive_infer_cfg(vae=vae, scale_schedule=SCHED, label_B_or_BLT=text([3, 2]), B=2,
