@@ -18,8 +18,10 @@ ranks share no data, so eight GPUs take an eighth of the time, plus start-up).
 
 Rows in the layout of every benchmark (``fastvar.utils.benchmarking.COLUMNS``: median, p20, p80 of the wall
 time of whole samples, transformer TFLOP/s, peak memory, speedup over eager, the check), then ``model``, ``L``,
-``batch``, ``dtype``, ``scale``, ms per image, images/s, the VAE decode timed separately and the transformer FLOP
-floor (its FLOPs over the measured dense GEMM rate); fastvar's per-scale breakdown: one row per scale (``scale``).
+``batch``, ``dtype``, ``scale``, ms per image, images/s, the VAE decode timed separately, the transformer's floors
+(its FLOPs over the measured dense GEMM rate; its weights over the measured copy bandwidth,
+:func:`weight_floor_ms`) and the time over the higher of the two (``over_floor``); fastvar's per-scale breakdown:
+one row per scale (``scale``).
 Outputs are checked before timing: shapes always; in float32 the first scale's tokens must equal the official
 loop's. Results: ``<out_dir>/e2e_<gpu>_<date>.csv``.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -66,13 +68,69 @@ def timed(fn, device: torch.device, reps: int, warmup: int = 1):
     return tuple(times[int(q * (len(times) - 1) + 0.5)] for q in (0.5, 0.2, 0.8)), mem
 
 
-def gemm_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense GEMM rate (TFLOP/s) at 8192^3 (CUDA) or 1024^3 (CPU)."""
-    n = 8192 if device.type == "cuda" else 1024
+def device_ms(fn, device: torch.device, reps: int) -> float:
+    """Median time of ``fn()`` in ms after one warm-up call: CUDA events around each call on a GPU, the wall
+    clock on CPU."""
+    fn()                                        # warm-up: handles, cuBLAS heuristics
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_gbs(device: torch.device, nbytes: Optional[int] = None, reps: int = 10) -> Tuple[float, float]:
+    """Measured device-to-device copy rate, bytes read + written per second in GB/s (the memory bandwidth a
+    kernel can use), and the copy's ms. ``nbytes``: the buffer (default 4 GiB on a GPU, far larger than L2;
+    4 MiB on CPU)."""
+    nbytes = nbytes or ((4 << 30) if device.type == "cuda" else (4 << 20))
+    src = torch.rand(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = device_ms(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9, ms
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, n: Optional[int] = None,
+                reps: int = 10) -> Tuple[float, float]:
+    """Measured dense GEMM rate in TFLOP/s on random ``n x n`` operands (a product of zeros ran 13% faster on an
+    H200), and the product's ms. Default ``n``: 8192 on a GPU, 256 on CPU. float32 products use TF32 here."""
+    n = n or (8192 if device.type == "cuda" else 256)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = timed(lambda: a @ b, device, reps=5 if device.type == "cuda" else 2)[0][0]
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+    try:
+        ms = device_ms(lambda: a @ b, device, reps)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12, ms
+
+
+# weights applied to the condition (class or text), the same at every scale: a sampler reads them once per sample
+CONDITION_WEIGHTS = ("ada_lin", "ada_gss", "ca.mat_kv", "text_", "cfg_uncond", "class_emb", "pos_", "lvl_embed")
+
+
+def weight_floor_ms(model, scales: int, dtype: torch.dtype, gbs: float) -> float:
+    """The weight-bandwidth floor of one sample in ms: ``model``'s weights in ``dtype`` read at ``gbs`` GB/s, those
+    of the attention, MLP and head at each of ``scales`` scales, those applied to the condition
+    (:data:`CONDITION_WEIGHTS`: AdaLN projections, the text path and the text's keys and values) and the
+    embedding tables once. A whole sample at B = 1 is bound by it (weights dominate its memory traffic)."""
+    per_scale = once = 0
+    for name, p in model.named_parameters():
+        if any(key in name for key in CONDITION_WEIGHTS):
+            once += p.numel()
+        else:
+            per_scale += p.numel()
+    return (per_scale * scales + once) * dtype.itemsize / (gbs * 1e9) * 1e3
 
 
 def transformer_flops(var, B: int) -> float:
@@ -97,9 +155,10 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
     if device.type != "cuda" and not smoke:
         raise RuntimeError("the sampling benchmark needs a CUDA GPU (use --smoke to check the code path on CPU)")
     meta = metadata(device)
-    floor_rate = gemm_tflops(device, dtype if device.type == "cuda" else torch.float32)
+    floor_rate = gemm_tflops(device, dtype if device.type == "cuda" else torch.float32)[0]
+    gbs = copy_gbs(device)[0]
     log(f"# {meta['device']} | {meta['date']} | commit {meta['commit']} | {dtype} | dense GEMM {floor_rate:.1f} "
-        f"TFLOP/s measured")
+        f"TFLOP/s, copy {gbs:.0f} GB/s measured")
     rows: List[Dict] = []
     peak = "fp32_tflops" if dtype == torch.float32 else "bf16_tflops"
     specs = [SMOKE_MODEL] if smoke else [(m, *MODELS[m], 160, 4096, 32) for m in models]
@@ -148,6 +207,7 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 checks["fastvar"] = f"tokens equal to eager's: {same}/{B * var.L}"
                 log(f"  tokens equal to the official loop's: {same}/{B * var.L}")
             floor_ms = transformer_flops(var, B) / (floor_rate * 1e12) * 1e3
+            weights_ms = weight_floor_ms(var, len(var.schedule.lens), dtype, gbs)
             f_hat = fast.tokens(labels, seed=0, **kw)[1]
             decode_ms = timed(lambda: fast.decode(f_hat), device, reps)[0][0]
             keys = dict(model=name, L=var.L, batch=B, dtype=str(dtype))
@@ -160,13 +220,16 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                 row = result_row(meta, "e2e", name, p, shape, ms, flops=transformer_flops(var, B), peak=peak,
                                  peak_mb=mem, speedup=base / ms[0] if base else None, check=checks[p], **keys,
                                  scale="", ms_per_image=round(ms[0] / B, 3), images_per_s=round(1e3 * B / ms[0], 2),
-                                 flop_floor_ms=round(floor_ms, 3), vae_decode_ms=round(decode_ms, 3),
+                                 flop_floor_ms=round(floor_ms, 3), weight_floor_ms=round(weights_ms, 3),
+                                 over_floor=round(ms[0] / max(floor_ms, weights_ms), 2),
+                                 vae_decode_ms=round(decode_ms, 3),
                                  # 4 significant digits: a short run's hours are fractions, where 3 decimals would break
                                  # the 1-GPU = 8 x 8-GPU relation (0.0375 -> 0.038)
                                  fid50k_hours_1gpu=float(f"{fid_h:.4g}"), fid50k_hours_8gpu=float(f"{fid_h / 8:.4g}"))
                 rows.append(row)
                 log(f"{name:9s} B={B:3d} {p:8s} {ms[0]:9.2f} ms  {row['images_per_s']:8.1f} img/s  "
-                    f"x{row['speedup_vs_eager'] or '-'}  (floor {floor_ms:.2f} ms, decode {decode_ms:.2f} ms)")
+                    f"x{row['speedup_vs_eager'] or '-'}  ({row['over_floor']} x the floor: FLOPs {floor_ms:.2f} ms, "
+                    f"weights {weights_ms:.2f} ms; decode {decode_ms:.2f} ms)")
             for p, sampler in (("fastvar", fast), ("fastvar-fused", fused)):
                 if p in providers:
                     per_scale = scale_breakdown(sampler, labels, kw, device)

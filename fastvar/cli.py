@@ -359,8 +359,10 @@ def cmd_sample(args) -> str:
 # ---------------------------------------------------------------------------- bench
 
 BENCH_COLUMNS = """columns: model, B = batch size, provider, ms = one batch's tokens (median of --reps),
-  img/s = B / time, xN = speedup over eager, floor = the transformer's FLOPs at this device's measured dense GEMM
-  rate (a lower bound on ms), decode = ms of the VQVAE decode of the batch (not in ms);
+  img/s = B / time, xN = speedup over eager, N x the floor = ms over the higher of two lower bounds on it:
+  FLOPs = the transformer's FLOPs at this device's measured dense GEMM rate, weights = its weights read at the
+  measured copy bandwidth (once per scale; those applied to the class once), decode = ms of the VQVAE decode of the
+  batch (not in ms);
   'per scale' lines: fastvar's ms of each scale, coarse to fine.
 providers: eager = the official sampling loop in PyTorch; compile = the same with its blocks under torch.compile;
   fastvar = fastvar.Sampler; fastvar-fused = fastvar.Sampler(fused_step_conv=True)."""

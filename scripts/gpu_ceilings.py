@@ -4,58 +4,31 @@ read + written per second) and dense matrix-product rates (bf16, fp16, TF32), to
     python scripts/gpu_ceilings.py --out ceilings.csv          # a GPU (about 10 s)
     python scripts/gpu_ceilings.py --smoke --out ceilings.csv  # CPU, tiny sizes: checks the code path only
 
-Random inputs (a product of zeros ran 13% faster on an H200), warm-up first, the median of timed repeats
-(CUDA events), buffers far larger than L2 for the copy.
+The measurements are ``fastvar.benchmark``'s (``copy_gbs``, ``gemm_tflops``), which the end-to-end benchmarks also
+take for their floors: random inputs, warm-up first, the median of timed repeats (CUDA events), a copy buffer far
+larger than L2.
 """
 import argparse
 import sys
-import time
 
 import torch
 
+from fastvar.benchmark import copy_gbs, gemm_tflops
 from fastvar.utils.benchmarking import metadata, write_csv
 
 
-def _median_ms(fn, device, reps):
-    fn()                                        # warm-up: handles, cuBLAS heuristics
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 def measure(device: torch.device, smoke: bool):
-    rows = []
-    n_copy = (1 << 20) if smoke else (1 << 30)             # float32 elements: 4 MiB (smoke) or 4 GiB
-    src = torch.rand(n_copy, device=device)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, 3 if smoke else 10)
-    rows.append(dict(metric="copy_d2d", value=round(2 * src.numel() * 4 / (ms * 1e-3) / 1e9, 1), unit="GB/s",
-                     shape=f"{src.numel() * 4 >> 20} MiB read + written", ms=round(ms, 4)))
-    src = dst = None                            # free 8 GiB before the products
+    reps = 3 if smoke else 10
+    nbytes = (4 << 20) if smoke else (4 << 30)
+    gbs, ms = copy_gbs(device, nbytes, reps)
+    rows = [dict(metric="copy_d2d", value=round(gbs, 1), unit="GB/s", shape=f"{nbytes >> 20} MiB read + written",
+                 ms=round(ms, 4))]
     n = 256 if smoke else 8192
     dtypes = [("bf16", torch.bfloat16), ("fp16", torch.float16), ("tf32", torch.float32)]
     for name, dtype in dtypes if not smoke else dtypes[2:]:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-        try:
-            ms = _median_ms(lambda: a @ b, device, 3 if smoke else 10)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-        rows.append(dict(metric=f"gemm_{name}", value=round(2 * n ** 3 / (ms * 1e-3) / 1e12, 1), unit="TFLOP/s",
-                         shape=f"{n}x{n}x{n}", ms=round(ms, 4)))
+        tflops, ms = gemm_tflops(device, dtype, n, reps)
+        rows.append(dict(metric=f"gemm_{name}", value=round(tflops, 1), unit="TFLOP/s", shape=f"{n}x{n}x{n}",
+                         ms=round(ms, 4)))
     return rows
 
 

@@ -81,7 +81,7 @@ def tests(work):
 
 def e2e_lines(rows, baseline):
     """One line per (model, batch): fastvar's whole-sample time against ``baseline``'s (the provider the
-    ``speedup_vs_eager`` column divides by), and the FLOP floor. Per-scale rows (``scale`` set) are left out."""
+    ``speedup_vs_eager`` column divides by), and the floors. Per-scale rows (``scale`` set) are left out."""
     out = []
     by = {}
     for r in rows:
@@ -96,8 +96,12 @@ def e2e_lines(rows, baseline):
             line += f" ({fast['images_per_s']} img/s)"
         if base is not None:
             line += f", {baseline} {base.get('ms')} ms: x{fast.get('speedup_vs_eager')}"
-        if fast.get("flop_floor_ms"):
-            line += f", floor {fast['flop_floor_ms']} ms"
+        floors = [f"{what} {fast[col]} ms" for what, col in (("FLOPs", "flop_floor_ms"), ("weights", "weight_floor_ms"))
+                  if fast.get(col)]
+        if floors:
+            line += ", floors: " + ", ".join(floors)
+        if fast.get("over_floor"):
+            line += f" ({fast['over_floor']} x the higher)"
         out.append(line)
     return out
 

@@ -287,6 +287,10 @@ def test_bench_infinity_smoke(monkeypatch, tmp_path):
     assert list(rows[0])[:len(benchmarking.COLUMNS)] == list(benchmarking.COLUMNS)
     whole = [r for r in rows if r["scale"] == ""]
     assert [r["provider"] for r in whole] == ["official", "fastvar"] and all(float(r["ms"]) > 0 for r in whole)
+    for r in whole:
+        floor = max(float(r["flop_floor_ms"]), float(r["weight_floor_ms"]))
+        assert float(r["weight_floor_ms"]) > 0
+        assert float(r["over_floor"]) == pytest.approx(float(r["ms"]) / floor, rel=0.01, abs=0.01)
     for provider in ("official", "fastvar"):                 # the 0.06M template: 7 scales
         assert [int(r["scale"]) for r in rows if r["scale"] and r["provider"] == provider] == list(range(7))
     assert bench.official.varlen_kvpacked_bf16 is not bench.varlen_as_sdpa       # put back after the runs

@@ -115,15 +115,34 @@ def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
     assert len(csvs) == 1
     rows = list(csv.DictReader(open(csvs[0])))
     assert list(rows[0])[:len(COLUMNS)] == list(COLUMNS)
-    for col in ("model", "batch", "scale", "ms_per_image", "images_per_s", "flop_floor_ms", "vae_decode_ms",
-                "fid50k_hours_1gpu", "fid50k_hours_8gpu"):
+    for col in ("model", "batch", "scale", "ms_per_image", "images_per_s", "flop_floor_ms", "weight_floor_ms",
+                "over_floor", "vae_decode_ms", "fid50k_hours_1gpu", "fid50k_hours_8gpu"):
         assert col in rows[0]
     whole = [r for r in rows if r["scale"] == ""]
+    for r in whole:                              # the time over the higher floor (both rounded in the CSV)
+        floor = max(float(r["flop_floor_ms"]), float(r["weight_floor_ms"]))
+        assert float(r["weight_floor_ms"]) > 0
+        assert float(r["over_floor"]) == pytest.approx(float(r["ms"]) / floor, rel=0.01, abs=0.01)
     assert [r["provider"] for r in whole] == ["eager", "fastvar", "fastvar-fused", "fastvar-generate"]
     assert all(float(r["fid50k_hours_1gpu"]) > 8 * float(r["fid50k_hours_8gpu"]) * 0.99 > 0 for r in whole)
     assert all(float(r["ms"]) > 0 and r["bench"] == "e2e" and r["case"] == "d2-smoke" for r in whole)
     for p in ("fastvar", "fastvar-fused"):       # the per-scale breakdown: one row per scale of the smoke schedule
         assert [int(r["scale"]) for r in rows if r["provider"] == p and r["scale"]] == [0, 1, 2, 3]
+
+
+def test_weight_floor_reads_condition_weights_once():
+    """The weight-bandwidth floor: the attention, MLP and head weights at every scale, the AdaLN projections and
+    the embedding tables once per sample, in the compute dtype, at the given bandwidth."""
+    from fastvar.benchmark import weight_floor_ms
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Module()])
+    model.blocks[0].attn = torch.nn.Linear(4, 12, bias=False)        # 48 per scale
+    model.blocks[0].ada_lin = torch.nn.Linear(4, 24, bias=False)     # 96 once
+    model.class_emb = torch.nn.Embedding(10, 4)                     # 40 once
+    model.head = torch.nn.Linear(4, 8, bias=False)                  # 32 per scale
+    bytes_read = ((48 + 32) * 3 + 96 + 40) * 2                      # 3 scales, bf16
+    assert weight_floor_ms(model, 3, torch.bfloat16, gbs=2.0) == pytest.approx(bytes_read / 2e9 * 1e3)
+    assert weight_floor_ms(model, 3, torch.float32, gbs=2.0) == pytest.approx(2 * bytes_read / 2e9 * 1e3)
 
 
 def test_bench_without_gpu_says_so(capsys):

@@ -102,17 +102,17 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
         </testsuite></testsuites>"""
     stages = "install\tok\t10\t60\t\ntests\ttimeout\t240\t240\t\ne2e\tskipped\t0\t0\tno time left of the 540 s budget\n"
     e2e = """
-        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,scale
-        H100,d16,1,eager,900,1.1,1.0,1,
-        H100,d16,1,fastvar,100,10,9.0,1,
-        H100,d16,1,fastvar,7,,,,0
-        H100,d16,1,fastvar,30,,,,9
+        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale
+        H100,d16,1,eager,900,1.1,1.0,1,2,450,
+        H100,d16,1,fastvar,100,10,9.0,1,2,50,
+        H100,d16,1,fastvar,7,,,,,,0
+        H100,d16,1,fastvar,30,,,,,,9
         """
     infinity = """
-        device,model,batch,provider,ms,speedup_vs_eager,flop_floor_ms,scale
-        H100,infinity-2b-random,1,official,2000,1.0,150,
-        H100,infinity-2b-random,1,fastvar,400,5.0,150,
-        H100,infinity-2b-random,1,fastvar,90,,,12
+        device,model,batch,provider,ms,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale
+        H100,infinity-2b-random,1,official,2000,1.0,150,20,13.33,
+        H100,infinity-2b-random,1,fastvar,400,5.0,150,20,2.67,
+        H100,infinity-2b-random,1,fastvar,90,,,,,12
         """
     lines, verdict = _summary(tmp_path, stages__tsv=stages, tests_1__xml=junit, e2e__csv=e2e,
                               infinity__csv=infinity, tests_2__log="group 2: killed by its timeout\n")
@@ -121,8 +121,11 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
     assert "1 passed, 2 failed, 0 errors, 1 skipped; cut off: tests_2" in text
     assert "FAIL test_attention::test_bad[bf16]: AssertionError: out: relative error 0.5 > 0.016" in text
     assert "FAIL test_sampler::test_hang: DeadlineExceeded" in text
-    assert "d16 B=1: fastvar 100 ms (10 img/s), eager 900 ms: x9.0, floor 1 ms" in text      # not a per-scale row
-    assert "infinity-2b-random B=1: fastvar 400 ms, official 2000 ms: x5.0, floor 150 ms" in text
+    # the whole-sample rows, not the per-scale ones
+    assert ("d16 B=1: fastvar 100 ms (10 img/s), eager 900 ms: x9.0, floors: FLOPs 1 ms, weights 2 ms "
+            "(50 x the higher)") in text
+    assert ("infinity-2b-random B=1: fastvar 400 ms, official 2000 ms: x5.0, floors: FLOPs 150 ms, weights 20 ms "
+            "(2.67 x the higher)") in text
     assert not any(line.lstrip().startswith("infinity:") for line in lines)        # not also a kernel benchmark
     assert "e2e            skipped" in text and "no time left" in text
     assert len(lines) <= 80
