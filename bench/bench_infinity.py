@@ -95,9 +95,9 @@ def flash_attn_as_sdpa():
 
 
 def official_scale_ms(twin, vae, run, device):
-    """Milliseconds of every scale of one official sample, as :func:`fastvar.benchmark.scale_breakdown` counts
-    them: from the start of scale 1 (``lvl_embed``'s call) to that of the next, the first from the call's start
-    (with the conditioning), the last up to the VAE decode."""
+    """Milliseconds of every scale of one official sample, counted as :func:`fastvar.benchmark.scale_breakdown`
+    counts fastvar's: a scale ends where the next one starts (its ``lvl_embed`` call), the first includes the
+    conditioning, the last ends where the VAE decode starts."""
     marks, calls = Marks(device), []
 
     def next_scale(*_):
