@@ -39,6 +39,7 @@ declare -A SCRIPT=(
   [cross_attention]=bench/bench_cross_attention.py
 )
 declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
+  [cuda]="90a"                                # the lent H100 / H200 are sm_90: not the default sm_80 too
   [e2e]="--models d16 d30 --batches 1 64 --providers eager fastvar --reps 3"
   [sampling]="--batches 1 64 --no-compile"
   [rq_lookup]="--batches 1 64"
@@ -82,11 +83,14 @@ PY=${PYTHON:-python3}
 # ------------------------------------------------------------------------------------------------ stages
 # Each runs inside `timeout` (as `gpu_check.sh __stage NAME`), with $W the work folder and $DRY set.
 st_install() {
+  # --no-build-isolation: setuptools comes from the image, nothing is downloaded. FASTVAR_BUILD_CUDA=0: with nvcc
+  # and a GPU, setup.py would build fastvar._C inside pip, past this stage's budget (killed, nothing installed);
+  # the `cuda` stage builds it under its own budget
+  local cmd=(env FASTVAR_BUILD_CUDA=0 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .)
   if [ "$DRY" = 1 ]; then
-    echo "dry run: not installing ($PY -m pip install -q --no-deps --no-build-isolation --no-index -e .)"
+    echo "dry run: not installing (${cmd[*]})"
   else
-    # --no-build-isolation: setuptools comes from the image, nothing is downloaded
-    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . || return 1
+    "${cmd[@]}" || return 1
   fi
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
@@ -99,8 +103,10 @@ st_ceilings() {
 }
 st_cuda() {
   if [ ! -f "${SCRIPT[cuda]}" ]; then echo "skipped: ${SCRIPT[cuda]} does not exist"; return 0; fi
-  if [ "$DRY" = 1 ]; then echo "dry run: not building (bash ${SCRIPT[cuda]})"; return 0; fi
-  bash "${SCRIPT[cuda]}" "$@"
+  local args=()
+  [ "${ALL:-0}" = 1 ] && read -r -a args <<<"${CAMPAIGN_ARGS[cuda]}"
+  if [ "$DRY" = 1 ]; then echo "dry run: not building (bash ${SCRIPT[cuda]} ${args[*]} $*)"; return 0; fi
+  bash "${SCRIPT[cuda]}" "${args[@]}" "$@"
 }
 st_coldstart() {
   "$PY" "${SCRIPT[coldstart]}" --work "$W" --out "$W/coldstart.csv" $([ "$DRY" = 1 ] && echo --smoke) "$@"

@@ -48,6 +48,9 @@ def test_dry_run_passes_every_stage(dry_run):
     assert not bad, {name: (status, (work / f"{name}.log").read_text()[-1500:]) for name, status in bad.items()}
     for name in KERNEL_BENCHES:   # the stage table names scripts that exist
         assert "does not exist" not in (work / f"{name}.log").read_text(), name
+    # pip would build fastvar._C itself where nvcc and a GPU are found (setup.py), past the install's budget
+    assert "env FASTVAR_BUILD_CUDA=0 " in (work / "install.log").read_text()
+    assert "build_cuda.sh 90a" in (work / "cuda.log").read_text()
 
 
 @pytest.mark.slow
