@@ -157,7 +157,8 @@ def main(argv=None):
             return sampler.sample(t, 0, **kw)
 
         # one provider at a time: at B = 8 each holds a 44 GB bf16 KV cache (32 blocks x 2 x 16 rows x 10521 tokens
-        # x 2048) next to the weights (8.8 GB float32 + 4.4 GB of bf16 casts)
+        # x 2048) next to the weights (8.8 GB float32, 4.4 GB of the Sampler's bf16 copies, 4.4 GB of autocast's):
+        # about 62 GB and the activations, estimated (not measured), within an H100's 80 GB
         a = official_loop()                           # warm-up
         ms_official, mem_official = timed(official_loop, device, args.reps, warmup=0)
         per_scale = {"official": official_scale_ms(twin, vae, official_loop, device)}

@@ -45,7 +45,7 @@ declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run a
   [rq_lookup]="--batches 1 64"
   [upsample]="--batches 1 64"
   [adaln]="--models d16 d30 --batches 1 64"
-  [infinity]="--batches 1 --reps 2"          # B = 8 needs 44 GB of KV cache per provider: an H200 run
+  [infinity]="--batches 1 --reps 2"          # B = 8 on its own: `gpu_check.sh infinity --batches 8` (see the script)
 )
 # GPU tests, most important first: one pytest run per group under `timeout`; a last group takes the rest
 TEST_GROUPS=(
