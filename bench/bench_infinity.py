@@ -26,7 +26,7 @@ from fastvar import dynamic_resolution as S
 from fastvar.benchmark import Marks, copy_gbs, gemm_tflops, scale_breakdown, timed, weight_floor_ms
 from fastvar.models import BSQVAE, Infinity
 from fastvar.sampler import Sampler
-from fastvar.utils.benchmarking import metadata, result_row, results_path, write_csv
+from fastvar.utils.benchmarking import metadata, plot, result_row, results_path, write_csv
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 import official_infinity_arch as official  # noqa: E402  (the official architecture, from tests/)
@@ -189,7 +189,9 @@ def main(argv=None):
                                        scale=si, **keys))
             print(f"  per scale ({name}, ms): {' '.join(f'{t_ms:.2f}' for t_ms in times)}", flush=True)
     if args.out_dir:
-        write_csv(rows, results_path(args.out_dir, "infinity_e2e", meta))
+        path = results_path(args.out_dir, "infinity_e2e", meta)
+        write_csv(rows, path)
+        plot(path, x="batch", panels=("case",), where=lambda r: not r["scale"])
     return 0
 
 

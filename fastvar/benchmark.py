@@ -37,7 +37,7 @@ from fastvar.models import build_vae_var
 from fastvar.reference import var_sampling
 from fastvar.sampler import Sampler
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
-from fastvar.utils.benchmarking import metadata, result_row, results_path, write_csv
+from fastvar.utils.benchmarking import metadata, plot, result_row, results_path, write_csv
 
 MODELS = {  # name: (depth, shared_aln, schedule)
     "d16": (16, False, PATCH_NUMS_256), "d20": (20, False, PATCH_NUMS_256), "d24": (24, False, PATCH_NUMS_256),
@@ -240,6 +240,9 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
         vae = var = fast = fused = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
             write_csv(rows, results_path(out_dir, "e2e", meta), log)
+    if out_dir:
+        plot(results_path(out_dir, "e2e", meta), x="batch", panels=("case",), y="ms_per_image",
+             where=lambda r: not r["scale"])
     return rows
 
 

@@ -277,7 +277,7 @@ def test_contributing_table_matches_the_tree():
 
 
 @pytest.mark.slow
-def test_bench_infinity_smoke(monkeypatch, tmp_path):
+def test_bench_infinity_smoke(monkeypatch, tmp_path, capsys):
     """The Infinity end-to-end benchmark's code path on a tiny CPU model: the common columns, both providers and
     their per-scale rows (the timings mean nothing)."""
     bench = load_on_cpu("bench_infinity", monkeypatch)
@@ -294,6 +294,18 @@ def test_bench_infinity_smoke(monkeypatch, tmp_path):
     for provider in ("official", "fastvar"):                 # the 0.06M template: 7 scales
         assert [int(r["scale"]) for r in rows if r["scale"] and r["provider"] == provider] == list(range(7))
     assert bench.official.varlen_kvpacked_bf16 is not bench.varlen_as_sdpa       # put back after the runs
+    # the README's table of it (scripts/results_table.py): the whole-sample rows, the columns that hold values
+    table = benchmarking.markdown_table(str(path)).splitlines()
+    assert table[0].startswith("infinity_e2e on cpu") and f"`{path.name}`" in table[0]
+    assert table[2] == ("| case | batch | provider | ms | speedup_vs_eager | over_floor | flop_floor_ms | "
+                        "weight_floor_ms |")                     # peak_MB: empty on CPU
+    assert [line.split(" | ")[2] for line in table[4:]] == ["official", "fastvar"]
+    spec = importlib.util.spec_from_file_location("results_table", os.path.join(os.path.dirname(BENCH), "scripts",
+                                                                                 "results_table.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main([str(path)]) == 0 and capsys.readouterr().out.splitlines() == table
 
 
 def test_bench_infinity_cross_attention_call_is_flash_attns(monkeypatch):

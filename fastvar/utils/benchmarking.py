@@ -296,3 +296,31 @@ def plot(path: str, x: str, panels: Sequence[str], y: str = "ms", where: Optiona
     fig.savefig(png, dpi=120)
     print(f"plot: {png}")
     return png
+
+
+# the columns of a README table per benchmark (the rest: TABLE_DEFAULT); whole-sample rows only (no ``scale``)
+TABLE_COLUMNS = {
+    "e2e": ("case", "batch", "provider", "ms", "images_per_s", "speedup_vs_eager", "over_floor", "flop_floor_ms",
+            "weight_floor_ms", "peak_MB"),
+    "infinity_e2e": ("case", "batch", "provider", "ms", "speedup_vs_eager", "over_floor", "flop_floor_ms",
+                     "weight_floor_ms", "peak_MB"),
+}
+TABLE_DEFAULT = ("case", "provider", "shape", "ms", "TFLOP/s", "pct_peak", "GB/s", "pct_hbm", "speedup_vs_eager")
+
+
+def markdown_table(path: str) -> str:
+    """A benchmark CSV as a Markdown table for the README: the columns of :data:`TABLE_COLUMNS` (by the rows'
+    ``bench``) that hold a value, whole-sample rows only, under a line naming the device, date, commit and
+    versions."""
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if not r.get("scale")]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    first = rows[0]
+    cols = [c for c in TABLE_COLUMNS.get(first["bench"], TABLE_DEFAULT) if any(r.get(c) for r in rows)]
+    lines = [f"{first['bench']} on {first['device']}, {first['date']}, commit {first['commit']}, "
+             f"torch {first['torch']}, Triton {first['triton']} (`{os.path.basename(path)}`):", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
