@@ -153,7 +153,7 @@ def test_a_mask_in_the_memory_of_a_checked_one_is_checked_again():
 @pytest.mark.interpreter
 def test_patched_model_on_the_triton_kernels_reproduces_golden(backend):
     """The patched official model's forward and autoregressive_infer_cfg on the Triton kernels (interpreter;
-    one sampling setting, ~110 s on 2 CPU cores: the smooth one's soft codes are covered in test_upsample)."""
+    one sampling setting, ~70 s on 2 CPU cores: the smooth one's soft codes are covered in test_upsample)."""
     backend("triton")
     g, var = official_model()
     fastvar.patch(var)
