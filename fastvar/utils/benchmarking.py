@@ -323,4 +323,3 @@ def markdown_table(path: str) -> str:
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
