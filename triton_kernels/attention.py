@@ -810,11 +810,12 @@ def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale,
     """
     B, l, H, D = q.shape
     out = torch.empty((B, l, H, D), dtype=q.dtype, device=q.device)
-    bm, bn, warps, stages = config or _kv_config(l, int(cache_len) + l, D, q.dtype, _device_of(q))
+    keys = int(cache_len) + l
+    bm, bn, warps, stages = config or _kv_config(l, keys, D, q.dtype, _device_of(q))
     norm = scale_mul is not None
     rope_arg = (rope, *_strides(rope)) if rope is not None else (q.new_empty(1, dtype=torch.float32), 0, 0, 0)
     if rope is not None:
-        am = _KV_APPEND_ROWS if _gpu_tiles(q) else _interpret_config(int(cache_len) + l)[0]
+        am = _KV_APPEND_ROWS if _gpu_tiles(q) else _interpret_config(keys)[0]
         _kv_append_rope_kernel[(triton.cdiv(l, am), B * H)](
             k, v, k_cache, v_cache, rope, int(cache_len), l, H, *_strides(k), *_strides(v), *_strides(k_cache),
             *_strides(v_cache), *_strides(rope), HEAD_DIM=D, BLOCK_M=am, NORM=norm, num_warps=4)
