@@ -19,8 +19,16 @@ ceiling; ``speedup_vs_eager`` is against ``sdpa-dense`` (training) or ``sdpa-pre
 ``mode`` (fwd, fwd+bwd, kv-step), ``B``, ``q_len`` query rows, ``L`` keys (a sampling step: the scale's tokens
 and the cached prefix), ``H``, ``D``, ``dtype``, ``schedule``, ``scale`` (of a step), ``speedup_vs_flex``.
 
+``--tiles``: fastvar's candidate tiles instead of the providers (``mode`` tiles, ``kernel`` fwd, dkdv, dq or kv;
+the provider is the tile ``BLOCK_MxBLOCK_N w<warps> s<stages>``): the forward and each gradient kernel (the
+other one pinned; the whole backward timed) of the training cases, and the KV step at the last three scales of
+the sampling cases, every candidate checked against the float32 reference; ``speedup_vs_eager`` is against the
+pinned tile, the first of its table (``triton_kernels/attention.py``). Results:
+``bench/results/attention_tiles_<gpu>_<date>.csv``.
+
     python bench/bench_attention.py                 # all cases
     python bench/bench_attention.py --cases d16 kv256 --providers sdpa-dense fastvar
+    python bench/bench_attention.py --tiles --cases kv256 d30 kv1024 1024px
 """
 import argparse
 import collections
@@ -114,13 +122,14 @@ def scale_mul_param(H):
 
 
 def checker(name, q, k, v, sched, sm):
-    """check(provider, out (B, L, H, D)): its relative error against the float32 reference on a slice (batch 0,
-    2 heads: cheap even at L ~ 10k); a wrong provider stops the run."""
+    """check(provider, out (B, L, H, D), rows=all): its relative error against the float32 reference on a slice
+    (batch 0, 2 heads: cheap even at L ~ 10k), ``out`` holding the token rows ``rows`` (a slice) of the
+    schedule; a wrong provider stops the run."""
     from fastvar.reference import attention as ref
     ref32 = ref.block_causal_attention(*(t[:1, :, :2].float() for t in (q, k, v)), sched.lens, None, sm[:, :2])
 
-    def check(prov, out):
-        err = rel_err(out[:1, :, :2], ref32)
+    def check(prov, out, rows=slice(None)):
+        err = rel_err(out[:1, :, :2], ref32[:, rows])
         if err > 0.05:
             raise SystemExit(f"{name}/{prov}: output differs from the float32 reference (rel err {err:.3g})")
         return f"rel_err={err:.2e}"
@@ -202,19 +211,117 @@ def kv_cases(name, args):
                  peak="bf16_tflops", eager="sdpa-precat") for s, (step, (b, e)) in enumerate(zip(steps, sched.spans))]
 
 
+def tile_label(tile):
+    """A tile ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` as a provider name."""
+    bm, bn, warps, stages = tile
+    return f"{bm}x{bn} w{warps} s{stages}"
+
+
+def tile_case(name, kind, candidates, run, check, shape, keys_, flops):
+    """A :class:`Case` of one kernel's candidate tiles (``run(tile)`` -> output), the pinned tile (the first) its
+    baseline; a candidate that fails to compile or to launch, or fails its check, is reported and left out."""
+    providers, checks = {}, {}
+    for tile in candidates:
+        label = tile_label(tile)
+        try:
+            checks[label] = check(label, run(tile))
+        except Exception as e:          # e.g. a tile over the shared-memory limit: reported, not fatal
+            if isinstance(e, SystemExit) and tile == candidates[0]:
+                raise                   # a wrong pinned tile is a wrong kernel
+            print(f"  {name} {kind} {label}: left out: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
+        providers[label] = functools.partial(run, tile)
+    return Case(name, providers, checks, shape, dict(keys_, kernel=kind), flops=flops, peak="bf16_tflops",
+                eager=tile_label(candidates[0]))
+
+
+def training_tile_cases(name, args):
+    """``--tiles`` on a training case: the forward kernel's candidates, then each gradient kernel's with the other
+    one pinned (the whole backward timed, so its TFLOP/s count 2.5x the forward's work)."""
+    from fastvar.reference import attention as ref
+    from fastvar.triton_kernels import attention as A
+    pn, B, H, D = TRAIN_CASES[name]
+    sched, dtype = Schedule.of(pn), getattr(torch, args.dtype)
+    lens, L = sched.lens, sched.L
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, L, 3, H, D, dtype=dtype, device=DEVICE).unbind(2)     # VAR's strided qkv view
+    sm = scale_mul_param(H).detach()
+    dout = torch.randn(B, L, H, D, dtype=dtype, device=DEVICE)
+    # the float32 reference's gradients on 2 heads (all of the batch: dscale_mul sums over it)
+    sliced = [t.float().requires_grad_(True) for t in (q[:, :, :2], k[:, :, :2], v[:, :, :2], sm[:, :2])]
+    ref.block_causal_attention(*sliced[:3], lens, None, sliced[3]).backward(dout[:, :, :2].float())
+    check_out = checker(name, q, k, v, sched, sm)
+
+    def check_grads(label, grads):        # dq, dk, dv, dscale_mul
+        err = max(rel_err(g[:, :, :2], s.grad) for g, s in zip(grads[:3], sliced))
+        err = max(err, rel_err(grads[3][:2], sliced[3].grad.reshape(-1)))
+        if err > 0.05:
+            raise SystemExit(f"{name}/{label}: gradients differ from the float32 reference (rel err {err:.3g})")
+        return f"rel_err={err:.2e}"
+    out, stats = A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm)
+    flops = 4 * B * H * D * sum(n * e for n, (_, e) in zip(lens, sched.spans))
+    print(f"\n{name}: candidate tiles, B={B} L={L} H={H} D={D} {args.dtype}")
+    cases = []
+    for kind in ("fwd", "dkdv", "dq"):
+        if kind == "fwd":
+            run, check, work = (lambda tile: A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm, config=tile)[0],
+                                check_out, flops)
+        else:
+            run, check, work = (lambda tile, kind=kind: A.block_causal_attention_bwd(
+                dout, q, k, v, out, stats, lens, 1.0, sm, config={kind: tile}), check_grads, 2.5 * flops)
+        candidates = A._configs(kind, D, dtype, "cuda", L)
+        cases.append(tile_case(name, kind, candidates, run, check, f"B={B} L={L} H={H} D={D}",
+                               keys(pn, B, L, L, H, D, args.dtype, "tiles"), work))
+    return cases
+
+
+def kv_tile_cases(name, args):
+    """``--tiles`` on a sampling case: the KV step's candidate tiles at the schedule's last three scales (where
+    its time goes), the caches holding the prefix."""
+    from fastvar.triton_kernels import attention as A
+    pn, B, H, D = KV_CASES[name]
+    sched, dtype = Schedule.of(pn), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, sched.L, H, D, dtype=dtype, device=DEVICE) for _ in range(3))
+    sm = scale_mul_param(H).detach()
+    k_cache, v_cache = torch.empty_like(k), torch.empty_like(v)
+    for b, e in sched.spans:           # the pinned steps, in order, fill the caches
+        A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], k_cache, v_cache, b, 1.0, sm)
+    check = checker(name, q, k, v, sched, sm)
+    print(f"\n{name}: the KV step's candidate tiles, CFG batch {B}, H={H} D={D} {args.dtype}")
+    cases = []
+    for s in range(len(sched) - 3, len(sched)):
+        b, e = sched.spans[s]
+
+        def run(tile, b=b, e=e):
+            return A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], k_cache, v_cache, b, 1.0, sm,
+                                             config=tile)
+
+        cases.append(tile_case(name, "kv", A._kv_candidates(e - b, D, dtype), run,
+                               functools.partial(check, rows=slice(b, e)),
+                               f"B={B} l={e - b} L={e} H={H} D={D}",
+                               keys(pn, B, e - b, e, H, D, args.dtype, "tiles", s), 4 * B * H * D * (e - b) * e))
+    return cases
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(TRAIN_CASES) + list(KV_CASES),
                         choices=list(TRAIN_CASES) + list(KV_CASES))
     parser.add_argument("--providers", nargs="+", default=sorted(set(PROVIDERS) | set(KV_PROVIDERS)),
                         choices=sorted(set(PROVIDERS) | set(KV_PROVIDERS)))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
+    parser.add_argument("--tiles", action="store_true",
+                        help="time fastvar's candidate tiles instead of the providers (mode 'tiles')")
     timing_options(parser, "attention")
     args = parser.parse_args(argv)
 
-    cases = ((name, functools.partial(training_cases if name in TRAIN_CASES else kv_cases, name, args))
-             for name in args.cases)
+    builders = (training_tile_cases, kv_tile_cases) if args.tiles else (training_cases, kv_cases)
+    cases = ((name, functools.partial(builders[name in KV_CASES], name, args)) for name in args.cases)
+    if args.tiles:
+        run_cases("attention", cases, args, RESULTS, default_name="attention_tiles")
+        return 0
     path, rows = run_cases("attention", cases, args, RESULTS)
     totals = collections.Counter()     # (case, provider): ms of the steps of a whole schedule
     for r in rows:

@@ -19,10 +19,10 @@ cd "$(dirname "$0")/.."
 # THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
 STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity
-            bit_sampling cross_attention)
+            bit_sampling cross_attention tiles)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
-                   [bit_sampling]=25 [cross_attention]=25)
+                   [bit_sampling]=25 [cross_attention]=25 [tiles]=90)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
   [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
@@ -37,6 +37,7 @@ declare -A SCRIPT=(
   [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, the official loop vs the Sampler (--out-dir)
   [bit_sampling]=bench/bench_bit_sampling.py
   [cross_attention]=bench/bench_cross_attention.py
+  [tiles]="bench/bench_attention.py --tiles"  # the attention kernels' candidate tiles against the pinned ones
 )
 declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
   [cuda]="90a"                                # the lent H100 / H200 are sm_90: not the default sm_80 too
@@ -46,6 +47,7 @@ declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run a
   [upsample]="--batches 1 64"
   [adaln]="--models d16 d30 --batches 1 64"
   [infinity]="--batches 1 --reps 2"          # B = 8 on its own: `gpu_check.sh infinity --batches 8` (see the script)
+  [tiles]="--cases kv256 d30 kv1024 1024px --warmup 10 --rep 40"
 )
 # GPU tests, most important first: one pytest run per group under `timeout`; a last group takes the rest
 TEST_GROUPS=(
@@ -177,10 +179,12 @@ st_infinity() {
 }
 st_bench() {    # a kernel benchmark of the table: st_bench STAGE [args]
   local name=$1; shift
-  local script=${SCRIPT[$name]} args=()
+  local cmd args=()
+  read -r -a cmd <<<"${SCRIPT[$name]}"       # the script and its fixed arguments
+  local script=${cmd[0]}
   if [ ! -f "$script" ]; then echo "skipped: $script does not exist (update the stage table)"; return 0; fi
   [ "${ALL:-0}" = 1 ] && read -r -a args <<<"${CAMPAIGN_ARGS[$name]:-}"
-  "$PY" "$script" --out "$W/$name.csv" "${args[@]}" "$@"
+  "$PY" "${cmd[@]}" --out "$W/$name.csv" "${args[@]}" "$@"
   local rc=$?
   if [ "$DRY" = 1 ] && [ $rc -eq 2 ] && grep -q "needs a CUDA GPU" "$W/$name.log" 2>/dev/null; then
     echo "dry run: $script parsed its arguments and asked for a GPU (exit 2)"; return 0
@@ -191,7 +195,7 @@ st_bench() {    # a kernel benchmark of the table: st_bench STAGE [args]
 if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage under `timeout`
   name=${EXTRA[0]}
   case "$name" in
-    attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention) st_bench "$name" "${EXTRA[@]:1}" ;;
+    attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention|tiles) st_bench "$name" "${EXTRA[@]:1}" ;;
     *) "st_$name" "${EXTRA[@]:1}" ;;
   esac
   exit $?

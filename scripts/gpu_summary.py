@@ -4,7 +4,7 @@
 
 Reads what the stages left in the work folder (whatever exists: a stage cut off or never reached is
 reported as such): env.txt, stages.tsv, ceilings.csv, coldstart.csv, precompile.json, tests_*.xml (JUnit)
-and tests_*.log, e2e.csv, infinity.csv and the kernel benchmarks' CSVs. Also writes WORK_DIR/verdict.txt
+and tests_*.log, e2e.csv, infinity.csv, the kernel benchmarks' CSVs and tiles.csv. Also writes WORK_DIR/verdict.txt
 (``stages_failed=N tests_failed=M``) for scripts and CI.
 """
 import argparse
@@ -123,6 +123,26 @@ def bench_line(name, rows):
     return f"  {name}: {len(rows)} rows, {len(fast)} fastvar; " + ("; ".join(parts) if parts else "no speedup column")
 
 
+def tile_lines(rows):
+    """One line per kernel and shape of ``bench_attention.py --tiles``: the pinned tile (the first row of its
+    group, the baseline) against the fastest candidate."""
+    groups = {}
+    for r in rows:
+        if _float(r.get("ms")) is not None:
+            groups.setdefault((r.get("case"), r.get("kernel"), r.get("scale")), []).append(r)
+    out = []
+    for (case, kernel, scale), group in groups.items():
+        pinned, best = group[0], min(group, key=lambda r: float(r["ms"]))
+        where = f"{case} {kernel}" + (f" scale {scale}" if scale else "")
+        line = f"  {where}: pinned {pinned['provider']} {pinned['ms']} ms"
+        if best is pinned:
+            line += f", the fastest of {len(group)}"
+        else:
+            line += f"; fastest {best['provider']} {best['ms']} ms (x{float(pinned['ms']) / float(best['ms']):.2f})"
+        out.append(line)
+    return out
+
+
 def build(work, total):
     lines = ["# fastvar GPU campaign summary"]
     try:
@@ -173,11 +193,15 @@ def build(work, total):
         lines.append("## Infinity end-to-end (fastvar vs the official loop)")
         lines += e2e_lines(infinity, "official")
     bench = [bench_line(os.path.basename(p)[:-4], _csv(p)) for p in sorted(glob.glob(os.path.join(work, "*.csv")))
-             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "infinity.csv")]
+             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "infinity.csv", "tiles.csv")]
     bench = [b for b in bench if b]
     if bench:
         lines.append("## kernel benchmarks")
         lines += bench
+    tiles = _csv(os.path.join(work, "tiles.csv"))
+    if tiles:
+        lines.append("## attention tiles (bench_attention.py --tiles: the pinned tile against the fastest)")
+        lines += tile_lines(tiles)
     verdict = f"stages_failed={len(failed_stages)} tests_failed={tests_failed}"
     lines.append(f"## verdict: {verdict}" + (" (" + ", ".join(f"{s[0]} {s[1]}" for s in failed_stages) + ")"
                                              if failed_stages else ""))

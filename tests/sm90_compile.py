@@ -25,7 +25,7 @@ entry, as the GPU's first launch), in parallel, and ptxas's registers, spills an
     python tests/sm90_compile.py                    # record every path, compile every distinct launch
     python tests/sm90_compile.py --record-only      # the launch table only (seconds)
     python tests/sm90_compile.py --paths "sample d16" --json F   # a subset; records to F
-    python tests/sm90_compile.py --all              # also every candidate tile of the attention tables
+    python tests/sm90_compile.py --all              # also every candidate tile of the attention kernels
     TRITON_CACHE_DIR=D python tests/sm90_compile.py --jobs 16 --launchers   # fill a cache for the first run
                                                                 # (on the GPU: the campaign's precompile stage)
     python tests/sm90_compile.py --kernels attn --all           # tile tuning: compile only matching kernels
@@ -388,11 +388,22 @@ def _paths() -> Dict[str, Callable[[], None]]:
 
 
 def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
-    """Every candidate tile of the attention tables (``--all``), at VAR's view and L = 680."""
+    """Every candidate tile of the attention tables (``--all``), at VAR's view and L = 680, and of the KV step
+    where ``bench/bench_attention.py --tiles`` times it (scales of more than 64 tokens)."""
     from fastvar.schedule import PATCH_NUMS_256
     from fastvar.triton_kernels import attention as A
     lens = _lens(PATCH_NUMS_256)
     paths = {}
+    for D in (64, 128):
+        for dtype in (torch.bfloat16, torch.float16):
+            for config in A._kv_candidates(256, D, dtype):
+                def step(D=D, dtype=dtype, config=config):
+                    B, H, l, L = 2, 4, 256, 680
+                    q, k, v = torch.empty(B, l, 3, H, D, dtype=dtype, device=META).unbind(2)
+                    k_cache, v_cache = torch.empty(2, B, L, H, D, dtype=dtype, device=META)
+                    A.kv_cached_attention_fwd(q, k, v, k_cache, v_cache, L - l, 1.0, torch.empty(H, device=META),
+                                              config=config)
+                paths[f"candidate kv {str(dtype)[6:]} D={D} {config}"] = step
     for (kind, cls, D), configs in A._HOPPER_CONFIGS.items():
         for dtype in ((torch.bfloat16, torch.float16) if cls == "half" else (torch.float32,)):
             for config in configs:

@@ -113,6 +113,45 @@ def test_bench_attention(stub_timing, monkeypatch, tmp_path):
     assert all(r["speedup_vs_eager"] == "1.000" and r["TFLOP/s"] for r in steps)
 
 
+@pytest.mark.interpreter
+def test_bench_attention_tiles(stub_timing, monkeypatch, tmp_path):
+    """``--tiles`` (Triton kernels, interpreter): a row per candidate tile of each kernel, the pinned one first and
+    the baseline, each checked against the float32 reference; a candidate that cannot launch is left out, a wrong
+    pinned tile stops the run."""
+    from fastvar.triton_kernels import attention as A
+    bench = load_on_cpu("bench_attention", monkeypatch)
+    monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 2, 16)})
+    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3, 5), 2, 2, 16)})
+    tables = {kind: A._configs(kind, 16, torch.float32, "cuda", 14) for kind in ("fwd", "dkdv", "dq")}
+    configs = A._configs
+    monkeypatch.setattr(A, "_configs", lambda kind, *a: configs(kind, *a) + [(16, 24, 4, 2)])  # 24: not a power of 2
+    out = tmp_path / "attention_tiles.csv"
+    assert bench.main(["--tiles", "--cases", "tiny", "kv-tiny", "--dtype", "float32", "--out", str(out)]) == 0
+    rows = read_rows(out, "attention")
+    for kind, tiles in tables.items():
+        got = [r for r in rows if r["case"] == "tiny" and r["kernel"] == kind]
+        assert [r["provider"] for r in got] == list(dict.fromkeys(map(bench.tile_label, tiles))), kind
+        assert got[0]["speedup_vs_eager"] == "1.000"
+        assert all(r["mode"] == "tiles" and float(r["check"].removeprefix("rel_err=")) < 1e-5 for r in got), got
+    steps = [r for r in rows if r["case"] == "kv-tiny"]
+    assert sorted({int(r["scale"]) for r in steps}) == [1, 2, 3]
+    for s, l in ((1, 4), (2, 9), (3, 25)):
+        got = [r for r in steps if int(r["scale"]) == s]
+        assert [r["provider"] for r in got] == [bench.tile_label(t) for t in A._kv_candidates(l, 16, torch.float32)]
+        assert all(r["kernel"] == "kv" and float(r["check"].removeprefix("rel_err=")) < 1e-5 for r in got), got
+
+    monkeypatch.setattr(A, "_configs", configs)
+    fwd = A.block_causal_attention_fwd
+    monkeypatch.setattr(A, "block_causal_attention_fwd", lambda *a, **k: tuple(t * 1.25 for t in fwd(*a, **k)))
+    with pytest.raises(SystemExit, match="differs from the float32 reference"):
+        bench.main(["--tiles", "--cases", "tiny", "--dtype", "float32", "--out", str(out)])
+    monkeypatch.setattr(A, "block_causal_attention_fwd", fwd)
+    bwd = A.block_causal_attention_bwd
+    monkeypatch.setattr(A, "block_causal_attention_bwd", lambda *a, **k: (*bwd(*a, **k)[:3], bwd(*a, **k)[3] * 1.25))
+    with pytest.raises(SystemExit, match="gradients differ from the float32 reference"):     # dscale_mul checked
+        bench.main(["--tiles", "--cases", "tiny", "--dtype", "float32", "--out", str(out)])
+
+
 def test_bench_upsample(stub_timing, monkeypatch, tmp_path):
     bench = load_on_cpu("bench_upsample", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})

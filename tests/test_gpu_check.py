@@ -17,8 +17,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "coldstart", "attention", "sampling",
-          "rq_lookup", "upsample", "adaln", "infinity", "bit_sampling", "cross_attention"]
-KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bit_sampling", "cross_attention"]
+          "rq_lookup", "upsample", "adaln", "infinity", "bit_sampling", "cross_attention", "tiles"]
+KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bit_sampling", "cross_attention",
+                  "tiles"]
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +118,16 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
         H100,infinity-2b-random,1,fastvar,400,5.0,150,20,2.67,
         H100,infinity-2b-random,1,fastvar,90,,,,,12
         """
+    tiles = """
+        device,case,provider,ms,speedup_vs_eager,kernel,scale
+        H100,d30,128x64 w4 s3,2.0,1.000,fwd,
+        H100,d30,128x128 w8 s3,1.6,1.250,fwd,
+        H100,d30,64x64 w4 s4,2.5,0.800,fwd,
+        H100,kv256,128x64 w8 s3,0.050,1.000,kv,9
+        H100,kv256,64x64 w8 s3,0.060,0.833,kv,9
+        """
     lines, verdict = _summary(tmp_path, stages__tsv=stages, tests_1__xml=junit, e2e__csv=e2e,
-                              infinity__csv=infinity, tests_2__log="group 2: killed by its timeout\n")
+                              infinity__csv=infinity, tiles__csv=tiles, tests_2__log="group 2: killed by its timeout\n")
     text = "\n".join(lines)
     assert verdict == "stages_failed=1 tests_failed=2"
     assert "1 passed, 2 failed, 0 errors, 1 skipped; cut off: tests_2" in text
@@ -129,7 +138,9 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
             "(50 x the higher)") in text
     assert ("infinity-2b-random B=1: fastvar 400 ms, official 2000 ms: x5.0, floors: FLOPs 150 ms, weights 20 ms "
             "(2.67 x the higher)") in text
-    assert not any(line.lstrip().startswith("infinity:") for line in lines)        # not also a kernel benchmark
+    assert "  d30 fwd: pinned 128x64 w4 s3 2.0 ms; fastest 128x128 w8 s3 1.6 ms (x1.25)" in lines
+    assert "  kv256 kv scale 9: pinned 128x64 w8 s3 0.050 ms, the fastest of 2" in lines
+    assert not any(line.lstrip().startswith(("infinity:", "tiles:")) for line in lines)   # not kernel benchmarks
     assert "e2e            skipped" in text and "no time left" in text
     assert len(lines) <= 80
 

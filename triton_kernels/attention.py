@@ -594,11 +594,11 @@ def _kv_append_rope_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (kernel, dtype class, head dim). The FIRST entry is the tile
 # every launch on a GPU uses: pinned, so the choice is deterministic (the same gradient bits in every
 # process) and safe inside CUDA-graph capture (no benchmark runs on first use of a new L). The other entries
-# are candidates for offline tuning (``python tests/sm90_compile.py --all`` compiles them; a benchmark can pass
-# one as ``config=``). Chosen without a GPU, from ptxas's reports for sm_90 (tests/sm90_compile.py: q/k/v
-# strided as VAR's qkv view, NORM on and off, on Triton 3.6 = the GPU image's, and 3.9): registers per thread
-# "3.6/3.9" below, no spill unless said. fp32 uses true fp32 products (no tensor cores) and small tiles.
-# Timings on H100/H200 are owed.
+# are candidates for offline tuning (``python tests/sm90_compile.py --all`` compiles them,
+# ``bench/bench_attention.py --tiles`` times them). Chosen without a GPU, from ptxas's reports for sm_90
+# (tests/sm90_compile.py: q/k/v strided as VAR's qkv view, NORM on and off, on Triton 3.6 = the GPU image's,
+# and 3.9): registers per thread "3.6/3.9" below, no spill unless said. fp32 uses true fp32 products (no
+# tensor cores) and small tiles. Timings on H100/H200 are owed.
 _HOPPER_CONFIGS = {
     # forward: query tile x key tile (iterated). half: 255/233 registers (NORM, D=64), 216/203 (D=128)
     ("fwd", "half", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
@@ -664,6 +664,17 @@ def _kv_config(l, keys, D, dtype, device):
     return block_m, 64, 8 if block_m == 128 or D > 64 else 4, 3
 
 
+def _kv_candidates(l, D, dtype):
+    """The KV step's GPU tile for ``l`` new tokens (:func:`_kv_config`, pinned) first, then the alternatives that
+    offline tuning times beside it (``bench/bench_attention.py --tiles``): key tiles of 32 and 128, the other
+    warp count, 2 and 4 stages, and half the query tile."""
+    pinned = _kv_config(l, l, D, dtype, "cuda")
+    bm, bn, warps, stages = pinned
+    others = [(bm, 32, warps, stages), (bm, 128, warps, stages), (bm, bn, 4 if warps == 8 else 8, stages),
+              (bm, bn, warps, 2), (bm, bn, warps, 4)] + ([(bm // 2, bn, warps, stages)] if bm > 16 else [])
+    return [pinned] + [c for c in others if c != pinned]
+
+
 # rows per program of the RoPE append: an fp32 (32, 128) tile and its pair partner, cos and sin rows are
 # 4 x 32 registers per thread at 4 warps (64 rows would double that for a copy that is memory-bound anyway)
 _KV_APPEND_ROWS = 32
@@ -675,11 +686,14 @@ def _device_of(t: torch.Tensor) -> torch.device:
 
 
 def _launch(kernel, kind, q, config, grid, args, constexprs):
-    """Launch ``kernel`` for ``q``'s head dim, dtype and device with ``config``, else the pinned (first) tile
-    of its table. ``grid(block_m, block_n)`` gives the launch grid; configs are (BLOCK_M, BLOCK_N, warps, stages).
+    """Launch ``kernel`` for ``q``'s head dim, dtype and device with ``config`` (a tile, or ``{kind: tile}`` for
+    the kernels it names), else the pinned (first) tile of its table. ``grid(block_m, block_n)`` gives the launch
+    grid; tiles are (BLOCK_M, BLOCK_N, warps, stages).
 
     No run-time autotuning: a benchmark on the first launch of a new L cannot run inside CUDA-graph capture,
     and its pick (timing noise) would change the gradient bits from one process to the next."""
+    if isinstance(config, dict):
+        config = config.get(kind)
     bm, bn, warps, stages = config or _configs(kind, q.shape[-1], q.dtype, _device_of(q), q.shape[1])[0]
     kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
@@ -743,7 +757,7 @@ def block_causal_attention_fwd(q, k, v, scale_lens, softmax_scale, scale_mul=Non
         scale_lens: token count of every scale, ``sum == L``.
         softmax_scale: float; with ``scale_mul`` (``H`` values) q and k are L2-normalised and q scaled by
             ``exp(min(scale_mul, ln 100))``.
-        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests).
+        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests, tile tuning).
     Returns:
         ``out`` ``(B, L, H, D)`` contiguous, dtype of q; ``stats`` ``(2, B, H, L)`` fp32 (``(3, B, H, L)``
         with ``scale_mul``): every row's max of the log2-unit scores, ``log2`` of its softmax denominator
@@ -766,7 +780,8 @@ def block_causal_attention_bwd(dout, q, k, v, out, stats, scale_lens, softmax_sc
     """Backward of :func:`block_causal_attention_fwd`.
 
     Args: as the forward, plus ``dout`` (B, L, H, D) any strides and the forward's ``out`` and ``stats``.
-    ``config``: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for both gradient kernels.
+    ``config``: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` for both gradient kernels, or
+    ``{"dkdv": tile, "dq": tile}`` for the ones it names (tile tuning times each kernel's candidates alone).
     Returns:
         ``dq, dk, dv`` ``(B, L, H, D)`` contiguous in q's dtype; ``dscale_mul`` ``(H,)`` fp32 (None
         without ``scale_mul``).
