@@ -3,6 +3,7 @@
 #
 #   FASTVAR_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh all [--budget 540] [--out DIR]
 #   bash scripts/gpu_check.sh STAGE [--out DIR] [extra args]   # one stage, e.g. tests, attention, sampling
+#   bash scripts/gpu_check.sh e2e,attention,tiles [--budget S]  # several, as `all` runs them (after the install)
 #   bash scripts/gpu_check.sh all --dry-run --out DIR           # CPU: each stage's smallest variant
 #
 # `all` runs the stages of the table below in order of value, each under `timeout` with its own budget
@@ -63,7 +64,8 @@ HEADLINE_CSVS=(ceilings.csv coldstart.csv e2e.csv attention.csv sampling.csv inf
 
 usage() {
   local IFS='|'
-  echo "usage: gpu_check.sh all|${STAGES_ALL[*]} [--budget S] [--out DIR] [--dry-run] [extra args]" >&2
+  echo "usage: gpu_check.sh all|STAGE[,STAGE...] [--budget S] [--out DIR] [--dry-run] [extra args: one STAGE alone]" >&2
+  echo "  STAGE: ${STAGES_ALL[*]}${1:+ ($1)}" >&2
   exit 2
 }
 stage=${1:-}
@@ -77,7 +79,12 @@ while [ $# -gt 0 ]; do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
-case " all ${STAGES_ALL[*]} __stage " in *" $stage "*) ;; *) usage ;; esac
+# `all` or a comma-separated list: the campaign's sizes, each stage capped by what is left of the total
+STAGES=()
+if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}"); elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"; fi
+for s in "${STAGES[@]}"; do case " ${STAGES_ALL[*]} " in *" $s "*) ;; *) usage "no stage '$s'" ;; esac; done
+[ ${#STAGES[@]} -gt 0 ] && [ ${#EXTRA[@]} -gt 0 ] && usage "extra arguments (${EXTRA[*]}) go to one stage alone"
+case " all ${STAGES_ALL[*]} __stage " in *" $stage "*) ;; *) [ ${#STAGES[@]} -gt 0 ] || usage ;; esac
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 FASTVAR_GPU_CHECK_DRY=$DRY
 PY=${PYTHON:-python3}
@@ -231,7 +238,7 @@ run_stage() {   # run_stage NAME [args]: the stage under `timeout`, output in $W
   local name=$1; shift
   local budget=${BUDGET[$name]}
   [ "$TOTAL" -gt 540 ] && budget=$(( budget * TOTAL / 540 ))     # a larger total (CI runner): longer stages too
-  if [ "$stage" = all ]; then
+  if [ "$ALL" = 1 ]; then
     local left=$(( TOTAL - $(elapsed) - 15 ))     # 15 s kept for the last bundle and the summary
     if [ "$left" -lt 10 ]; then
       printf '%s\tskipped\t0\t0\tno time left of the %s s budget\n' "$name" "$TOTAL" >>"$W/stages.tsv"; return
@@ -255,9 +262,10 @@ run_stage() {   # run_stage NAME [args]: the stage under `timeout`, output in $W
 }
 
 export STAGE_BUDGET ALL=0
-if [ "$stage" = all ]; then
+if [ ${#STAGES[@]} -gt 0 ]; then
   ALL=1
-  for s in "${STAGES_ALL[@]}"; do run_stage "$s"; done
+  case " ${STAGES[*]} " in *" install "*) ;; *) [ "$DRY" != 1 ] && STAGES=(install "${STAGES[@]}") ;; esac
+  for s in "${STAGES[@]}"; do run_stage "$s"; done
 else
   [ "$stage" != install ] && [ "$DRY" != 1 ] && run_stage install    # a lone stage on a fresh machine
   run_stage "$stage" "${EXTRA[@]}"

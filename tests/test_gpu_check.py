@@ -22,9 +22,9 @@ KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bi
                   "tiles"]
 
 
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("gpu_check")
+def gpu_check(base, *args):
+    """``gpu_check.sh ARGS --dry-run`` with a stub nvidia-smi, its work folder and output under ``base``:
+    (the finished process, the output folder, the work folder)."""
     stub = base / "bin"
     stub.mkdir()
     (stub / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3 (stub), 580.00, 81559 MiB'\n")
@@ -33,9 +33,28 @@ def dry_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVAR_BACKEND", "OUT")}
     env.update(PATH=f"{stub}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
                PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"))
-    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), "all", "--dry-run", "--out", str(out)],
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *args, "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=1200)
     return proc, out, work
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    return gpu_check(tmp_path_factory.mktemp("gpu_check"), "all")
+
+
+def test_a_list_of_stages_runs_as_all_does(tmp_path):
+    """``STAGE,STAGE``: those stages in that order with the campaign's sizes (a second call for the stages the
+    first one skipped); a stage that does not exist, or extra arguments, which only a lone stage takes, are
+    refused before anything runs."""
+    proc, out, work = gpu_check(tmp_path, "cuda,ceilings,tiles")
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(work / "stages.tsv") as f:
+        assert [line.split("\t")[:2] for line in f] == [["cuda", "ok"], ["ceilings", "ok"], ["tiles", "ok"]]
+    assert "build_cuda.sh 90a" in (work / "cuda.log").read_text()      # the campaign's size, as under `all`
+    for bad, why in ((["ceilings,nope"], "no stage 'nope'"), (["e2e,tiles", "--reps", "3"], "go to one stage alone")):
+        proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *bad], capture_output=True, text=True)
+        assert proc.returncode == 2 and why in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
