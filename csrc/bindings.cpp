@@ -9,12 +9,16 @@
 #ifndef FASTVAR_MODULE
 #define FASTVAR_MODULE _C
 #endif
+#ifndef FASTVAR_SOURCES_SHA256      // CMakeLists.txt defines it (the host build of the tests does not)
+#define FASTVAR_SOURCES_SHA256 ""
+#endif
 
 namespace py = pybind11;
 
 PYBIND11_MODULE(FASTVAR_MODULE, m) {
     m.doc() = "fastvar's CUDA C++ kernels on raw pointers (csrc/); called through fastvar/ops/cuda_ext.py";
     m.attr("HOST_EMULATION") = py::bool_(fv::host_emulation());
+    m.attr("SOURCES_SHA256") = FASTVAR_SOURCES_SHA256;
     py::register_exception_translator([](std::exception_ptr p) {
         try {
             if (p) std::rethrow_exception(p);

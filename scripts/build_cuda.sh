@@ -25,6 +25,8 @@ grep -B2 -E "[1-9][0-9]* bytes spill stores" build/cuda/ptxas.log | grep -oE "(C
   | paste - - | sed 's/^/build_cuda: spill: /' || true
 "$PY" - <<'PY'
 import fastvar._C as C
+from fastvar.ops._backend import cuda_extension, unavailable_reason
 assert not C.HOST_EMULATION
+assert cuda_extension() is C, unavailable_reason("cuda", "cuda")     # its fingerprint is the sources'
 print(f"build_cuda: fastvar._C built at {C.__file__}")
 PY

@@ -1,5 +1,7 @@
 """Backend choice: CUDA extension -> Triton -> eager by device and availability, FASTVAR_BACKEND forcing,
 one warning per fallback that says why."""
+import os
+import shutil
 import warnings
 
 import pytest
@@ -126,3 +128,44 @@ def test_auto_order_picks_cuda_only_for_preferred_ops(monkeypatch, backend):
     assert _backend.select("op", _impls(), dev)() == "cuda"
     for name in ("upsample_accumulate_", "sample_top_k_top_p", "sample_cfg_top_k_top_p"):
         assert "cuda" in ops.OPS[name], f"{name} has no CUDA implementation registered"
+
+
+def test_an_extension_built_from_other_sources_is_refused(monkeypatch, tmp_path):
+    """``fastvar._C`` carries the fingerprint of the sources it was built from (CMakeLists.txt); where the checkout
+    beside the package holds other ones (an editable install edited since its build), the extension is not used
+    and the reason says to rebuild; an installed wheel (no csrc/) has nothing to compare with."""
+    import sys
+    import types
+    import fastvar
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    current = _backend.sources_sha256(root)
+    assert current is not None and len(current) == 64
+
+    def probe(fingerprint):
+        module = types.ModuleType("fastvar._C")
+        module.__file__ = "fastvar/_C.so"
+        if fingerprint is not None:
+            module.SOURCES_SHA256 = fingerprint
+        monkeypatch.setitem(sys.modules, "fastvar._C", module)
+        monkeypatch.delattr(fastvar, "_C", raising=False)
+        monkeypatch.setattr(_backend, "_probes", {})
+        return module, _backend._cuda_extension()
+    module, (ext, why) = probe(current)
+    assert ext is module and why is None
+    for fingerprint in ("0" * 64, "", None):          # another build, or one from before the fingerprint
+        _, (ext, why) = probe(fingerprint)
+        assert ext is None and "built from other sources" in why and "scripts/build_cuda.sh" in why, why
+    # one byte more in any source is another fingerprint
+    copy = tmp_path / "checkout"
+    shutil.copytree(os.path.join(root, "csrc"), copy / "csrc")
+    shutil.copy(os.path.join(root, "CMakeLists.txt"), copy)
+    assert _backend.sources_sha256(str(copy)) == current
+    with open(copy / "csrc" / "sampling.cu", "a") as f:
+        f.write("\n")
+    assert _backend.sources_sha256(str(copy)) != current
+    assert _backend.sources_sha256(str(tmp_path)) is None           # no csrc/: an installed wheel
+    os.remove(copy / "CMakeLists.txt")
+    assert _backend.sources_sha256(str(copy)) is None
+    monkeypatch.setattr(_backend, "sources_sha256", lambda root: None)
+    module, (ext, why) = probe("0" * 64)
+    assert ext is module and why is None

@@ -109,7 +109,11 @@ def test_extension_imports_without_a_gpu(build):
         pytest.skip("built the kernels with nvcc alone (no CMake or pybind11): no module to import")
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('_C', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "assert m.HOST_EMULATION is False and m.MAX_SAMPLE_V == 16384; print(sorted(dir(m)))")
+            "assert m.HOST_EMULATION is False and m.MAX_SAMPLE_V == 16384; print(sorted(dir(m))); "
+            "print(m.SOURCES_SHA256)")
     proc = subprocess.run([sys.executable, "-c", code, modules[0]], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sample_top_k_top_p" in proc.stdout and "upsample_accumulate_step" in proc.stdout
+    # the fingerprint CMake compiled in is the one fastvar computes from the checkout (a current build is used)
+    from fastvar.ops._backend import sources_sha256
+    assert proc.stdout.split()[-1] == sources_sha256(ROOT)

@@ -64,14 +64,44 @@ def _triton_import_error() -> Optional[str]:
     return _probes["triton"]
 
 
+def sources_sha256(root: str) -> Optional[str]:
+    """The fingerprint CMakeLists.txt compiles into ``fastvar._C`` (``SOURCES_SHA256``), of the build files under
+    the checkout ``root``: the SHA-256 of the concatenated hex SHA-256 of ``CMakeLists.txt``, then of ``csrc/``'s
+    ``*.cu``, ``*.cpp`` and ``*.h`` by name. None where ``root`` holds no such build (an installed wheel)."""
+    import hashlib
+    csrc, cmake = os.path.join(root, "csrc"), os.path.join(root, "CMakeLists.txt")
+    if not (os.path.isdir(csrc) and os.path.isfile(cmake)):
+        return None
+    names = sorted(n for n in os.listdir(csrc) if n.endswith((".cu", ".cpp", ".h")))
+    digests = ""
+    for path in [cmake] + [os.path.join(csrc, n) for n in names]:
+        with open(path, "rb") as f:
+            digests += hashlib.sha256(f.read()).hexdigest()
+    return hashlib.sha256(digests.encode()).hexdigest()
+
+
+def _stale_build(module) -> Optional[str]:
+    """Why ``module`` (``fastvar._C``) must not be used: built from other sources than the checkout beside the
+    package holds; None if it matches, or where there is no checkout to compare with."""
+    current = sources_sha256(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    built = getattr(module, "SOURCES_SHA256", "")
+    if current is None or built == current:
+        return None
+    return (f"the CUDA extension fastvar._C ({module.__file__}) was built from other sources than csrc/ and "
+            f"CMakeLists.txt now hold (fingerprint {built[:12] or 'none'}, sources {current[:12]}); "
+            "rebuild it: scripts/build_cuda.sh")
+
+
 def _cuda_extension() -> Tuple[Optional[object], Optional[str]]:
     if "cuda" not in _probes:
         try:
             from fastvar import _C  # type: ignore[attr-defined]
-            _probes["cuda"] = (_C, None)
         except ImportError as e:
             _probes["cuda"] = (None, f"the CUDA extension fastvar._C is not built ({e}); "
                                      "scripts/build_cuda.sh builds it (nvcc, CMake, pybind11)")
+        else:
+            stale = _stale_build(_C)
+            _probes["cuda"] = (None, stale) if stale else (_C, None)
     return _probes["cuda"]
 
 
