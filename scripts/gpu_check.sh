@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU campaign: everything worth knowing from a lent H100/H200, in one call, under a time budget.
 #
-#   FASTVAR_COMMIT=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh all [--budget 540] [--out DIR]
+#   FASTVAR_COMMIT=<hash> bash scripts/gpu_check.sh all [--budget 540] [--out DIR]
 #   bash scripts/gpu_check.sh STAGE [--out DIR] [extra args]   # one stage, e.g. tests, attention, sampling
 #   bash scripts/gpu_check.sh e2e,attention,tiles [--budget S]  # several, as `all` runs them (after the install)
 #   bash scripts/gpu_check.sh all --dry-run --out DIR           # CPU: each stage's smallest variant
@@ -12,7 +12,8 @@
 # ($OUT, or --out, default bench/results/gpu_run): summary.txt, campaign.tar.gz (everything) and the headline
 # CSVs, at most 8 files (what the device tool brings back). The last thing printed is summary.txt (at most
 # 80 lines). The install is offline (the machine has no network). FASTVAR_COMMIT names the commit in every
-# CSV row (the copied tree may have no .git). tests/test_gpu_check.py runs the dry run on CPU.
+# CSV row: the device tool's copy of the tree has no .git, so write the hash that `git rev-parse --short HEAD`
+# prints on your machine into the command. tests/test_gpu_check.py runs the dry run on CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +88,12 @@ for s in "${STAGES[@]}"; do case " ${STAGES_ALL[*]} " in *" $s "*) ;; *) usage "
 case " all ${STAGES_ALL[*]} __stage " in *" $stage "*) ;; *) [ ${#STAGES[@]} -gt 0 ] || usage ;; esac
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 FASTVAR_GPU_CHECK_DRY=$DRY
+if [ -z "${FASTVAR_COMMIT:-}" ] && [ "$stage" != __stage ]; then
+  FASTVAR_COMMIT=$(git rev-parse --short HEAD 2>/dev/null) || FASTVAR_COMMIT=
+  [ -n "$FASTVAR_COMMIT" ] || echo "WARNING: FASTVAR_COMMIT is not set and this tree has no git history: every" \
+    "result row will say commit=unknown (run it as FASTVAR_COMMIT=<hash> bash scripts/gpu_check.sh ...)" >&2
+  export FASTVAR_COMMIT
+fi
 PY=${PYTHON:-python3}
 
 # ------------------------------------------------------------------------------------------------ stages

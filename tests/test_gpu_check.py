@@ -22,17 +22,18 @@ KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bi
                   "tiles"]
 
 
-def gpu_check(base, *args):
-    """``gpu_check.sh ARGS --dry-run`` with a stub nvidia-smi, its work folder and output under ``base``:
-    (the finished process, the output folder, the work folder)."""
+def gpu_check(base, *args, **environ):
+    """``gpu_check.sh ARGS --dry-run`` with a stub nvidia-smi, its work folder and output under ``base``, and
+    ``environ`` set: (the finished process, the output folder, the work folder)."""
     stub = base / "bin"
-    stub.mkdir()
+    stub.mkdir(parents=True)
     (stub / "nvidia-smi").write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3 (stub), 580.00, 81559 MiB'\n")
     (stub / "nvidia-smi").chmod(0o755)
     out, work = base / "out", base / "work"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVAR_BACKEND", "OUT")}
     env.update(PATH=f"{stub}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
-               PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"))
+               PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"),
+               **environ)
     proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *args, "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=1200)
     return proc, out, work
@@ -41,6 +42,18 @@ def gpu_check(base, *args):
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     return gpu_check(tmp_path_factory.mktemp("gpu_check"), "all")
+
+
+def test_a_tree_without_git_history_needs_the_commit_named(tmp_path):
+    """The device tool's copy has no .git: without FASTVAR_COMMIT the rows would say commit=unknown, so the
+    campaign says so at once; named, it is what the rows carry."""
+    proc, _, work = gpu_check(tmp_path / "a", "install,ceilings", GIT_DIR=str(tmp_path / "no-git"))
+    assert proc.returncode == 0 and "FASTVAR_COMMIT is not set" in proc.stderr, proc.stderr[-2000:]
+    assert "commit unknown" in (work / "env.txt").read_text()
+    proc, _, work = gpu_check(tmp_path / "b", "install,ceilings", GIT_DIR=str(tmp_path / "no-git"),
+                              FASTVAR_COMMIT="abc1234")
+    assert proc.returncode == 0 and "FASTVAR_COMMIT" not in proc.stderr, proc.stderr[-2000:]
+    assert "commit abc1234" in (work / "env.txt").read_text()
 
 
 def test_a_list_of_stages_runs_as_all_does(tmp_path):
