@@ -17,9 +17,9 @@ from tolerances import assert_rel
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
-def load_on_cpu(name, monkeypatch):
-    """``bench/<name>.py`` as a module, on CPU: no GPU check of its own, no plot."""
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(BENCH, f"{name}.py"))
+def load_on_cpu(name, monkeypatch, folder=BENCH):
+    """``bench/<name>.py`` (or ``<folder>/<name>.py``) as a module, on CPU: no GPU check of its own, no plot."""
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "DEVICE", "cpu", raising=False)
@@ -339,10 +339,7 @@ def test_bench_infinity_smoke(monkeypatch, tmp_path, capsys):
     assert table[2] == ("| case | batch | provider | ms | speedup_vs_eager | over_floor | flop_floor_ms | "
                         "weight_floor_ms |")                     # peak_MB: empty on CPU
     assert [line.split(" | ")[2] for line in table[4:]] == ["official", "fastvar"]
-    spec = importlib.util.spec_from_file_location("results_table", os.path.join(os.path.dirname(BENCH), "scripts",
-                                                                                 "results_table.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_on_cpu("results_table", monkeypatch, folder=os.path.join(os.path.dirname(BENCH), "scripts"))
     capsys.readouterr()
     assert script.main([str(path)]) == 0 and capsys.readouterr().out.splitlines() == table
 
