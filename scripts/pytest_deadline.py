@@ -8,6 +8,7 @@ stuck inside C code (a hung GPU kernel, a deadlock) only sees the alarm when con
 ``scripts/gpu_check.sh`` runs the tests in groups under ``timeout`` for that case, and pytest's own
 ``faulthandler_timeout`` dumps the stacks first. Main thread only, POSIX only (as SIGALRM).
 """
+import contextlib
 import signal
 
 import pytest
@@ -22,47 +23,39 @@ def pytest_addoption(parser):
                      help="fail a test whose setup, call or teardown runs longer than this many seconds (0: off)")
 
 
-def _arm(item, when):
+@contextlib.contextmanager
+def _deadline(item, when):
+    """``--deadline`` seconds for the ``when`` phase of ``item``: SIGALRM raises :class:`DeadlineExceeded`."""
     seconds = item.config.getoption("--deadline")
     if not seconds or not hasattr(signal, "SIGALRM"):
-        return None
+        yield
+        return
 
     def expire(signum, frame):
         raise DeadlineExceeded(f"{item.nodeid}: {when} ran past the {seconds:g} s deadline")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
-    return previous
-
-
-def _disarm(previous):
-    if previous is not None:
+    try:
+        yield
+    finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
-    previous = _arm(item, "setup")
-    try:
+    with _deadline(item, "setup"):
         yield
-    finally:
-        _disarm(previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item):
-    previous = _arm(item, "call")
-    try:
+    with _deadline(item, "call"):
         yield
-    finally:
-        _disarm(previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item):
-    previous = _arm(item, "teardown")
-    try:
+    with _deadline(item, "teardown"):
         yield
-    finally:
-        _disarm(previous)
