@@ -21,10 +21,10 @@ cd "$(dirname "$0")/.."
 # THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
 STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity
-            bit_sampling cross_attention tiles)
+            e2e_compile bit_sampling cross_attention tiles)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
-                   [bit_sampling]=25 [cross_attention]=25 [tiles]=90)
+                   [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=90)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
   [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
@@ -37,6 +37,7 @@ declare -A SCRIPT=(
   [upsample]=bench/bench_upsample.py
   [adaln]=bench/bench_adaln.py
   [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, the official loop vs the Sampler (--out-dir)
+  [e2e_compile]=bench/bench_e2e.py            # the official loop under torch.compile, beside eager (--out-dir)
   [bit_sampling]=bench/bench_bit_sampling.py
   [cross_attention]=bench/bench_cross_attention.py
   [tiles]="bench/bench_attention.py --tiles"  # the attention kernels' candidate tiles against the pinned ones
@@ -44,6 +45,7 @@ declare -A SCRIPT=(
 declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
   [cuda]="90a"                                # the lent H100 / H200 are sm_90: not the default sm_80 too
   [e2e]="--models d16 d30 --batches 1 64 --providers eager fastvar --reps 3"
+  [e2e_compile]="--models d16 d30 --batches 1 64 --providers eager compile --reps 3"   # Inductor's compile: minutes
   [sampling]="--batches 1 64 --no-compile"
   [rq_lookup]="--batches 1 64"
   [upsample]="--batches 1 64"
@@ -173,13 +175,14 @@ if rows:
         writer.writerows(rows)
 EOF
 }
-st_e2e() {      # the script names its CSVs by device and date, in --out-dir
-  mkdir -p "$W/e2e"
+st_e2e() {      # st_e2e e2e|e2e_compile [args]: the script names its CSVs by device and date, in --out-dir
+  local name=$1; shift
+  mkdir -p "$W/$name"
   local args=()
-  if [ "$DRY" = 1 ]; then args=(--smoke --batches 2 --providers eager fastvar --reps 1 --dtype float32); elif [ "${ALL:-0}" = 1 ]; then read -r -a args <<<"${CAMPAIGN_ARGS[e2e]}"; fi
-  "$PY" "${SCRIPT[e2e]}" "${args[@]}" --out-dir "$W/e2e" "$@"
+  if [ "$DRY" = 1 ]; then args=(--smoke --batches 2 --providers eager fastvar --reps 1 --dtype float32); elif [ "${ALL:-0}" = 1 ]; then read -r -a args <<<"${CAMPAIGN_ARGS[$name]}"; fi
+  "$PY" "${SCRIPT[$name]}" "${args[@]}" --out-dir "$W/$name" "$@"
   local rc=$?
-  merge_csvs e2e
+  merge_csvs "$name"
   return $rc
 }
 st_infinity() {
@@ -210,6 +213,7 @@ if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage
   name=${EXTRA[0]}
   case "$name" in
     attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention|tiles) st_bench "$name" "${EXTRA[@]:1}" ;;
+    e2e|e2e_compile) st_e2e "$name" "${EXTRA[@]:1}" ;;
     *) "st_$name" "${EXTRA[@]:1}" ;;
   esac
   exit $?

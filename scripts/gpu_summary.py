@@ -4,7 +4,7 @@
 
 Reads what the stages left in the work folder (whatever exists: a stage cut off or never reached is
 reported as such): env.txt, stages.tsv, ceilings.csv, coldstart.csv, precompile.json, tests_*.xml (JUnit)
-and tests_*.log, e2e.csv, infinity.csv, the kernel benchmarks' CSVs and tiles.csv. Also writes WORK_DIR/verdict.txt
+and tests_*.log, e2e.csv, e2e_compile.csv, infinity.csv, the kernel benchmarks' CSVs and tiles.csv. Also writes WORK_DIR/verdict.txt
 (``stages_failed=N tests_failed=M``) for scripts and CI.
 """
 import argparse
@@ -79,8 +79,8 @@ def tests(work):
     return counts, failures, killed
 
 
-def e2e_lines(rows, baseline):
-    """One line per (model, batch): fastvar's whole-sample time against ``baseline``'s (the provider the
+def e2e_lines(rows, baseline, provider="fastvar"):
+    """One line per (model, batch): ``provider``'s whole-sample time against ``baseline``'s (the provider the
     ``speedup_vs_eager`` column divides by), and the floors. Per-scale rows (``scale`` set) are left out."""
     out = []
     by = {}
@@ -88,10 +88,10 @@ def e2e_lines(rows, baseline):
         if not r.get("scale"):
             by.setdefault((r.get("model"), r.get("batch")), {})[r.get("provider")] = r
     for (model, batch), prov in sorted(by.items(), key=lambda kv: (kv[0][0] or "", int(kv[0][1] or 0))):
-        fast, base = prov.get("fastvar"), prov.get(baseline)
+        fast, base = prov.get(provider), prov.get(baseline)
         if fast is None:
             continue
-        line = f"  {model} B={batch}: fastvar {fast.get('ms')} ms"
+        line = f"  {model} B={batch}: {provider} {fast.get('ms')} ms"
         if fast.get("images_per_s"):
             line += f" ({fast['images_per_s']} img/s)"
         if base is not None:
@@ -188,12 +188,17 @@ def build(work, total):
     if e2e:
         lines.append("## end-to-end sampling (fastvar vs the official eager loop)")
         lines += e2e_lines(e2e, "eager")
+    compiled = _csv(os.path.join(work, "e2e_compile.csv"))
+    if compiled:
+        lines.append("## end-to-end sampling under torch.compile (vs the official eager loop of the same run)")
+        lines += e2e_lines(compiled, "eager", "compile")
     infinity = _csv(os.path.join(work, "infinity.csv"))
     if infinity:
         lines.append("## Infinity end-to-end (fastvar vs the official loop)")
         lines += e2e_lines(infinity, "official")
     bench = [bench_line(os.path.basename(p)[:-4], _csv(p)) for p in sorted(glob.glob(os.path.join(work, "*.csv")))
-             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "infinity.csv", "tiles.csv")]
+             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "e2e_compile.csv", "infinity.csv",
+                                            "tiles.csv")]
     bench = [b for b in bench if b]
     if bench:
         lines.append("## kernel benchmarks")

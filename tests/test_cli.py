@@ -130,6 +130,22 @@ def test_bench_smoke_runs_every_provider_path(tmp_path, capsys):
         assert [int(r["scale"]) for r in rows if r["provider"] == p and r["scale"]] == [0, 1, 2, 3]
 
 
+def test_bench_smoke_compile_provider_traces_the_official_blocks(tmp_path, capsys, monkeypatch):
+    """The ``compile`` provider (the official loop, every block under ``torch.compile(dynamic=True)``) on a tiny
+    CPU model, with Dynamo's ``eager`` backend (its tracing and guards, without Inductor's ~1 min of codegen on
+    2 cores): its rows, and Dynamo really compiled the block."""
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    counters.clear()
+    assert main(["bench", "--smoke", "--batches", "1", "2", "--providers", "eager", "compile", "--dtype", "float32",
+                 "--reps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert counters["stats"]["unique_graphs"] >= 1
+    rows = list(csv.DictReader(open(next(tmp_path.glob("e2e_*.csv")))))
+    assert sorted((r["provider"], r["batch"]) for r in rows if r["scale"] == "") == [
+        ("compile", "1"), ("compile", "2"), ("eager", "1"), ("eager", "2")]
+
+
 def test_weight_floor_reads_condition_weights_once():
     """The weight-bandwidth floor: the attention, MLP and head weights at every scale, the AdaLN projections and
     the embedding tables once per sample, in the compute dtype, at the given bandwidth."""

@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "coldstart", "attention", "sampling",
-          "rq_lookup", "upsample", "adaln", "infinity", "bit_sampling", "cross_attention", "tiles"]
+          "rq_lookup", "upsample", "adaln", "infinity", "e2e_compile", "bit_sampling", "cross_attention", "tiles"]
 KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bit_sampling", "cross_attention",
                   "tiles"]
 
@@ -158,8 +158,14 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
         H100,kv256,128x64 w8 s3,0.050,1.000,kv,9
         H100,kv256,64x64 w8 s3,0.060,0.833,kv,9
         """
+    compiled = """
+        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale
+        H100,d30,64,eager,3000,21,1.0,300,10,10.0,
+        H100,d30,64,compile,1500,42,2.0,300,10,5.0,
+        """
     lines, verdict = _summary(tmp_path, stages__tsv=stages, tests_1__xml=junit, e2e__csv=e2e,
-                              infinity__csv=infinity, tiles__csv=tiles, tests_2__log="group 2: killed by its timeout\n")
+                              e2e_compile__csv=compiled, infinity__csv=infinity, tiles__csv=tiles,
+                              tests_2__log="group 2: killed by its timeout\n")
     text = "\n".join(lines)
     assert verdict == "stages_failed=1 tests_failed=2"
     assert "1 passed, 2 failed, 0 errors, 1 skipped; cut off: tests_2" in text
@@ -172,7 +178,9 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
             "(2.67 x the higher)") in text
     assert "  d30 fwd: pinned 128x64 w4 s3 2.0 ms; fastest 128x128 w8 s3 1.6 ms (x1.25)" in lines
     assert "  kv256 kv scale 9: pinned 128x64 w8 s3 0.050 ms, the fastest of 2" in lines
-    assert not any(line.lstrip().startswith(("infinity:", "tiles:")) for line in lines)   # not kernel benchmarks
+    assert ("d30 B=64: compile 1500 ms (42 img/s), eager 3000 ms: x2.0, floors: FLOPs 300 ms, weights 10 ms "
+            "(5.0 x the higher)") in text
+    assert not any(line.lstrip().startswith(("infinity:", "tiles:", "e2e_compile:")) for line in lines)
     assert "e2e            skipped" in text and "no time left" in text
     assert len(lines) <= 80
 
