@@ -121,18 +121,32 @@ def scale_mul_param(H):
     return sm.requires_grad_(True)
 
 
-def checker(name, q, k, v, sched, sm):
-    """check(provider, out (B, L, H, D), rows=all): its relative error against the float32 reference on a slice
-    (batch 0, 2 heads: cheap even at L ~ 10k), ``out`` holding the token rows ``rows`` (a slice) of the
-    schedule; a wrong provider stops the run."""
+# the relative error against the float32 reference above which a provider is called wrong and the run stops:
+# a sanity check before timing (the tests hold the kernels to their dtype's tolerances)
+CHECK_BOUND = {torch.bfloat16: 0.05, torch.float16: 0.05, torch.float32: 1e-4}
+
+
+def verdict(name, prov, what, err, dtype):
+    """The check column ``rel_err=...`` of a result with relative error ``err``; over the dtype's bound (or NaN)
+    the run stops, naming the case, the provider and ``what`` is wrong."""
+    if not err <= CHECK_BOUND[dtype]:
+        raise SystemExit(f"{name}/{prov}: the {what} is off the float32 reference (rel err {err:.3g})")
+    return f"rel_err={err:.2e}"
+
+
+def reference_slice(q, k, v, sched, sm):
+    """The float32 reference on batch 0 and 2 heads (cheap even at L ~ 10k): ``(1, L, 2, D)``."""
     from fastvar.reference import attention as ref
-    ref32 = ref.block_causal_attention(*(t[:1, :, :2].float() for t in (q, k, v)), sched.lens, None, sm[:, :2])
+    return ref.block_causal_attention(*(t[:1, :, :2].float() for t in (q, k, v)), sched.lens, None, sm[:, :2])
+
+
+def checker(name, q, k, v, sched, sm):
+    """check(provider, out (B, L, H, D), rows=all): :func:`verdict` on ``out``'s error against
+    :func:`reference_slice`, ``out`` holding the token rows ``rows`` (a slice) of the schedule."""
+    ref32 = reference_slice(q, k, v, sched, sm)
 
     def check(prov, out, rows=slice(None)):
-        err = rel_err(out[:1, :, :2], ref32[:, rows])
-        if err > 0.05:
-            raise SystemExit(f"{name}/{prov}: output differs from the float32 reference (rel err {err:.3g})")
-        return f"rel_err={err:.2e}"
+        return verdict(name, prov, "output", rel_err(out[:1, :, :2], ref32[:, rows]), q.dtype)
     return check
 
 
@@ -217,27 +231,30 @@ def tile_label(tile):
     return f"{bm}x{bn} w{warps} s{stages}"
 
 
-def tile_case(name, kind, candidates, run, check, shape, keys_, flops):
-    """A :class:`Case` of one kernel's candidate tiles (``run(tile)`` -> output), the pinned tile (the first) its
-    baseline; a candidate that fails to compile or to launch, or fails its check, is reported and left out."""
+def tile_case(name, kind, candidates, run, check, shape, keys_, flops, dtype):
+    """A :class:`Case` of one kernel's candidate tiles: ``run(tile)`` -> its result, ``check(label, result)`` -> the
+    check column. The pinned tile (the first: what every launch uses) is the baseline and must pass; another
+    candidate that fails to compile or to launch, or fails its check, is reported and left out."""
+    pinned = tile_label(candidates[0])
     providers, checks = {}, {}
     for tile in candidates:
         label = tile_label(tile)
         try:
             checks[label] = check(label, run(tile))
-        except Exception as e:          # e.g. a tile over the shared-memory limit: reported, not fatal
-            if isinstance(e, SystemExit) and tile == candidates[0]:
-                raise                   # a wrong pinned tile is a wrong kernel
+        except (Exception, SystemExit) as e:        # SystemExit: a failed check (verdict)
+            if label == pinned:
+                raise
             print(f"  {name} {kind} {label}: left out: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
             continue
         providers[label] = functools.partial(run, tile)
-    return Case(name, providers, checks, shape, dict(keys_, kernel=kind), flops=flops, peak="bf16_tflops",
-                eager=tile_label(candidates[0]))
+    return Case(name, providers, checks, shape, dict(keys_, kernel=kind, pinned=pinned), flops=flops,
+                peak="fp32_tflops" if dtype == torch.float32 else "bf16_tflops", eager=pinned)
 
 
 def training_tile_cases(name, args):
-    """``--tiles`` on a training case: the forward kernel's candidates, then each gradient kernel's with the other
-    one pinned (the whole backward timed, so its TFLOP/s count 2.5x the forward's work)."""
+    """``--tiles`` on a training case: the forward kernel's candidates (output against the reference, saved
+    statistics against the pinned tile's), then each gradient kernel's with the other one pinned (the whole
+    backward timed, so its TFLOP/s count 2.5x the forward's work)."""
     from fastvar.reference import attention as ref
     from fastvar.triton_kernels import attention as A
     pn, B, H, D = TRAIN_CASES[name]
@@ -247,60 +264,69 @@ def training_tile_cases(name, args):
     q, k, v = torch.randn(B, L, 3, H, D, dtype=dtype, device=DEVICE).unbind(2)     # VAR's strided qkv view
     sm = scale_mul_param(H).detach()
     dout = torch.randn(B, L, H, D, dtype=dtype, device=DEVICE)
-    # the float32 reference's gradients on 2 heads (all of the batch: dscale_mul sums over it)
-    sliced = [t.float().requires_grad_(True) for t in (q[:, :, :2], k[:, :, :2], v[:, :, :2], sm[:, :2])]
-    ref.block_causal_attention(*sliced[:3], lens, None, sliced[3]).backward(dout[:, :, :2].float())
-    check_out = checker(name, q, k, v, sched, sm)
+    # the float32 reference on 2 heads (all of the batch: dscale_mul sums over it) and its gradients
+    ref_in = [t.float().requires_grad_(True) for t in (q[:, :, :2], k[:, :, :2], v[:, :, :2], sm[:, :2])]
+    ref_out = ref.block_causal_attention(*ref_in[:3], lens, None, ref_in[3])
+    ref_out.backward(dout[:, :, :2].float())
+    out, stats = A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm)     # the pinned forward: the backward's input
 
-    def check_grads(label, grads):        # dq, dk, dv, dscale_mul
-        err = max(rel_err(g[:, :, :2], s.grad) for g, s in zip(grads[:3], sliced))
-        err = max(err, rel_err(grads[3][:2], sliced[3].grad.reshape(-1)))
-        if err > 0.05:
-            raise SystemExit(f"{name}/{label}: gradients differ from the float32 reference (rel err {err:.3g})")
-        return f"rel_err={err:.2e}"
-    out, stats = A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm)
+    def check_fwd(label, result):
+        o, st = result
+        return verdict(name, label, "forward", max(rel_err(o[:, :, :2], ref_out), rel_err(st, stats)), dtype)
+
+    def check_bwd(label, grads):        # dq, dk, dv, dscale_mul
+        errs = [rel_err(g[:, :, :2], r.grad) for g, r in zip(grads[:3], ref_in)]
+        return verdict(name, label, "backward", max(errs + [rel_err(grads[3][:2], ref_in[3].grad.reshape(-1))]),
+                       dtype)
     flops = 4 * B * H * D * sum(n * e for n, (_, e) in zip(lens, sched.spans))
     print(f"\n{name}: candidate tiles, B={B} L={L} H={H} D={D} {args.dtype}")
     cases = []
     for kind in ("fwd", "dkdv", "dq"):
         if kind == "fwd":
-            run, check, work = (lambda tile: A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm, config=tile)[0],
-                                check_out, flops)
+            run, check, work = (lambda tile: A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm, config=tile),
+                                check_fwd, flops)
         else:
             run, check, work = (lambda tile, kind=kind: A.block_causal_attention_bwd(
-                dout, q, k, v, out, stats, lens, 1.0, sm, config={kind: tile}), check_grads, 2.5 * flops)
-        candidates = A._configs(kind, D, dtype, "cuda", L)
-        cases.append(tile_case(name, kind, candidates, run, check, f"B={B} L={L} H={H} D={D}",
-                               keys(pn, B, L, L, H, D, args.dtype, "tiles"), work))
+                dout, q, k, v, out, stats, lens, 1.0, sm, config={kind: tile}), check_bwd, 2.5 * flops)
+        cases.append(tile_case(name, kind, A._configs(kind, D, dtype, "cuda", L), run, check,
+                               f"B={B} L={L} H={H} D={D}", keys(pn, B, L, L, H, D, args.dtype, "tiles"), work, dtype))
     return cases
 
 
 def kv_tile_cases(name, args):
     """``--tiles`` on a sampling case: the KV step's candidate tiles at the schedule's last three scales (where
-    its time goes), the caches holding the prefix."""
+    its time goes), the caches holding the prefix; each candidate's output against the reference and the cache
+    rows it wrote against the pinned steps' (then put back, so that no candidate sees another's)."""
     from fastvar.triton_kernels import attention as A
     pn, B, H, D = KV_CASES[name]
     sched, dtype = Schedule.of(pn), getattr(torch, args.dtype)
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, sched.L, H, D, dtype=dtype, device=DEVICE) for _ in range(3))
     sm = scale_mul_param(H).detach()
-    k_cache, v_cache = torch.empty_like(k), torch.empty_like(v)
+    caches = torch.empty_like(k), torch.empty_like(v)
     for b, e in sched.spans:           # the pinned steps, in order, fill the caches
-        A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], k_cache, v_cache, b, 1.0, sm)
-    check = checker(name, q, k, v, sched, sm)
+        A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], *caches, b, 1.0, sm)
+    written = [c.clone() for c in caches]
+    ref32 = reference_slice(q, k, v, sched, sm)
     print(f"\n{name}: the KV step's candidate tiles, CFG batch {B}, H={H} D={D} {args.dtype}")
     cases = []
-    for s in range(len(sched) - 3, len(sched)):
+    for s in range(max(0, len(sched) - 3), len(sched)):
         b, e = sched.spans[s]
 
         def run(tile, b=b, e=e):
-            return A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], k_cache, v_cache, b, 1.0, sm,
-                                             config=tile)
+            return A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], *caches, b, 1.0, sm, config=tile)
 
-        cases.append(tile_case(name, "kv", A._kv_candidates(e - b, D, dtype), run,
-                               functools.partial(check, rows=slice(b, e)),
+        def check(label, out, b=b, e=e):
+            try:
+                errs = [rel_err(out[:1, :, :2], ref32[:, b:e])] + [rel_err(c[:, b:e], w[:, b:e])
+                                                                   for c, w in zip(caches, written)]
+                return verdict(name, label, "step (output or cache write)", max(errs), dtype)
+            finally:
+                for c, w in zip(caches, written):
+                    c[:, b:e] = w[:, b:e]
+        cases.append(tile_case(name, "kv", A._kv_candidates(e - b, D, dtype), run, check,
                                f"B={B} l={e - b} L={e} H={H} D={D}",
-                               keys(pn, B, e - b, e, H, D, args.dtype, "tiles", s), 4 * B * H * D * (e - b) * e))
+                               keys(pn, B, e - b, e, H, D, args.dtype, "tiles", s), 4 * B * H * D * (e - b) * e, dtype))
     return cases
 
 
@@ -308,14 +334,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(TRAIN_CASES) + list(KV_CASES),
                         choices=list(TRAIN_CASES) + list(KV_CASES))
-    parser.add_argument("--providers", nargs="+", default=sorted(set(PROVIDERS) | set(KV_PROVIDERS)),
-                        choices=sorted(set(PROVIDERS) | set(KV_PROVIDERS)))
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--providers", nargs="+", choices=sorted(set(PROVIDERS) | set(KV_PROVIDERS)),
+                        help="default: all")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="float32: --tiles only (the fp32 tile tables)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
     parser.add_argument("--tiles", action="store_true",
                         help="time fastvar's candidate tiles instead of the providers (mode 'tiles')")
     timing_options(parser, "attention")
     args = parser.parse_args(argv)
+    if args.tiles and (args.no_backward or args.providers):
+        parser.error("--tiles times fastvar's tiles of every kernel: it takes no --providers or --no-backward")
+    args.providers = args.providers or sorted(set(PROVIDERS) | set(KV_PROVIDERS))
+    if args.dtype == "float32" and not args.tiles:
+        parser.error("--dtype float32 is for --tiles (the providers are compared in bf16 and fp16)")
 
     builders = (training_tile_cases, kv_tile_cases) if args.tiles else (training_cases, kv_cases)
     cases = ((name, functools.partial(builders[name in KV_CASES], name, args)) for name in args.cases)

@@ -24,7 +24,7 @@ STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampl
             e2e_compile bit_sampling cross_attention tiles)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
-                   [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=90)
+                   [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=150)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
   [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
@@ -82,18 +82,19 @@ while [ $# -gt 0 ]; do
     *) EXTRA+=("$1"); shift ;;
   esac
 done
+is_stage() { local t; for t in "${STAGES_ALL[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
 # `all` or a comma-separated list: the campaign's sizes, each stage capped by what is left of the total
 STAGES=()
 if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}"); elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"; fi
-for s in "${STAGES[@]}"; do case " ${STAGES_ALL[*]} " in *" $s "*) ;; *) usage "no stage '$s'" ;; esac; done
+for s in "${STAGES[@]}"; do is_stage "$s" || usage "no stage '$s'"; done
 [ ${#STAGES[@]} -gt 0 ] && [ ${#EXTRA[@]} -gt 0 ] && usage "extra arguments (${EXTRA[*]}) go to one stage alone"
-case " all ${STAGES_ALL[*]} __stage " in *" $stage "*) ;; *) [ ${#STAGES[@]} -gt 0 ] || usage ;; esac
+[ ${#STAGES[@]} -gt 0 ] || [ "$stage" = __stage ] || is_stage "$stage" || usage
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 FASTVAR_GPU_CHECK_DRY=$DRY
 if [ -z "${FASTVAR_COMMIT:-}" ] && [ "$stage" != __stage ]; then
   FASTVAR_COMMIT=$(git rev-parse --short HEAD 2>/dev/null) || FASTVAR_COMMIT=
-  [ -n "$FASTVAR_COMMIT" ] || echo "WARNING: FASTVAR_COMMIT is not set and this tree has no git history: every" \
-    "result row will say commit=unknown (run it as FASTVAR_COMMIT=<hash> bash scripts/gpu_check.sh ...)" >&2
+  [ -n "$FASTVAR_COMMIT" ] || echo "WARNING: FASTVAR_COMMIT is not set and git cannot name this tree's commit:" \
+    "every result row will say commit=unknown (run it as FASTVAR_COMMIT=<hash> bash scripts/gpu_check.sh ...)" >&2
   export FASTVAR_COMMIT
 fi
 PY=${PYTHON:-python3}

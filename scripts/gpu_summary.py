@@ -4,8 +4,8 @@
 
 Reads what the stages left in the work folder (whatever exists: a stage cut off or never reached is
 reported as such): env.txt, stages.tsv, ceilings.csv, coldstart.csv, precompile.json, tests_*.xml (JUnit)
-and tests_*.log, e2e.csv, e2e_compile.csv, infinity.csv, the kernel benchmarks' CSVs and tiles.csv. Also writes WORK_DIR/verdict.txt
-(``stages_failed=N tests_failed=M``) for scripts and CI.
+and tests_*.log, e2e.csv, e2e_compile.csv, infinity.csv, the kernel benchmarks' CSVs and tiles.csv. Also
+writes WORK_DIR/verdict.txt (``stages_failed=N tests_failed=M``) for scripts and CI.
 """
 import argparse
 import csv
@@ -124,16 +124,21 @@ def bench_line(name, rows):
 
 
 def tile_lines(rows):
-    """One line per kernel and shape of ``bench_attention.py --tiles``: the pinned tile (the first row of its
-    group, the baseline) against the fastest candidate."""
+    """One line per kernel and shape of ``bench_attention.py --tiles``: the pinned tile (column ``pinned``)
+    against the fastest candidate."""
     groups = {}
     for r in rows:
         if _float(r.get("ms")) is not None:
             groups.setdefault((r.get("case"), r.get("kernel"), r.get("scale")), []).append(r)
     out = []
     for (case, kernel, scale), group in groups.items():
-        pinned, best = group[0], min(group, key=lambda r: float(r["ms"]))
+        best = min(group, key=lambda r: float(r["ms"]))
+        pinned = next((r for r in group if r["provider"] == r.get("pinned")), None)
         where = f"{case} {kernel}" + (f" scale {scale}" if scale else "")
+        if pinned is None:
+            out.append(f"  {where}: pinned {group[0].get('pinned')}: no row; fastest {best['provider']} "
+                       f"{best['ms']} ms")
+            continue
         line = f"  {where}: pinned {pinned['provider']} {pinned['ms']} ms"
         if best is pinned:
             line += f", the fastest of {len(group)}"
@@ -196,9 +201,9 @@ def build(work, total):
     if infinity:
         lines.append("## Infinity end-to-end (fastvar vs the official loop)")
         lines += e2e_lines(infinity, "official")
+    own_sections = ("ceilings.csv", "coldstart.csv", "e2e.csv", "e2e_compile.csv", "infinity.csv", "tiles.csv")
     bench = [bench_line(os.path.basename(p)[:-4], _csv(p)) for p in sorted(glob.glob(os.path.join(work, "*.csv")))
-             if os.path.basename(p) not in ("ceilings.csv", "coldstart.csv", "e2e.csv", "e2e_compile.csv", "infinity.csv",
-                                            "tiles.csv")]
+             if os.path.basename(p) not in own_sections]
     bench = [b for b in bench if b]
     if bench:
         lines.append("## kernel benchmarks")

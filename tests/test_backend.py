@@ -160,6 +160,9 @@ def test_an_extension_built_from_other_sources_is_refused(monkeypatch, tmp_path)
     shutil.copytree(os.path.join(root, "csrc"), copy / "csrc")
     shutil.copy(os.path.join(root, "CMakeLists.txt"), copy)
     assert _backend.sources_sha256(str(copy)) == current
+    os.symlink("nowhere", copy / "csrc" / ".#bindings.cpp")       # an editor's lock file: a dangling link
+    (copy / "csrc" / ".hidden.h").write_text("// not a source")
+    assert _backend.sources_sha256(str(copy)) == current
     with open(copy / "csrc" / "sampling.cu", "a") as f:
         f.write("\n")
     assert _backend.sources_sha256(str(copy)) != current

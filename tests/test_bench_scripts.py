@@ -114,42 +114,65 @@ def test_bench_attention(stub_timing, monkeypatch, tmp_path):
 
 
 @pytest.mark.interpreter
-def test_bench_attention_tiles(stub_timing, monkeypatch, tmp_path):
+def test_bench_attention_tiles(stub_timing, monkeypatch, tmp_path, capsys):
     """``--tiles`` (Triton kernels, interpreter): a row per candidate tile of each kernel, the pinned one first and
-    the baseline, each checked against the float32 reference; a candidate that cannot launch is left out, a wrong
-    pinned tile stops the run."""
+    the baseline, each checked against the float32 reference; a candidate that cannot launch, computes a wrong
+    output or writes wrong cache rows is left out (and the others still pass), a wrong pinned tile stops the
+    run."""
     from fastvar.triton_kernels import attention as A
     bench = load_on_cpu("bench_attention", monkeypatch)
-    monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 2, 16)})
-    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3, 5), 2, 2, 16)})
-    tables = {kind: A._configs(kind, 16, torch.float32, "cuda", 14) for kind in ("fwd", "dkdv", "dq")}
-    configs = A._configs
-    monkeypatch.setattr(A, "_configs", lambda kind, *a: configs(kind, *a) + [(16, 24, 4, 2)])  # 24: not a power of 2
+    monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 3, 16)})
+    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3, 5), 2, 3, 16)})
     out = tmp_path / "attention_tiles.csv"
-    assert bench.main(["--tiles", "--cases", "tiny", "kv-tiny", "--dtype", "float32", "--out", str(out)]) == 0
+    argv = ["--tiles", "--dtype", "float32", "--out", str(out)]
+    tables = {kind: A._configs(kind, 16, torch.float32, "cuda", 14) for kind in ("fwd", "dkdv", "dq")}
+    configs, step = A._configs, A.kv_cached_attention_fwd
+    monkeypatch.setattr(A, "_configs", lambda kind, *a: configs(kind, *a) + [(16, 24, 4, 2)])  # 24: not a power of 2
+    bad_kv = A._kv_candidates(25, 16, torch.float32)[1]
+
+    def step_writing_a_wrong_cache_row(q, k, v, k_cache, v_cache, cache_len, *a, config=None, **kw):
+        result = step(q, k, v, k_cache, v_cache, cache_len, *a, config=config, **kw)
+        if config == bad_kv:
+            k_cache[:, cache_len] += 1.0
+        return result
+    monkeypatch.setattr(A, "kv_cached_attention_fwd", step_writing_a_wrong_cache_row)
+    assert bench.main(["--cases", "tiny", "kv-tiny", *argv]) == 0
+    assert "kv-tiny kv " + bench.tile_label(bad_kv) + ": left out: SystemExit" in capsys.readouterr().out
     rows = read_rows(out, "attention")
     for kind, tiles in tables.items():
         got = [r for r in rows if r["case"] == "tiny" and r["kernel"] == kind]
         assert [r["provider"] for r in got] == list(dict.fromkeys(map(bench.tile_label, tiles))), kind
-        assert got[0]["speedup_vs_eager"] == "1.000"
+        assert got[0]["speedup_vs_eager"] == "1.000" and all(r["pinned"] == got[0]["provider"] for r in got)
         assert all(r["mode"] == "tiles" and float(r["check"].removeprefix("rel_err=")) < 1e-5 for r in got), got
     steps = [r for r in rows if r["case"] == "kv-tiny"]
     assert sorted({int(r["scale"]) for r in steps}) == [1, 2, 3]
     for s, l in ((1, 4), (2, 9), (3, 25)):
+        want = [bench.tile_label(t) for t in A._kv_candidates(l, 16, torch.float32) if l != 25 or t != bad_kv]
         got = [r for r in steps if int(r["scale"]) == s]
-        assert [r["provider"] for r in got] == [bench.tile_label(t) for t in A._kv_candidates(l, 16, torch.float32)]
+        assert [r["provider"] for r in got] == want
         assert all(r["kernel"] == "kv" and float(r["check"].removeprefix("rel_err=")) < 1e-5 for r in got), got
 
     monkeypatch.setattr(A, "_configs", configs)
-    fwd = A.block_causal_attention_fwd
+    fwd, bwd = A.block_causal_attention_fwd, A.block_causal_attention_bwd
+    second = bench.tile_label(tables["fwd"][1])
+    monkeypatch.setattr(A, "block_causal_attention_fwd", lambda *a, config=None, **k: tuple(
+        t * (1.25 if config == tables["fwd"][1] else 1.0) for t in fwd(*a, config=config, **k)))
+    assert bench.main(["--cases", "tiny", *argv]) == 0          # a wrong candidate is left out
+    assert second not in {r["provider"] for r in read_rows(out, "attention") if r["kernel"] == "fwd"}
     monkeypatch.setattr(A, "block_causal_attention_fwd", lambda *a, **k: tuple(t * 1.25 for t in fwd(*a, **k)))
-    with pytest.raises(SystemExit, match="differs from the float32 reference"):
-        bench.main(["--tiles", "--cases", "tiny", "--dtype", "float32", "--out", str(out)])
+    with pytest.raises(SystemExit, match="tiny/.*: the forward is off the float32 reference"):
+        bench.main(["--cases", "tiny", *argv])                   # so is a wrong pinned tile: the run stops
     monkeypatch.setattr(A, "block_causal_attention_fwd", fwd)
-    bwd = A.block_causal_attention_bwd
     monkeypatch.setattr(A, "block_causal_attention_bwd", lambda *a, **k: (*bwd(*a, **k)[:3], bwd(*a, **k)[3] * 1.25))
-    with pytest.raises(SystemExit, match="gradients differ from the float32 reference"):     # dscale_mul checked
-        bench.main(["--tiles", "--cases", "tiny", "--dtype", "float32", "--out", str(out)])
+    with pytest.raises(SystemExit, match="the backward is off the float32 reference"):     # dscale_mul checked
+        bench.main(["--cases", "tiny", *argv])
+    monkeypatch.setattr(A, "block_causal_attention_bwd", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no")))
+    with pytest.raises(RuntimeError, match="no"):                 # a pinned tile that cannot launch stops it too
+        bench.main(["--cases", "tiny", *argv])
+    for bad in (["--tiles", "--providers", "fastvar"], ["--tiles", "--no-backward"], ["--dtype", "float32"]):
+        with pytest.raises(SystemExit):
+            bench.main(bad)
+    assert "--dtype float32 is for --tiles" in capsys.readouterr().err
 
 
 def test_bench_upsample(stub_timing, monkeypatch, tmp_path):

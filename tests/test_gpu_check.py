@@ -65,7 +65,8 @@ def test_a_list_of_stages_runs_as_all_does(tmp_path):
     with open(work / "stages.tsv") as f:
         assert [line.split("\t")[:2] for line in f] == [["cuda", "ok"], ["ceilings", "ok"], ["tiles", "ok"]]
     assert "build_cuda.sh 90a" in (work / "cuda.log").read_text()      # the campaign's size, as under `all`
-    for bad, why in ((["ceilings,nope"], "no stage 'nope'"), (["e2e,tiles", "--reps", "3"], "go to one stage alone")):
+    for bad, why in ((["ceilings,nope"], "no stage 'nope'"), (["e2e coldstart,tiles"], "no stage 'e2e coldstart'"),
+                     (["e2e,tiles", "--reps", "3"], "go to one stage alone"), (["e2e coldstart"], "usage")):
         proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *bad], capture_output=True, text=True)
         assert proc.returncode == 2 and why in proc.stderr, proc.stderr
 
@@ -151,12 +152,13 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
         H100,infinity-2b-random,1,fastvar,90,,,,,12
         """
     tiles = """
-        device,case,provider,ms,speedup_vs_eager,kernel,scale
-        H100,d30,128x64 w4 s3,2.0,1.000,fwd,
-        H100,d30,128x128 w8 s3,1.6,1.250,fwd,
-        H100,d30,64x64 w4 s4,2.5,0.800,fwd,
-        H100,kv256,128x64 w8 s3,0.050,1.000,kv,9
-        H100,kv256,64x64 w8 s3,0.060,0.833,kv,9
+        device,case,provider,ms,speedup_vs_eager,kernel,scale,pinned
+        H100,d30,128x128 w8 s3,1.6,1.250,fwd,,128x64 w4 s3
+        H100,d30,128x64 w4 s3,2.0,1.000,fwd,,128x64 w4 s3
+        H100,d30,64x64 w4 s4,2.5,0.800,fwd,,128x64 w4 s3
+        H100,kv256,128x64 w8 s3,0.050,1.000,kv,9,128x64 w8 s3
+        H100,kv256,64x64 w8 s3,0.060,0.833,kv,9,128x64 w8 s3
+        H100,kv256,64x64 w8 s3,0.060,,kv,8,128x64 w8 s3
         """
     compiled = """
         device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale
@@ -178,6 +180,7 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
             "(2.67 x the higher)") in text
     assert "  d30 fwd: pinned 128x64 w4 s3 2.0 ms; fastest 128x128 w8 s3 1.6 ms (x1.25)" in lines
     assert "  kv256 kv scale 9: pinned 128x64 w8 s3 0.050 ms, the fastest of 2" in lines
+    assert "  kv256 kv scale 8: pinned 128x64 w8 s3: no row; fastest 64x64 w8 s3 0.060 ms" in lines
     assert ("d30 B=64: compile 1500 ms (42 img/s), eager 3000 ms: x2.0, floors: FLOPs 300 ms, weights 10 ms "
             "(5.0 x the higher)") in text
     assert not any(line.lstrip().startswith(("infinity:", "tiles:", "e2e_compile:")) for line in lines)

@@ -693,6 +693,8 @@ def _launch(kernel, kind, q, config, grid, args, constexprs):
     No run-time autotuning: a benchmark on the first launch of a new L cannot run inside CUDA-graph capture,
     and its pick (timing noise) would change the gradient bits from one process to the next."""
     if isinstance(config, dict):
+        if not set(config) <= {"fwd", "dkdv", "dq"}:
+            raise ValueError(f"config: tiles are named by kernel, fwd, dkdv or dq; got {sorted(config)}")
         config = config.get(kind)
     bm, bn, warps, stages = config or _configs(kind, q.shape[-1], q.dtype, _device_of(q), q.shape[1])[0]
     kernel[grid(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -818,7 +820,7 @@ def kv_cached_attention_fwd(q, k, v, k_cache, v_cache, cache_len, softmax_scale,
         q, k, v: ``(B, l, H, D)`` any strides; k_cache, v_cache: ``(B, L_max, H, D)`` any strides, not
             overlapping q, k, v. ``k`` (rotated with ``rope``, normalised with ``scale_mul``) and ``v`` are written
             in place at ``[cache_len, cache_len + l)``; nothing else of the caches is written.
-        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests).
+        config: optional ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` (tests, tile tuning).
         rope: optional ``(2, l, D/2)`` fp32 cos/sin rows of the new tokens (any strides): q and k rotated pairwise.
     Returns:
         ``(B, l, H, D)`` contiguous: every new query attends to all ``cache_len + l`` keys.

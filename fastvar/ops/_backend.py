@@ -67,12 +67,14 @@ def _triton_import_error() -> Optional[str]:
 def sources_sha256(root: str) -> Optional[str]:
     """The fingerprint CMakeLists.txt compiles into ``fastvar._C`` (``SOURCES_SHA256``), of the build files under
     the checkout ``root``: the SHA-256 of the concatenated hex SHA-256 of ``CMakeLists.txt``, then of ``csrc/``'s
-    ``*.cu``, ``*.cpp`` and ``*.h`` by name. None where ``root`` holds no such build (an installed wheel)."""
+    ``*.cu``, ``*.cpp`` and ``*.h`` files by name, hidden ones left out. None where ``root`` holds no such build
+    (an installed wheel)."""
     import hashlib
     csrc, cmake = os.path.join(root, "csrc"), os.path.join(root, "CMakeLists.txt")
     if not (os.path.isdir(csrc) and os.path.isfile(cmake)):
         return None
-    names = sorted(n for n in os.listdir(csrc) if n.endswith((".cu", ".cpp", ".h")))
+    names = sorted(n for n in os.listdir(csrc) if n.endswith((".cu", ".cpp", ".h")) and not n.startswith(".")
+                   and os.path.isfile(os.path.join(csrc, n)))      # not an editor's lock file or a dangling link
     digests = ""
     for path in [cmake] + [os.path.join(csrc, n) for n in names]:
         with open(path, "rb") as f:

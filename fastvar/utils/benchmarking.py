@@ -186,9 +186,10 @@ def run_cases(bench: str, cases: Iterable[Tuple[str, Callable[[], Union[Case, Se
               results_dir: str, log=print, default_name: Optional[str] = None) -> Tuple[str, List[Dict]]:
     """On a GPU, times every provider of every case with ``triton.testing.do_bench`` (median, p20, p80 of CUDA
     events; ``args.warmup``, ``args.rep``), then its peak memory and GPU operations per call, and writes a row each
-    to ``args.out`` or ``<results_dir>/<default_name or bench>_<gpu>_<date>.csv``, rewritten after every row (a run
-    cut off keeps what it measured). ``cases``: (label, build) pairs; ``build()`` makes the inputs, checks every provider and
-    returns one :class:`Case` or several; out of memory skips that case, or that provider. Returns (path, rows)."""
+    to ``args.out`` or ``<results_dir>/<default_name or bench>_<gpu>_<date>.csv``, rewritten after every row (a
+    run cut off keeps what it measured). ``cases``: (label, build) pairs; ``build()`` makes the inputs, checks
+    every provider and returns one :class:`Case` or several; out of memory skips that case, or that provider.
+    Returns (path, rows)."""
     if not require_cuda(f"bench_{bench}.py"):
         raise SystemExit(2)
     # fastvar's providers run the Triton kernels unless a backend is forced; the caller's setting is restored
@@ -196,10 +197,10 @@ def run_cases(bench: str, cases: Iterable[Tuple[str, Callable[[], Union[Case, Se
                         lambda: _run_cases(bench, cases, args, results_dir, log, default_name or bench))
 
 
-def _run_cases(bench, cases, args, results_dir, log, name):
+def _run_cases(bench, cases, args, results_dir, log, file_prefix):
     import triton.testing
     meta = metadata()
-    path, rows = args.out or results_path(results_dir, name, meta), []
+    path, rows = args.out or results_path(results_dir, file_prefix, meta), []
     log(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}; HBM "
         f"{ceiling(meta['device'], 'hbm_tbs')} TB/s, bf16 {ceiling(meta['device'], 'bf16_tflops')} TFLOP/s, "
         f"fp32 {ceiling(meta['device'], 'fp32_tflops')} TFLOP/s")
