@@ -4,6 +4,8 @@
 #   FASTVAR_COMMIT=<hash> bash scripts/gpu_check.sh all [--budget 540] [--out DIR]
 #   bash scripts/gpu_check.sh STAGE [--out DIR] [extra args]   # one stage, e.g. tests, attention, sampling
 #   bash scripts/gpu_check.sh e2e,attention,tiles [--budget S]  # several, as `all` runs them (after the install)
+#   FASTVAR_GPU_CHECK_WORK=DIR bash scripts/gpu_check.sh rest [--budget S]   # the stages of `all` that an earlier
+#                                 call with that work folder did not reach (its results are bundled with them)
 #   bash scripts/gpu_check.sh all --dry-run --out DIR           # CPU: each stage's smallest variant
 #
 # `all` runs the stages of the table below in order of value, each under `timeout` with its own budget
@@ -20,8 +22,9 @@ cd "$(dirname "$0")/.."
 # ------------------------------------------------------------------------------------------------------------
 # THE STAGE TABLE: the one place that names stages, budgets (seconds) and scripts. Order = order of value.
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
-STAGES_ALL=(install ceilings cuda precompile tests e2e coldstart attention sampling rq_lookup upsample adaln infinity
-            e2e_compile bit_sampling cross_attention tiles)
+# issue 16's measurements first (tests, end to end, attention, sampling, the quantizer step), then Infinity (issue 15)
+STAGES_ALL=(install ceilings cuda precompile tests e2e attention sampling upsample rq_lookup infinity coldstart adaln
+            e2e_compile tiles bit_sampling cross_attention)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
                    [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=150)
@@ -67,7 +70,8 @@ HEADLINE_CSVS=(ceilings.csv coldstart.csv e2e.csv attention.csv sampling.csv inf
 
 usage() {
   local IFS='|'
-  echo "usage: gpu_check.sh all|STAGE[,STAGE...] [--budget S] [--out DIR] [--dry-run] [extra args: one STAGE alone]" >&2
+  echo "usage: gpu_check.sh all|rest|STAGE[,STAGE...] [--budget S] [--out DIR] [--dry-run] [extra args: one STAGE" \
+    "alone]" >&2
   echo "  STAGE: ${STAGES_ALL[*]}${1:+ ($1)}" >&2
   exit 2
 }
@@ -83,9 +87,15 @@ while [ $# -gt 0 ]; do
   esac
 done
 is_stage() { local t; for t in "${STAGES_ALL[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
-# `all` or a comma-separated list: the campaign's sizes, each stage capped by what is left of the total
+# `all`, `rest` or a comma-separated list: the campaign's sizes, each stage capped by what is left of the total
 STAGES=()
-if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}"); elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"; fi
+if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}"); elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"
+elif [ "$stage" = rest ]; then
+  RAN=${FASTVAR_GPU_CHECK_WORK:-}/stages.tsv
+  [ -f "$RAN" ] || usage "rest: FASTVAR_GPU_CHECK_WORK must name an earlier call's work folder (no $RAN)"
+  for s in "${STAGES_ALL[@]}"; do grep -qE "^$s"$'\t'"(ok|timeout|failed)" "$RAN" || STAGES+=("$s"); done
+  [ ${#STAGES[@]} -gt 0 ] || { echo "rest: every stage of all has run ($RAN)"; exit 0; }
+fi
 for s in "${STAGES[@]}"; do is_stage "$s" || usage "no stage '$s'"; done
 [ ${#STAGES[@]} -gt 0 ] && [ ${#EXTRA[@]} -gt 0 ] && usage "extra arguments (${EXTRA[*]}) go to one stage alone"
 [ ${#STAGES[@]} -gt 0 ] || [ "$stage" = __stage ] || is_stage "$stage" || usage
@@ -112,8 +122,9 @@ st_install() {
     "${cmd[@]}" || return 1
   fi
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1
-    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| triton', triton.__version__, '| cuda', torch.version.cuda, '| cpus', __import__('os').cpu_count())"
+    "$PY" -c "import sys, torch, triton, numpy, setuptools; print('python', sys.version.split()[0], '| torch', \
+torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '| numpy', numpy.__version__, \
+'| setuptools', setuptools.__version__, '| cpus', __import__('os').cpu_count())"
     echo "commit ${FASTVAR_COMMIT:-unknown}"; } >"$W/env.txt" 2>&1
   cat "$W/env.txt"
 }
@@ -233,14 +244,15 @@ if [ -d "$SHIPPED" ] && [ "$DRY" != 1 ]; then
     && "$PY" scripts/relocate_triton_cache.py "$TRITON_CACHE_DIR" >"$W/seed_cache.log" 2>&1
 fi
 START=$(date +%s)
-: >"$W/stages.tsv"
+[ "$stage" = rest ] || : >"$W/stages.tsv"       # rest adds to the earlier call's record
 elapsed() { echo $(( $(date +%s) - START )); }
 
 bundle() {      # the work folder into $OUTDIR: summary.txt, campaign.tar.gz, the headline CSVs (<= 8 files)
   "$PY" scripts/gpu_summary.py "$W" --out "$OUTDIR/summary.txt" --total "$TOTAL" >/dev/null 2>"$W/summary.err" \
     || { echo "gpu_summary.py failed:"; tail -n 5 "$W/summary.err"; } >"$OUTDIR/summary.txt"
   tar -czf "$OUTDIR/campaign.tar.gz.part" -C "$W" --exclude=./triton_cache --exclude='./coldstart_cache*' . \
-    2>/dev/null && mv "$OUTDIR/campaign.tar.gz.part" "$OUTDIR/campaign.tar.gz"
+    2>/dev/null && mv "$OUTDIR/campaign.tar.gz.part" "$OUTDIR/campaign.tar.gz" \
+    || rm -f "$OUTDIR/campaign.tar.gz.part"      # never a 9th file for the device tool
   local f
   for f in "${HEADLINE_CSVS[@]}"; do [ -f "$W/$f" ] && cp "$W/$f" "$OUTDIR/$f"; done
   return 0

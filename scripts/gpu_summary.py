@@ -102,7 +102,36 @@ def e2e_lines(rows, baseline, provider="fastvar"):
             line += ", floors: " + ", ".join(floors)
         if fast.get("over_floor"):
             line += f" ({fast['over_floor']} x the higher)"
+        peaks = _float(fast.get("peak_MB")), _float(base.get("peak_MB")) if base is not None else None
+        if peaks[0] is not None and peaks[1]:          # issue 16: at most 0.8x the official loop's
+            line += f", peak {peaks[0]:.0f} MB = {peaks[0] / peaks[1]:.2f} x {baseline}'s"
         out.append(line)
+    return out
+
+
+def attention_lines(rows):
+    """fastvar's training attention per case and mode (TFLOP/s, speedups over SDPA with the dense mask and over
+    FlexAttention), and its KV-cached steps summed over each schedule against the official ``torch.cat`` step."""
+    out = []
+    for r in rows:
+        if r.get("provider") == "fastvar" and r.get("mode") in ("fwd", "fwd+bwd"):
+            line = f"  {r.get('case')} {r['mode']}: fastvar {r.get('TFLOP/s')} TFLOP/s ({r.get('pct_peak')}% of peak)"
+            for col, name in (("speedup_vs_eager", "sdpa-dense"), ("speedup_vs_flex", "flex")):
+                if r.get(col):
+                    line += f", x{r[col]} vs {name}"
+            out.append(line)
+    totals = {}
+    for r in rows:
+        if r.get("mode") == "kv-step" and _float(r.get("ms")) is not None:
+            key = r.get("case"), r.get("provider")
+            totals[key] = totals.get(key, 0.0) + float(r["ms"])
+    for (case, prov), ms in totals.items():
+        if prov == "fastvar":
+            line = f"  {case} KV steps, all scales: fastvar {ms:.3f} ms"
+            for other in ("sdpa-cat", "sdpa-precat"):
+                if (case, other) in totals:
+                    line += f", x{totals[case, other] / ms:.2f} vs {other}"
+            out.append(line)
     return out
 
 
@@ -201,7 +230,12 @@ def build(work, total):
     if infinity:
         lines.append("## Infinity end-to-end (fastvar vs the official loop)")
         lines += e2e_lines(infinity, "official")
-    own_sections = ("ceilings.csv", "coldstart.csv", "e2e.csv", "e2e_compile.csv", "infinity.csv", "tiles.csv")
+    attention = _csv(os.path.join(work, "attention.csv"))
+    if attention:
+        lines.append("## attention (fastvar; the official step is sdpa-cat)")
+        lines += attention_lines(attention)
+    own_sections = ("ceilings.csv", "coldstart.csv", "e2e.csv", "e2e_compile.csv", "infinity.csv", "tiles.csv",
+                    "attention.csv")
     bench = [bench_line(os.path.basename(p)[:-4], _csv(p)) for p in sorted(glob.glob(os.path.join(work, "*.csv")))
              if os.path.basename(p) not in own_sections]
     bench = [b for b in bench if b]

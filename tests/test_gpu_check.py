@@ -13,11 +13,12 @@ import tarfile
 import textwrap
 
 import pytest
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
-STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "coldstart", "attention", "sampling",
-          "rq_lookup", "upsample", "adaln", "infinity", "e2e_compile", "bit_sampling", "cross_attention", "tiles"]
+STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "attention", "sampling", "upsample", "rq_lookup",
+          "infinity", "coldstart", "adaln", "e2e_compile", "tiles", "bit_sampling", "cross_attention"]
 KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bit_sampling", "cross_attention",
                   "tiles"]
 
@@ -32,8 +33,9 @@ def gpu_check(base, *args, **environ):
     out, work = base / "out", base / "work"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVAR_BACKEND", "OUT")}
     env.update(PATH=f"{stub}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{env.get('PATH', '')}",
-               PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"),
-               **environ)
+               PYTHON=sys.executable, FASTVAR_GPU_CHECK_WORK=str(work), TRITON_CACHE_DIR=str(base / "cache"))
+    env.update(environ)
+    work = Path(env["FASTVAR_GPU_CHECK_WORK"])
     proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *args, "--dry-run", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=1200)
     return proc, out, work
@@ -54,6 +56,38 @@ def test_a_tree_without_git_history_needs_the_commit_named(tmp_path):
                               FASTVAR_COMMIT="abc1234")
     assert proc.returncode == 0 and "FASTVAR_COMMIT" not in proc.stderr, proc.stderr[-2000:]
     assert "commit abc1234" in (work / "env.txt").read_text()
+
+
+def test_at_most_eight_files_come_back():
+    """summary.txt, campaign.tar.gz and the headline CSVs: the device tool brings back 8 files at most (on CPU the
+    dry run cannot show it: the GPU benchmarks write no CSV there)."""
+    with open(os.path.join(SCRIPTS, "gpu_check.sh")) as f:
+        headline = re.search(r"^HEADLINE_CSVS=\(([^)]*)\)", f.read(), re.M).group(1).split()
+    assert 2 + len(headline) <= 8, headline
+
+
+def test_rest_runs_what_an_earlier_call_did_not_reach(tmp_path):
+    """``rest`` (a second call on the warm machine): the stages of ``all`` that the work folder's record shows
+    neither run nor cut off (a failed one is not rerun; a skipped one is), added to that record."""
+    work = tmp_path / "work"
+    work.mkdir()
+    done = STAGES[:-3]
+    record = "".join(f"{s}\t{'failed(rc=1)' if s == 'cuda' else 'ok'}\t1\t9\t\n" for s in done) + \
+        "tiles\tskipped\t0\t0\tno time left of the 540 s budget\n"
+    (work / "stages.tsv").write_text(record)
+    proc, out, _ = gpu_check(tmp_path, "rest", FASTVAR_GPU_CHECK_WORK=str(work))
+    # the verdict covers both calls: the earlier call's failed build fails this one too
+    assert proc.returncode == 1 and "## verdict: stages_failed=1 tests_failed=0 (cuda failed(rc=1))" in proc.stdout, \
+        f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(work / "stages.tsv") as f:
+        rows = [line.split("\t")[:2] for line in f]
+    assert rows[:len(done) + 1] == [line.split("\t")[:2] for line in record.splitlines()]
+    assert rows[len(done) + 1:] == [[s, "ok"] for s in STAGES[-3:]]
+    assert "## stages" in (out / "summary.txt").read_text()
+    proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), "rest"], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "FASTVAR_GPU_CHECK_WORK"})
+    assert proc.returncode == 2
+    assert "rest: FASTVAR_GPU_CHECK_WORK must name an earlier call's work folder" in proc.stderr
 
 
 def test_a_list_of_stages_runs_as_all_does(tmp_path):
@@ -161,12 +195,23 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
         H100,kv256,64x64 w8 s3,0.060,,kv,8,128x64 w8 s3
         """
     compiled = """
-        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale
-        H100,d30,64,eager,3000,21,1.0,300,10,10.0,
-        H100,d30,64,compile,1500,42,2.0,300,10,5.0,
+        device,model,batch,provider,ms,images_per_s,speedup_vs_eager,flop_floor_ms,weight_floor_ms,over_floor,scale,\
+peak_MB
+        H100,d30,64,eager,3000,21,1.0,300,10,10.0,,4000.0
+        H100,d30,64,compile,1500,42,2.0,300,10,5.0,,3000.0
+        """
+    attention = """
+        device,case,provider,mode,ms,TFLOP/s,pct_peak,speedup_vs_eager,speedup_vs_flex,scale
+        H100,d16,sdpa-dense,fwd+bwd,3.0,100,10,1.000,,
+        H100,d16,fastvar,fwd+bwd,1.0,300,30,3.000,1.500,
+        H100,kv256,sdpa-cat,kv-step,0.5,,,,,0
+        H100,kv256,sdpa-cat,kv-step,1.5,,,,,1
+        H100,kv256,fastvar,kv-step,0.25,,,2.0,,0
+        H100,kv256,fastvar,kv-step,0.75,,,2.0,,1
         """
     lines, verdict = _summary(tmp_path, stages__tsv=stages, tests_1__xml=junit, e2e__csv=e2e,
                               e2e_compile__csv=compiled, infinity__csv=infinity, tiles__csv=tiles,
+                              attention__csv=attention,
                               tests_2__log="group 2: killed by its timeout\n")
     text = "\n".join(lines)
     assert verdict == "stages_failed=1 tests_failed=2"
@@ -182,8 +227,10 @@ def test_summary_reports_failures_timeouts_and_cut_stages(tmp_path):
     assert "  kv256 kv scale 9: pinned 128x64 w8 s3 0.050 ms, the fastest of 2" in lines
     assert "  kv256 kv scale 8: pinned 128x64 w8 s3: no row; fastest 64x64 w8 s3 0.060 ms" in lines
     assert ("d30 B=64: compile 1500 ms (42 img/s), eager 3000 ms: x2.0, floors: FLOPs 300 ms, weights 10 ms "
-            "(5.0 x the higher)") in text
-    assert not any(line.lstrip().startswith(("infinity:", "tiles:", "e2e_compile:")) for line in lines)
+            "(5.0 x the higher), peak 3000 MB = 0.75 x eager's") in text
+    assert "  d16 fwd+bwd: fastvar 300 TFLOP/s (30% of peak), x3.000 vs sdpa-dense, x1.500 vs flex" in lines
+    assert "  kv256 KV steps, all scales: fastvar 1.000 ms, x2.00 vs sdpa-cat" in lines
+    assert not any(line.lstrip().startswith(("infinity:", "tiles:", "e2e_compile:", "attention:")) for line in lines)
     assert "e2e            skipped" in text and "no time left" in text
     assert len(lines) <= 80
 
