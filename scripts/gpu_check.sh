@@ -54,7 +54,7 @@ declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run a
   [upsample]="--batches 1 64"
   [adaln]="--models d16 d30 --batches 1 64"
   [infinity]="--batches 1 --reps 2"          # B = 8 on its own: `gpu_check.sh infinity --batches 8` (see the script)
-  [tiles]="--cases kv256 d30 kv1024 1024px --warmup 10 --rep 40"
+  [tiles]="--cases kv256 d30 kv1024 1024px --warmup 10 --rep 40"   # bf16: the candidates st_tiles compiles
 )
 # GPU tests, most important first: one pytest run per group under `timeout`; a last group takes the rest
 TEST_GROUPS=(
@@ -221,10 +221,16 @@ st_bench() {    # a kernel benchmark of the table: st_bench STAGE [args]
   return $rc
 }
 
+st_tiles() {    # the candidates compiled on every core first (the benchmark alone compiles them one by one)
+  local pre=("$PY" -P "${SCRIPT[precompile]}" --all --paths "^candidate .*bfloat16")
+  if [ "$DRY" = 1 ]; then "${pre[@]}" --record-only; else "${pre[@]}" --jobs "$(nproc)" --launchers; fi
+  st_bench tiles "$@"
+}
+
 if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage under `timeout`
   name=${EXTRA[0]}
   case "$name" in
-    attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention|tiles) st_bench "$name" "${EXTRA[@]:1}" ;;
+    attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention) st_bench "$name" "${EXTRA[@]:1}" ;;
     e2e|e2e_compile) st_e2e "$name" "${EXTRA[@]:1}" ;;
     *) "st_$name" "${EXTRA[@]:1}" ;;
   esac

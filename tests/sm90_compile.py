@@ -388,34 +388,44 @@ def _paths() -> Dict[str, Callable[[], None]]:
 
 
 def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
-    """Every candidate tile of the attention tables (``--all``), at VAR's view and L = 680, and of the KV step
-    where ``bench/bench_attention.py --tiles`` times it (scales of more than 64 tokens)."""
-    from fastvar.schedule import PATCH_NUMS_256
+    """Every candidate tile of the attention kernels (``--all``), launched as ``bench/bench_attention.py --tiles``
+    launches them, on its cases' shapes (the same cache entries: the campaign's tiles stage compiles them on
+    every core first), in bf16 and fp16: the forward and gradient tables on the training cases, the KV step's
+    candidates at the last three scales of the sampling cases."""
+    import importlib.util
+    from fastvar.schedule import Schedule
     from fastvar.triton_kernels import attention as A
-    lens = _lens(PATCH_NUMS_256)
+    spec = importlib.util.spec_from_file_location(
+        "bench_attention", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                                        "bench_attention.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     paths = {}
-    for D in (64, 128):
-        for dtype in (torch.bfloat16, torch.float16):
-            for config in A._kv_candidates(256, D, dtype):
-                def step(D=D, dtype=dtype, config=config):
-                    B, H, l, L = 2, 4, 256, 680
-                    q, k, v = torch.empty(B, l, 3, H, D, dtype=dtype, device=META).unbind(2)
-                    k_cache, v_cache = torch.empty(2, B, L, H, D, dtype=dtype, device=META)
-                    A.kv_cached_attention_fwd(q, k, v, k_cache, v_cache, L - l, 1.0, torch.empty(H, device=META),
-                                              config=config)
-                paths[f"candidate kv {str(dtype)[6:]} D={D} {config}"] = step
-    for (kind, cls, D), configs in A._HOPPER_CONFIGS.items():
-        for dtype in ((torch.bfloat16, torch.float16) if cls == "half" else (torch.float32,)):
-            for config in configs:
-                def run(kind=kind, D=D, dtype=dtype, config=config):
-                    H, B, L = 4, 2, sum(lens)
-                    q, k, v = torch.empty(B, L, 3, H, D, dtype=dtype, device=META).unbind(2)
-                    sm = torch.empty(H, device=META)
-                    out, stats = A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm, config=config)
-                    if kind != "fwd":
-                        A.block_causal_attention_bwd(torch.empty_like(out), q, k, v, out, stats, lens, 1.0, sm,
-                                                     config=config)
-                paths[f"candidate {kind} {str(dtype)[6:]} D={D} {config}"] = run
+    for dtype in (torch.bfloat16, torch.float16):
+        for case, (pn, B, H, D) in bench.TRAIN_CASES.items():
+            lens, L = Schedule.of(pn).lens, Schedule.of(pn).L
+            for kind in ("fwd", "dkdv", "dq"):
+                for tile in A._configs(kind, D, dtype, "cuda", L):
+                    def run(B=B, H=H, D=D, lens=lens, L=L, dtype=dtype, kind=kind, tile=tile):
+                        q, k, v = torch.empty(B, L, 3, H, D, dtype=dtype, device=META).unbind(2)
+                        sm = torch.empty(1, H, 1, 1, device=META)
+                        out, stats = A.block_causal_attention_fwd(q, k, v, lens, 1.0, sm,
+                                                                  config=tile if kind == "fwd" else None)
+                        if kind != "fwd":
+                            dout = torch.empty(B, L, H, D, dtype=dtype, device=META)
+                            A.block_causal_attention_bwd(dout, q, k, v, out, stats, lens, 1.0, sm, config={kind: tile})
+                    paths[f"candidate {case} {kind} {str(dtype)[6:]} {bench.tile_label(tile)}"] = run
+        for case, (pn, B, H, D) in bench.KV_CASES.items():
+            sched = Schedule.of(pn)
+            for s in range(max(0, len(sched) - 3), len(sched)):
+                b, e = sched.spans[s]
+                for tile in A._kv_candidates(e - b, D, dtype):
+                    def step(B=B, H=H, D=D, L=sched.L, b=b, e=e, dtype=dtype, tile=tile):
+                        q, k, v = (torch.empty(B, L, H, D, dtype=dtype, device=META) for _ in range(3))
+                        caches = torch.empty_like(k), torch.empty_like(v)
+                        A.kv_cached_attention_fwd(q[:, b:e], k[:, b:e], v[:, b:e], *caches, b, 1.0,
+                                                  torch.empty(1, H, 1, 1, device=META), config=tile)
+                    paths[f"candidate {case} kv scale {s} {str(dtype)[6:]} {bench.tile_label(tile)}"] = step
     return paths
 
 

@@ -99,6 +99,8 @@ def test_a_list_of_stages_runs_as_all_does(tmp_path):
     with open(work / "stages.tsv") as f:
         assert [line.split("\t")[:2] for line in f] == [["cuda", "ok"], ["ceilings", "ok"], ["tiles", "ok"]]
     assert "build_cuda.sh 90a" in (work / "cuda.log").read_text()      # the campaign's size, as under `all`
+    tiles = (work / "tiles.log").read_text()          # the candidates recorded first (a GPU compiles them then)
+    assert re.search(r"^# triton .*: \d+ paths, \d+ launches, \d+ distinct", tiles, re.M) and "Traceback" not in tiles
     for bad, why in ((["ceilings,nope"], "no stage 'nope'"), (["e2e coldstart,tiles"], "no stage 'e2e coldstart'"),
                      (["e2e,tiles", "--reps", "3"], "go to one stage alone"), (["e2e coldstart"], "usage")):
         proc = subprocess.run(["bash", os.path.join(SCRIPTS, "gpu_check.sh"), *bad], capture_output=True, text=True)
