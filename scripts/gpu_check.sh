@@ -89,16 +89,17 @@ done
 is_stage() { local t; for t in "${STAGES_ALL[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
 # `all`, `rest` or a comma-separated list: the campaign's sizes, each stage capped by what is left of the total
 STAGES=()
-if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}"); elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"
+if [ "$stage" = all ]; then STAGES=("${STAGES_ALL[@]}")
+elif [[ $stage == *,* ]]; then IFS=, read -r -a STAGES <<<"$stage"
 elif [ "$stage" = rest ]; then
   RAN=${FASTVAR_GPU_CHECK_WORK:-}/stages.tsv
   [ -f "$RAN" ] || usage "rest: FASTVAR_GPU_CHECK_WORK must name an earlier call's work folder (no $RAN)"
   for s in "${STAGES_ALL[@]}"; do grep -qE "^$s"$'\t'"(ok|timeout|failed)" "$RAN" || STAGES+=("$s"); done
-  [ ${#STAGES[@]} -gt 0 ] || { echo "rest: every stage of all has run ($RAN)"; exit 0; }
+  [ ${#STAGES[@]} -gt 0 ] || echo "rest: every stage of all has run ($RAN)"
 fi
 for s in "${STAGES[@]}"; do is_stage "$s" || usage "no stage '$s'"; done
 [ ${#STAGES[@]} -gt 0 ] && [ ${#EXTRA[@]} -gt 0 ] && usage "extra arguments (${EXTRA[*]}) go to one stage alone"
-[ ${#STAGES[@]} -gt 0 ] || [ "$stage" = __stage ] || is_stage "$stage" || usage
+[ ${#STAGES[@]} -gt 0 ] || [ "$stage" = __stage ] || [ "$stage" = rest ] || is_stage "$stage" || usage
 
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 FASTVAR_GPU_CHECK_DRY=$DRY
 if [ -z "${FASTVAR_COMMIT:-}" ] && [ "$stage" != __stage ]; then
@@ -250,11 +251,17 @@ if [ -d "$SHIPPED" ] && [ "$DRY" != 1 ]; then
     && "$PY" scripts/relocate_triton_cache.py "$TRITON_CACHE_DIR" >"$W/seed_cache.log" 2>&1
 fi
 START=$(date +%s)
-[ "$stage" = rest ] || : >"$W/stages.tsv"       # rest adds to the earlier call's record
+# rest adds to the earlier call's record (stages and budgets); every call writes its own verdict
+[ "$stage" = rest ] || { : >"$W/stages.tsv"; : >"$W/budgets"; }
+echo "$TOTAL" >>"$W/budgets"
+rm -f "$W/verdict.txt"
 elapsed() { echo $(( $(date +%s) - START )); }
 
 bundle() {      # the work folder into $OUTDIR: summary.txt, campaign.tar.gz, the headline CSVs (<= 8 files)
-  "$PY" scripts/gpu_summary.py "$W" --out "$OUTDIR/summary.txt" --total "$TOTAL" >/dev/null 2>"$W/summary.err" \
+  local total
+  total=$(awk '{s += $1} END {print s}' "$W/budgets")
+  "$PY" scripts/gpu_summary.py "$W" --out "$OUTDIR/summary.txt" --total "$total" --stages "${STAGES_ALL[*]}" \
+    >/dev/null 2>"$W/summary.err" \
     || { echo "gpu_summary.py failed:"; tail -n 5 "$W/summary.err"; } >"$OUTDIR/summary.txt"
   tar -czf "$OUTDIR/campaign.tar.gz.part" -C "$W" --exclude=./triton_cache --exclude='./coldstart_cache*' . \
     2>/dev/null && mv "$OUTDIR/campaign.tar.gz.part" "$OUTDIR/campaign.tar.gz" \
@@ -278,6 +285,7 @@ run_stage() {   # run_stage NAME [args]: the stage under `timeout`, output in $W
     budget=$(( budget > TOTAL ? budget : TOTAL ))     # one stage alone: its budget or --budget, the larger
   fi
   echo "=== $name: budget ${budget} s (at $(elapsed) s of $TOTAL)"
+  [ -f "$W/$name.log" ] && mv "$W/$name.log" "$W/$name.earlier.log"     # rest: a stage the device tool cut off
   local t0 rc dt status=ok
   t0=$(date +%s)
   STAGE_BUDGET=$budget timeout --signal=TERM --kill-after=10 "$budget" bash "$0" __stage "$name" "$@" \
@@ -292,10 +300,15 @@ run_stage() {   # run_stage NAME [args]: the stage under `timeout`, output in $W
 }
 
 export STAGE_BUDGET ALL=0
-if [ ${#STAGES[@]} -gt 0 ]; then
+if [ ${#STAGES[@]} -gt 0 ] || [ "$stage" = rest ]; then
   ALL=1
-  case " ${STAGES[*]} " in *" install "*) ;; *) [ "$DRY" != 1 ] && STAGES=(install "${STAGES[@]}") ;; esac
+  # a list may run on a fresh machine: it installs first; rest runs on the warm machine of the call before (its
+  # record is in /tmp there), whose install it repeats only if that did not pass
+  if [ "$stage" != rest ] && [ "$DRY" != 1 ]; then
+    case " ${STAGES[*]} " in *" install "*) ;; *) STAGES=(install "${STAGES[@]}") ;; esac
+  fi
   for s in "${STAGES[@]}"; do run_stage "$s"; done
+  [ ${#STAGES[@]} -gt 0 ] || bundle        # nothing left to run: the summary of the record as it stands
 else
   [ "$stage" != install ] && [ "$DRY" != 1 ] && run_stage install    # a lone stage on a fresh machine
   run_stage "$stage" "${EXTRA[@]}"

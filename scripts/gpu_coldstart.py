@@ -5,7 +5,8 @@ compiles, whether a new batch size compiles anything, and whether a Triton cache
     python scripts/gpu_coldstart.py --work DIR --out coldstart.csv --smoke                 # CPU code path
 
 Each measurement runs in a fresh process (Triton's in-memory kernels gone) on a d16 model (random
-weights, bf16, CUDA graphs as ``fastvar.Sampler`` uses by default):
+weights, bf16, CUDA graphs as ``fastvar.Sampler`` uses by default), ``shipped`` first, the CSV rewritten after
+each:
 
 * ``cold``: an empty ``TRITON_CACHE_DIR``: sample 1 (compiles every kernel, captures the graphs), sample 2,
   then a sample at B = 8 (new graphs; a new batch size must compile nothing: ``compiled`` of that row);
@@ -84,6 +85,7 @@ def run_child(mode, cache_dir, smoke, batches, log):
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log.write(proc.stdout + proc.stderr)
+    log.flush()
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0:
         print(f"{mode}: exit {proc.returncode}\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -125,11 +127,16 @@ def main(argv=None) -> int:
         for mode in modes:
             if mode == "shipped":
                 cache = os.path.join(work, "coldstart_cache_shipped")
-                shutil.rmtree(cache, ignore_errors=True)
-                shutil.copytree(shipped, cache)
-                sys.path.insert(0, HERE)
-                from relocate_triton_cache import relocate
-                relocate(cache)          # the cache records its files by absolute path
+                try:
+                    shutil.rmtree(cache, ignore_errors=True)
+                    shutil.copytree(shipped, cache)
+                    sys.path.insert(0, HERE)
+                    from relocate_triton_cache import relocate
+                    relocate(cache)          # the cache records its files by absolute path
+                except Exception as e:       # a broken shipped cache must not cost the cold and disk rows
+                    print(f"shipped cache {shipped} unusable: {type(e).__name__}: {e}", file=sys.stderr)
+                    rc = 1
+                    continue
             else:
                 cache = cold
             got, code = run_child(mode, cache, args.smoke, args.batches if mode == "cold" else args.batches[:1], log)

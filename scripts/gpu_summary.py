@@ -1,6 +1,6 @@
 """The campaign's summary (scripts/gpu_check.sh): at most 80 lines that tell the story of a GPU run.
 
-    python scripts/gpu_summary.py WORK_DIR [--out summary.txt] [--total 540]
+    python scripts/gpu_summary.py WORK_DIR [--out summary.txt] [--total 540] [--stages "install ceilings ..."]
 
 Reads what the stages left in the work folder (whatever exists: a stage cut off or never reached is
 reported as such): env.txt, stages.tsv, ceilings.csv, coldstart.csv, precompile.json, tests_*.xml (JUnit)
@@ -177,19 +177,32 @@ def tile_lines(rows):
     return out
 
 
-def build(work, total):
+def build(work, total, planned=()):
+    """The summary's lines and the verdict. ``total``: the seconds the calls that wrote this record had; ``planned``:
+    the stages of ``all``, in order (those neither run nor cut off are listed, with the next call that runs them)."""
     lines = ["# fastvar GPU campaign summary"]
     try:
         with open(os.path.join(work, "env.txt")) as f:
             lines += ["  " + l.strip() for l in f if l.strip()][:3]
     except OSError:
         lines.append("  (no env.txt: the install stage did not finish)")
-    st = stages(work)
+    rows = stages(work)
+    spent = sum(int(s[2]) for s in rows if s[2].isdigit())
+    st = {}                                # a stage's last row (a second call, rest, runs what the first skipped)
+    for s in rows:
+        st.pop(s[0], None)
+        st[s[0]] = s
+    st = list(st.values())
     failed_stages = [s for s in st if s[1] not in ("ok", "skipped")]
-    spent = sum(int(s[2]) for s in st if s[2].isdigit())
     lines.append(f"## stages ({spent} s of {total} s)")
     lines += [f"  {s[0]:14s} {s[1]:14s} {s[2]:>4s} s / {s[3]:>3s} s" + (f"  {s[4]}" if len(s) > 4 and s[4] else "")
               for s in st]
+    ran = {s[0] for s in st if s[1] != "skipped"}
+    owed = [name for name in planned if name not in ran]
+    if owed:
+        lines.append(f"## not reached: {', '.join(owed)}")
+        lines.append("  next call: FASTVAR_GPU_CHECK_WORK=<this work folder> gpu_check.sh rest (the same warm machine),"
+                     f" else gpu_check.sh {','.join(n for n in owed if n != 'install')}")
     ceil = _csv(os.path.join(work, "ceilings.csv"))
     if ceil:
         lines.append("## ceilings: " + ", ".join(f"{r['metric']} {r['value']} {r['unit']}" for r in ceil))
@@ -258,9 +271,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("work")
     p.add_argument("--out", default=None)
-    p.add_argument("--total", type=int, default=540)
+    p.add_argument("--total", type=int, default=540, help="the seconds of the calls that wrote this record")
+    p.add_argument("--stages", default="", help="the stages of all, in order, space-separated")
     args = p.parse_args(argv)
-    lines, verdict = build(args.work, args.total)
+    lines, verdict = build(args.work, args.total, args.stages.split())
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as f:

@@ -390,8 +390,8 @@ def _paths() -> Dict[str, Callable[[], None]]:
 def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
     """Every candidate tile of the attention kernels (``--all``), launched as ``bench/bench_attention.py --tiles``
     launches them, on its cases' shapes (the same cache entries: the campaign's tiles stage compiles them on
-    every core first), in bf16 and fp16: the forward and gradient tables on the training cases, the KV step's
-    candidates at the last three scales of the sampling cases."""
+    every core first), in bf16, fp16 and fp32: the forward and gradient tables on the training cases, the KV
+    step's candidates at the last three scales of the sampling cases."""
     import importlib.util
     from fastvar.schedule import Schedule
     from fastvar.triton_kernels import attention as A
@@ -401,7 +401,7 @@ def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     paths = {}
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for case, (pn, B, H, D) in bench.TRAIN_CASES.items():
             lens, L = Schedule.of(pn).lens, Schedule.of(pn).L
             for kind in ("fwd", "dkdv", "dq"):
@@ -536,6 +536,10 @@ def main(argv=None) -> int:
     start = time.time()
     recorder = record(args.paths, args.all)
     launches = [launch for launch in recorder.launches.values() if re.search(args.kernels, launch.kernel)]
+    if not launches:
+        print(f"no launch recorded: --paths {args.paths!r} and --kernels {args.kernels!r} match nothing",
+              file=sys.stderr)
+        return 1
     n_launches = sum(launch.count for launch in launches)
     paths = sorted({p for launch in launches for p in launch.paths})
     print(f"# triton {triton.__version__}, torch {torch.__version__}: {len(paths)} paths, {n_launches} launches, "
