@@ -128,7 +128,8 @@ CHECK_BOUND = {torch.bfloat16: 0.05, torch.float16: 0.05, torch.float32: 1e-4}
 
 def verdict(name, prov, what, err, dtype):
     """The check column ``rel_err=...`` of a result with relative error ``err``; over the dtype's bound (or NaN)
-    the run stops, naming the case, the provider and ``what`` is wrong."""
+    ``SystemExit`` naming the case, the provider and ``what`` is wrong (a provider is then left out, see
+    :func:`left_out`; a wrong pinned tile stops the run)."""
     if not err <= CHECK_BOUND[dtype]:
         raise SystemExit(f"{name}/{prov}: the {what} is off the float32 reference (rel err {err:.3g})")
     return f"rel_err={err:.2e}"
@@ -148,6 +149,15 @@ def checker(name, q, k, v, sched, sm):
     def check(prov, out, rows=slice(None)):
         return verdict(name, prov, "output", rel_err(out[:1, :, :2], ref32[:, rows]), q.dtype)
     return check
+
+
+def left_out(args, name, prov, error):
+    """A provider that cannot run a case, or fails its check (``SystemExit`` from :func:`verdict`), is reported and
+    not timed; the others still are (a stage of the GPU campaign keeps their rows). A wrong result is also listed
+    in ``args.wrong``: the run then exits with status 1."""
+    print(f"  {prov:12s} left out: {type(error).__name__}: {str(error).splitlines()[0][:160]}")
+    if isinstance(error, SystemExit):
+        args.wrong.append(f"{name}/{prov}")
 
 
 def keys(pn, B, q_len, L, H, D, dtype, mode, scale=""):
@@ -171,11 +181,10 @@ def training_cases(name, args):
     fwd, fwd_bwd, checks = {}, {}, {}
     for prov, fn in training_providers(sched, dtype, args.providers).items():
         try:
-            out = fn(q, k, v, sm.detach())
-        except Exception as e:         # a provider that cannot run this shape is reported, not fatal
-            print(f"  {prov:12s} failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            checks[prov] = check(prov, fn(q, k, v, sm.detach()))
+        except (Exception, SystemExit) as e:      # cannot run this shape, or a wrong output: see left_out
+            left_out(args, name, prov, e)
             continue
-        checks[prov] = check(prov, out)
         fwd[prov] = functools.partial(fn, q, k, v, sm.detach())
 
         def backward(fn=fn):
@@ -218,8 +227,15 @@ def kv_cases(name, args):
     steps = [at(b, e) for b, e in sched.spans]
     check = checker(name, q, k, v, sched, sm)
     # each provider runs the whole schedule once in order (fills fastvar's cache), checked against the reference
-    checks = {p: check(p, torch.cat([step[p]().transpose(1, 2) if p == "sdpa-precat" else
-                                     step[p]().reshape(B, -1, H, D) for step in steps], dim=1)) for p in steps[0]}
+    checks = {}
+    for p in list(steps[0]):
+        try:
+            checks[p] = check(p, torch.cat([step[p]().transpose(1, 2) if p == "sdpa-precat" else
+                                            step[p]().reshape(B, -1, H, D) for step in steps], dim=1))
+        except (Exception, SystemExit) as e:
+            left_out(args, name, p, e)
+            for step in steps:
+                del step[p]
     return [Case(name, step, checks, f"B={B} l={e - b} L={e} H={H} D={D}",
                  keys(pn, B, e - b, e, H, D, args.dtype, "kv-step", s), flops=4 * B * H * D * (e - b) * e,
                  peak="bf16_tflops", eager="sdpa-precat") for s, (step, (b, e)) in enumerate(zip(steps, sched.spans))]
@@ -349,6 +365,7 @@ def main(argv=None):
     if args.dtype == "float32" and not args.tiles:
         parser.error("--dtype float32 is for --tiles (the providers are compared in bf16 and fp16)")
 
+    args.wrong = []
     builders = (training_tile_cases, kv_tile_cases) if args.tiles else (training_cases, kv_cases)
     cases = ((name, functools.partial(builders[name in KV_CASES], name, args)) for name in args.cases)
     if args.tiles:
@@ -363,6 +380,9 @@ def main(argv=None):
         vs = "  ".join(f"x{totals[case, p] / t:.2f} vs {p}" for p in ("sdpa-precat", "sdpa-cat") if (case, p) in totals)
         print(f"{case}: {prov:12s} all scales {t:8.3f} ms  {vs}  (sdpa-cat: the official step)")
     plot(path, x="case", panels=("mode",), y="TFLOP/s", where=lambda r: r["mode"] != "kv-step")
+    if args.wrong:
+        print(f"wrong results, not timed: {', '.join(args.wrong)}")
+        return 1
     return 0
 
 

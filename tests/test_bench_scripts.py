@@ -175,6 +175,25 @@ def test_bench_attention_tiles(stub_timing, monkeypatch, tmp_path, capsys):
     assert "--dtype float32 is for --tiles" in capsys.readouterr().err
 
 
+def test_bench_attention_leaves_a_wrong_provider_out(stub_timing, monkeypatch, tmp_path, capsys):
+    """A provider whose output is off the reference is reported and not timed, the others still are (a campaign
+    stage keeps their rows), and the run exits with status 1."""
+    from fastvar import ops
+    bench = load_on_cpu("bench_attention", monkeypatch)
+    monkeypatch.setattr(bench, "TRAIN_CASES", {"tiny": ((1, 2, 3), 2, 3, 16)})
+    monkeypatch.setattr(bench, "KV_CASES", {"kv-tiny": ((1, 2, 3), 2, 3, 16)})
+    attention, step = ops.block_causal_attention, ops.kv_cached_attention
+    monkeypatch.setattr(ops, "block_causal_attention", lambda *a, **k: attention(*a, **k) * 1.25)
+    monkeypatch.setattr(ops, "kv_cached_attention", lambda *a, **k: step(*a, **k) + float("nan"))
+    out = tmp_path / "attention.csv"
+    assert bench.main(["--cases", "tiny", "kv-tiny", "--providers", "sdpa-dense", "fastvar", "sdpa-precat",
+                       "sdpa-cat", "--out", str(out)]) == 1
+    assert "wrong results, not timed: tiny/fastvar, kv-tiny/fastvar" in capsys.readouterr().out
+    rows = read_rows(out, "attention")
+    assert {(r["case"], r["provider"]) for r in rows} == {("tiny", "sdpa-dense"), ("kv-tiny", "sdpa-precat"),
+                                                         ("kv-tiny", "sdpa-cat")}
+
+
 def test_bench_upsample(stub_timing, monkeypatch, tmp_path):
     bench = load_on_cpu("bench_upsample", monkeypatch)
     monkeypatch.setattr(bench, "SCHEDULES", {"256": (1, 2, 3)})
