@@ -121,8 +121,9 @@ def scale_mul_param(H):
     return sm.requires_grad_(True)
 
 
-# the relative error against the float32 reference above which a provider is called wrong and the run stops:
-# a sanity check before timing (the tests hold the kernels to their dtype's tolerances)
+# the relative error against the float32 reference above which a result is called wrong (the provider is left
+# out, a pinned tile stops the run): a sanity check before timing (the tests hold the kernels to their dtype's
+# tolerances)
 CHECK_BOUND = {torch.bfloat16: 0.05, torch.float16: 0.05, torch.float32: 1e-4}
 
 
@@ -309,6 +310,12 @@ def training_tile_cases(name, args):
     return cases
 
 
+def tile_scales(sched):
+    """The scales whose KV steps ``--tiles`` times: the last three, where the step's time goes
+    (tests/sm90_compile.py compiles the same launches for the campaign's tiles stage)."""
+    return range(max(0, len(sched) - 3), len(sched))
+
+
 def kv_tile_cases(name, args):
     """``--tiles`` on a sampling case: the KV step's candidate tiles at the schedule's last three scales (where
     its time goes), the caches holding the prefix; each candidate's output against the reference and the cache
@@ -326,7 +333,7 @@ def kv_tile_cases(name, args):
     ref32 = reference_slice(q, k, v, sched, sm)
     print(f"\n{name}: the KV step's candidate tiles, CFG batch {B}, H={H} D={D} {args.dtype}")
     cases = []
-    for s in range(max(0, len(sched) - 3), len(sched)):
+    for s in tile_scales(sched):
         b, e = sched.spans[s]
 
         def run(tile, b=b, e=e):

@@ -403,7 +403,8 @@ def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
     paths = {}
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for case, (pn, B, H, D) in bench.TRAIN_CASES.items():
-            lens, L = Schedule.of(pn).lens, Schedule.of(pn).L
+            sched = Schedule.of(pn)
+            lens, L = sched.lens, sched.L
             for kind in ("fwd", "dkdv", "dq"):
                 for tile in A._configs(kind, D, dtype, "cuda", L):
                     def run(B=B, H=H, D=D, lens=lens, L=L, dtype=dtype, kind=kind, tile=tile):
@@ -417,7 +418,7 @@ def attention_candidate_paths() -> Dict[str, Callable[[], None]]:
                     paths[f"candidate {case} {kind} {str(dtype)[6:]} {bench.tile_label(tile)}"] = run
         for case, (pn, B, H, D) in bench.KV_CASES.items():
             sched = Schedule.of(pn)
-            for s in range(max(0, len(sched) - 3), len(sched)):
+            for s in bench.tile_scales(sched):
                 b, e = sched.spans[s]
                 for tile in A._kv_candidates(e - b, D, dtype):
                     def step(B=B, H=H, D=D, L=sched.L, b=b, e=e, dtype=dtype, tile=tile):
