@@ -372,15 +372,15 @@ def test_compile_sees_one_node(backend):
         assert_rel(a, b, REL[torch.float32], name)
 
 
-# ------------------------------------------------------------------ GPU lane
-def _low_precision_check(lens, B, H, D, dtype, norm, what):
+# ------------------------------------------------- low precision: fp16 in the interpreter, bf16/fp16 on a GPU
+def _low_precision_check(lens, B, H, D, dtype, norm, what, device="cuda"):
     """Triton vs eager at ``dtype``, both against float64: the output and every gradient (the fp32
     ``scale_mul`` gradient too: eager's error from the low-precision q, k sets its bar as well)."""
     L = sum(lens)
-    qkv, _ = make_qkv(B, L, H, D, dtype=dtype, device="cuda", requires_grad=True)
-    sm = make_scale_mul(H, device="cuda", clamp_head=True) if norm else None
+    qkv, _ = make_qkv(B, L, H, D, dtype=dtype, device=device, requires_grad=True)
+    sm = make_scale_mul(H, device=device, clamp_head=True) if norm else None
     scale = None if norm else 0.25 / math.sqrt(D)
-    dout = torch.randn(B, L, H, D, dtype=dtype, device="cuda")
+    dout = torch.randn(B, L, H, D, dtype=dtype, device=device)
     leaves = [qkv] + ([sm] if norm else [])
     results = {}
     for impl in ("triton", "eager"):
@@ -391,6 +391,44 @@ def _low_precision_check(lens, B, H, D, dtype, norm, what):
     ref64 = reference64(qkv, lens, scale, sm, dout)
     for name, a, b, r in zip(["out", "dqkv", "dscale_mul"], results["triton"], results["eager"], ref64):
         assert_like_eager(a, b, r, f"{what} {name}")
+
+
+def _kv_low_precision_check(lens, B, H, D, dtype, what, device="cuda"):
+    """A CFG batch sampled scale by scale at ``dtype``, caches poisoned with NaN: Triton within 2x of eager's error
+    against the float64 block-causal forward, the cache tail untouched."""
+    L = sum(lens)
+    _, (q, k, v) = make_qkv(B, L, H, D, dtype=dtype, device=device)
+    sm = make_scale_mul(H, device=device, clamp_head=True).detach()
+    full64 = ref.block_causal_attention(*(t.double() for t in (q, k, v)), lens, None, sm.double())
+    outs = {}
+    for impl in ("triton", "eager"):
+        k_cache = torch.full((B, L + 5, H, D), float("nan"), dtype=dtype, device=device)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        start, pieces = 0, []
+        for n in lens:
+            s = slice(start, start + n)
+            pieces.append(op_attention.KV_CACHED_IMPLS[impl](q[:, s], k[:, s], v[:, s], k_cache, v_cache, start,
+                                                             None, sm))
+            start += n
+        assert torch.isnan(k_cache[:, L:]).all() and torch.isnan(v_cache[:, L:]).all(), impl
+        assert torch.isfinite(k_cache[:, :L]).all() and torch.isfinite(v_cache[:, :L]).all(), impl
+        outs[impl] = torch.cat(pieces, 1)
+    assert_like_eager(outs["triton"], outs["eager"], full64, what)
+
+
+# The interpreter runs fp16 products as the GPU does (fp16 operands, fp32 sums) but not bf16 ones (NumPy has no
+# bfloat16), so the fp16 lane of the GPU checks runs here too: the kernels' casts to the input dtype before
+# each product and their fp32 statistics, on small irregular schedules.
+@pytest.mark.interpreter
+@pytest.mark.parametrize("lens,H,D,norm", [(UNEVEN, 3, 32, True), ((1, 4, 9, 7), 2, 16, False)],
+                         ids=["uneven-d32-l2norm", "1-4-9-7-d16-plain"])
+def test_fp16_block_causal_in_interpreter(lens, H, D, norm):
+    _low_precision_check(lens, 2, H, D, torch.float16, norm, "fp16 interpreter", device="cpu")
+
+
+@pytest.mark.interpreter
+def test_fp16_kv_cached_sampling_in_interpreter():
+    _kv_low_precision_check(UNEVEN, 2, 3, 32, torch.float16, "fp16 interpreter kv", device="cpu")
 
 
 GPU_TRAIN = [
@@ -461,25 +499,7 @@ def test_gpu_block_causal_fp32(D):
 def test_gpu_kv_cached_sampling(pn, B, H, D, dtype):
     """A CFG batch sampled scale by scale: Triton within 2x of eager's error against the float64
     block-causal forward, the cache tail untouched."""
-    lens = lens_of(pn)
-    L = sum(lens)
-    _, (q, k, v) = make_qkv(B, L, H, D, dtype=dtype, device="cuda")
-    sm = make_scale_mul(H, device="cuda", clamp_head=True).detach()
-    full64 = ref.block_causal_attention(*(t.double() for t in (q, k, v)), lens, None, sm.double())
-    outs = {}
-    for impl in ("triton", "eager"):
-        k_cache = torch.full((B, L + 5, H, D), float("nan"), dtype=dtype, device="cuda")
-        v_cache = torch.full_like(k_cache, float("nan"))
-        start, pieces = 0, []
-        for n in lens:
-            s = slice(start, start + n)
-            pieces.append(op_attention.KV_CACHED_IMPLS[impl](q[:, s], k[:, s], v[:, s], k_cache, v_cache, start,
-                                                             None, sm))
-            start += n
-        assert torch.isnan(k_cache[:, L:]).all() and torch.isnan(v_cache[:, L:]).all(), impl
-        assert torch.isfinite(k_cache[:, :L]).all() and torch.isfinite(v_cache[:, :L]).all(), impl
-        outs[impl] = torch.cat(pieces, 1)
-    assert_like_eager(outs["triton"], outs["eager"], full64, f"kv {pn[-1]}px")
+    _kv_low_precision_check(lens_of(pn), B, H, D, dtype, f"kv {pn[-1]}px")
 
 
 @pytest.mark.gpu

@@ -154,21 +154,33 @@ INF_WIDE = S.scale_lens(S.scale_schedule(0.5, "1M"))           # 1x1 ... 45x90
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("lens,B,H", [(INF_1024, 2, 4), (INF_WIDE, 2, 2)], ids=["1024px", "h/w0.5"])
 def test_gpu_kv_cached_rope_sampling(lens, B, H, dtype):
-    """A guided batch at head dim 128 with the official RoPE table, sampled scale by scale: Triton within 2x of
-    eager's error against the float64 reference, the cache tail untouched."""
-    D, L = 128, sum(lens)
-    sched = S.scale_schedule(1.0 if lens == INF_1024 else 0.5, "1M")
-    rope = ref_inf.rope2d_table(sched, D, device="cuda")
-    qkv = torch.randn(B, L, 3, H, D, dtype=dtype, device="cuda")
+    """A guided batch at head dim 128 with the official RoPE table, sampled scale by scale."""
+    _rope_low_precision_check(S.scale_schedule(1.0 if lens == INF_1024 else 0.5, "1M"), B, H, 128, dtype)
+
+
+@pytest.mark.interpreter
+def test_fp16_kv_cached_rope_sampling_in_interpreter():
+    """The fp16 lane of the check above in the interpreter (which runs fp16 products as a GPU does, not bf16
+    ones), on a non-square schedule: the rotation's fp32 arithmetic and the casts before each product."""
+    _rope_low_precision_check(S.scale_schedule(0.5, "0.06M"), 1, 2, 32, torch.float16, device="cpu")
+
+
+def _rope_low_precision_check(sched, B, H, D, dtype, device="cuda"):
+    """Triton within 2x of eager's error at ``dtype`` against the float64 reference, scale by scale with the
+    official RoPE table of ``sched``, the caches poisoned with NaN and their tail untouched."""
+    lens = S.scale_lens(sched)
+    L = sum(lens)
+    rope = ref_inf.rope2d_table(sched, D, device=device)
+    qkv = torch.randn(B, L, 3, H, D, dtype=dtype, device=device)
     q, k, v = qkv.unbind(2)
-    sm = make_scale_mul(H, device="cuda", clamp_head=True).detach()
-    k64, v64 = (torch.zeros(B, L, H, D, dtype=torch.float64, device="cuda") for _ in range(2))
+    sm = make_scale_mul(H, device=device, clamp_head=True).detach()
+    k64, v64 = (torch.zeros(B, L, H, D, dtype=torch.float64, device=device) for _ in range(2))
     want = steps(ref.kv_cached_attention, q.double(), k.double(), v.double(), k64, v64, lens, sm.double(),
                  rope.double(), 1.0)
     outs = {}
     for impl in ("triton", "eager"):
-        k_cache = torch.full((B, H, L + 5, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
-        v_cache = torch.full((B, H, L + 5, D), float("nan"), dtype=dtype, device="cuda").transpose(1, 2)
+        k_cache = torch.full((B, H, L + 5, D), float("nan"), dtype=dtype, device=device).transpose(1, 2)
+        v_cache = torch.full((B, H, L + 5, D), float("nan"), dtype=dtype, device=device).transpose(1, 2)
         outs[impl] = steps(op_attention.KV_CACHED_IMPLS[impl], q, k, v, k_cache, v_cache, lens, sm, rope, 1.0)
         assert torch.isnan(k_cache[:, L:]).all() and torch.isnan(v_cache[:, L:]).all(), impl
         assert torch.isfinite(k_cache[:, :L]).all() and torch.isfinite(v_cache[:, :L]).all(), impl
