@@ -235,7 +235,7 @@ def test_triton_sampler_gives_the_eager_tokens_on_cuda(monkeypatch, cuda_graphs,
     with torch.no_grad():   # gammas away from their tiny init, so every block matters
         for b in var.blocks:
             b.ada_lin[1].weight.normal_(0, 0.05)
-    var = var.cuda()
+    vae, var = vae.cuda(), var.cuda()        # var.cuda() leaves the VQVAE (var.vae_proxy, not a submodule) on the CPU
     prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
