@@ -13,6 +13,7 @@ from fastvar.ops import cuda_ext
 from fastvar.ops import sampling as S
 from fastvar.reference import sampling as sref
 from fastvar.schedule import PATCH_NUMS_256, PATCH_NUMS_512
+from test_upsample import _code_map, _reference_walk
 from tolerances import REL, assert_like_eager, assert_rel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
@@ -52,7 +53,8 @@ def test_step_against_eager_and_triton(seed, monkeypatch, patch_nums, B, tf32):
         f_cuda, n_cuda = _walk(q, idx, B, "cuda", monkeypatch)
         f_eager, n_eager = _walk(q, idx, B, "eager", monkeypatch)
         f_triton, n_triton = _walk(q, idx, B, "triton", monkeypatch)
-        f_64, n_64 = _walk(q64, idx, B, "eager", monkeypatch)
+        # the op takes float32 only: the float64 step is the reference's own (ref.rq_step)
+        f_64, n_64 = _reference_walk(q64, [_code_map(q64, i, h, w) for i, (h, w) in zip(idx, q64.patch_hws)])
     for si, (c, e, t, r) in enumerate(zip(n_cuda, n_eager, n_triton, n_64)):
         assert_like_eager(c, e, r.float(), f"seed {seed}: next map after scale {si}")
         if not tf32:      # both float32 (in two summation orders); under TF32 the Triton path's conv is cuDNN's TF32
