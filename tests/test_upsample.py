@@ -103,7 +103,9 @@ def _reference_walk(q, codes_per_scale):
     after the last scale, as the op returns)."""
     hws = q.patch_hws
     S = len(hws)
-    f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1], device=codes_per_scale[0].device)
+    # f_hat in the codes' dtype: a float64 quantizer's walk accumulates in float64 too (the float64 step)
+    f_hat = torch.zeros(codes_per_scale[0].shape[0], q.Cvae, *hws[-1], dtype=codes_per_scale[0].dtype,
+                        device=codes_per_scale[0].device)
     nexts = []
     for si, h in enumerate(codes_per_scale):
         f_hat, nxt = ref.rq_step(f_hat, h, q.phi_params(si), hws[si + 1] if si < S - 1 else None)
