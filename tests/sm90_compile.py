@@ -20,7 +20,9 @@ attention forward and backward, the multi-scale encode and the teacher-forcing i
 
 Distinct launches (deduplicated by Triton's own cache key) are then compiled for sm_90 with Triton's
 bundled ptxas (``JITFunction.preload`` of the recorded specialization: the same compile, and the same cache
-entry, as the GPU's first launch), in parallel, and ptxas's registers, spills and shared memory reported.
+entry, as the GPU's first launch), in parallel, and ptxas's registers, spills and shared memory reported, with
+the tensor-core instructions of the SASS (Hopper's wgmma, or the older warp-level mma) and ptxas's performance
+advisories (serialized wgmma).
 
     python tests/sm90_compile.py                    # record every path, compile every distinct launch
     python tests/sm90_compile.py --record-only      # the launch table only (seconds)
@@ -42,6 +44,7 @@ os.environ.pop("TRITON_INTERPRET", None)      # before triton is imported: compi
 import argparse     # noqa: E402
 import contextlib   # noqa: E402
 import functools    # noqa: E402
+import io          # noqa: E402
 import json         # noqa: E402
 import re           # noqa: E402
 import subprocess   # noqa: E402
@@ -446,20 +449,34 @@ def record(pattern: str = ".*", all_configs: bool = False) -> Recorder:
 
 
 # ------------------------------------------------------------------------------------------ compile
-def _resources(cubin: bytes) -> dict:
-    """Registers and spill bytes per thread from the cubin, via Triton's bundled cuobjdump."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+def _cubin_facts(cubin: bytes) -> dict:
+    """Registers and spill bytes per thread (Triton's bundled cuobjdump) and the tensor-core instructions of the
+    SASS (its nvdisasm): ``HGMMA`` is Hopper's warpgroup MMA (wgmma), ``HMMA`` the older warp-level MMA, which
+    runs a Hopper's tensor cores at a fraction of their rate."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+        sass = subprocess.run([os.path.join(tools, "nvdisasm"), f.name], capture_output=True, text=True)
     finally:
         os.unlink(f.name)
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     if not (regs and stack):
         raise RuntimeError(f"cuobjdump printed no REG/STACK usage: {out[-400:]!r}")
+    if sass.returncode != 0 or "EXIT" not in sass.stdout:
+        raise RuntimeError(f"nvdisasm failed: {sass.stderr[-400:]!r}")
     # ptxas puts spilled registers on the stack frame (LOCAL stays 0): STACK is the spill size per thread
-    return {"registers": int(regs.group(1)), "spill_bytes": int(stack.group(1))}
+    return {"registers": int(regs.group(1)), "spill_bytes": int(stack.group(1)),
+            "hgmma": len(re.findall(r"\bHGMMA\.", sass.stdout)), "hmma": len(re.findall(r"\bHMMA\.", sass.stdout))}
+
+
+def _ptxas_advisories(log: str) -> List[str]:
+    """ptxas's performance advisories (``Potential Performance Loss``: serialized wgmma and the like) from its
+    ``-v`` log, one line each, without the kernel's name."""
+    return [re.sub(r"^.*? info\s*:\s*|\s+in (the function '[^']*'|line \d+)\s*$", "", line)
+            for line in log.splitlines() if "Potential Performance Loss" in line]
 
 
 _TO_COMPILE: List[Launch] = []       # set before the worker processes fork
@@ -491,8 +508,13 @@ def _compile_one(i: int) -> dict:
     knobs.runtime.jit_cache_hook = None
     start = time.time()
     try:
-        kernel = launch.fn.preload(launch.data)
-        out = dict(shared_bytes=kernel.metadata.shared, **_resources(kernel.asm["cubin"]))
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), _patched(knobs.nvidia, "dump_ptxas_log", True):
+            kernel = launch.fn.preload(launch.data)
+        # ptxas ran only on a cache miss: then its -v log (never empty) holds the advisories
+        advisories = _ptxas_advisories(log.getvalue()) if "ptxas" in log.getvalue() else None
+        out = dict(shared_bytes=kernel.metadata.shared, **_cubin_facts(kernel.asm["cubin"]),
+                   ptxas_advisories=advisories)
         if _BUILD_LAUNCHERS[0]:
             _build_launcher(kernel)
     except Exception as e:      # reported per launch; the caller fails on it
@@ -513,6 +535,15 @@ def compile_launches(launches: List[Launch], jobs: int, launchers: bool = False)
         with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as ex:
             results = list(ex.map(_compile_one, range(len(launches))))
     return [dict(launch.summary(), spec=launch.data, **r) for launch, r in zip(launches, results)]
+
+
+def _mma_label(r: dict) -> str:
+    """Which tensor-core instructions a compiled launch uses: ``wgmma``, ``mma`` (warp-level), both, or ``-``; then
+    ``!`` when ptxas gave a performance advisory (serialized wgmma, say), ``?`` when ptxas did not run (a cache
+    hit: no advisory seen)."""
+    kinds = "+".join(k for k, n in (("wgmma", r["hgmma"]), ("mma", r["hmma"])) if n) or "-"
+    advisories = r.get("ptxas_advisories")
+    return kinds + ("?" if advisories is None else "!" if advisories else "")
 
 
 def _fmt(d: dict) -> str:
@@ -556,16 +587,18 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, torch=torch.__version__, paths=list(_paths()) if
                            args.paths == ".*" else paths, launches=rows), f, indent=1)
-    print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s}  constexprs / ==1 / "
-          f"first path")
+    print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'mma':6s}  constexprs / "
+          f"==1 / first path")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["constexprs"]))):
-        res = (f"{r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d}" if "registers" in r
+        res = (f"{r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} {_mma_label(r):6s}" if "registers" in r
                else "   -     -      -" if "error" not in r else " ERROR")
         print(f"{r['kernel'][:40]:40s} {r['num_warps']:5d} {r['num_stages']:6d} {res}  {_fmt(r['constexprs'])}"
               f"{' ones=' + ','.join(r['ones']) if r['ones'] else ''} | {r['paths'][0]}"
               + (f" (+{len(r['paths']) - 1})" if len(r["paths"]) > 1 else ""))
         if "error" in r:
             print("   ", r["error"][-1500:])
+        for advisory in r.get("ptxas_advisories") or ():
+            print("    ptxas:", advisory)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -38,10 +38,33 @@ DOCUMENTED_SPILLS = {
     },
 }
 
+# Launches on a slower tensor-core path than Hopper's wgmma, in the same form. The SASS of every other launch with
+# tensor-core products uses wgmma (HGMMA) alone, and ptxas gives it no performance advisory.
+DOCUMENTED_SLOW_MMA = {
+    "*": {
+        ("_kv_cached_attn_fwd_kernel", r"BLOCK_M=(16|32) "):
+            "warp-level mma: the query tiles of scales of at most 32 tokens (_kv_config), where one wgmma's 64 rows "
+            "would be half empty or more",
+        ("_varlen_cross_attn_fwd_kernel", r"BLOCK_M=16 "):
+            "warp-level mma: the text pool's one query per prompt and short image sequences (_config's 16-row tile)",
+    },
+    "3.6": {
+        ("_block_causal_attn_bwd_dkdv_kernel", r"'Q': '\*(bf16|fp16)'"):
+            "ptxas C7515, serialized wgmma: Triton 3.6 issues dV += P^T dO and dK += dS^T Q with P^T and dS^T in "
+            "registers while the previous products run; Triton 3.9 compiles the same source without it. The "
+            "campaign's attention stage times the backward against FlexAttention",
+    },
+    "3.9": {
+        ("_block_causal_attn_fwd_kernel", r"'Q': '\*(bf16|fp16)'.*HEAD_DIM=64 BLOCK_M=128 BLOCK_N=64 NORM=True"):
+            "ptxas C7515, serialized wgmma, from Triton 3.9's compile of the L2-norm forward at D=64 (not on 3.6, "
+            "the GPU image's)",
+    },
+}
 
-def _documented(version, row):
+
+def _documented(version, row, table=DOCUMENTED_SPILLS):
     desc = f"{row['types']} " + " ".join(f"{k}={v}" for k, v in row["constexprs"].items())
-    for ver, documented in DOCUMENTED_SPILLS.items():
+    for ver, documented in table.items():
         if ver != "*" and not version.startswith(ver):
             continue
         for (kernel, pattern), why in documented.items():
@@ -79,7 +102,9 @@ def lane(request):
 def records(lane, tmp_path_factory):
     version, prefix = lane
     path = tmp_path_factory.mktemp("sm90") / f"launches-{version}.json"
+    # a cache of its own: every launch compiles, so ptxas's advisories are seen (a hit skips ptxas)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     if prefix:
         env["PYTHONPATH"] = prefix + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     jobs = str(min(4, os.cpu_count() or 1))
@@ -128,6 +153,29 @@ def test_no_undocumented_register_spills(lane, records):
     var_paths = [r for r in records["launches"] if any(p.startswith("sample ") or " bfloat16" in p for p in r["paths"])]
     assert var_paths and all(r["spill_bytes"] == 0 for r in var_paths), \
         [(r["kernel"], r["constexprs"], r["spill_bytes"]) for r in var_paths if r["spill_bytes"]]
+
+
+def test_tensor_cores_on_the_hopper_path(lane, records):
+    """HOPPER.md: a matrix kernel whose SASS shows only HMMA is on a slower path. Every launch with tensor-core
+    products uses wgmma, without a ptxas advisory (serialized wgmma), except where documented; the compile ran
+    in a cache of its own, so ptxas ran for every launch and its advisories are known."""
+    version = lane[0]
+    unknown = [r["kernel"] for r in records["launches"] if r["ptxas_advisories"] is None]
+    assert not unknown, f"ptxas did not run (a cache hit?) for {unknown}"
+    slow = [r for r in records["launches"] if r["hmma"] or r["ptxas_advisories"]]
+    undocumented = [f"{r['kernel']} {r['constexprs']} {r['types'].get('Q', '')}: HGMMA {r['hgmma']}, HMMA {r['hmma']}"
+                    f"{', ' + '; '.join(r['ptxas_advisories']) if r['ptxas_advisories'] else ''} ({r['paths'][0]})"
+                    for r in slow if not _documented(version, r, DOCUMENTED_SLOW_MMA)]
+    assert not undocumented, f"slower tensor-core paths on sm_90 (Triton {version}):\n" + "\n".join(undocumented)
+    # the kernels that carry the FLOPs, in 16-bit (DOT_PREC tf32; fp32 inputs take IEEE products, no tensor
+    # cores): attention whose products have 64 rows and more (the query tile; the key tile for dK and dV)
+    def rows(r):
+        return r["constexprs"]["BLOCK_N" if "dkdv" in r["kernel"] else "BLOCK_M"]
+
+    big = [r for r in records["launches"] if "attn" in r["kernel"] and r["constexprs"].get("DOT_PREC") == "tf32"
+           and rows(r) >= 64]
+    assert big and all(r["hgmma"] > 0 and r["hmma"] == 0 for r in big), \
+        [(r["kernel"], r["constexprs"]) for r in big if not r["hgmma"] or r["hmma"]]
 
 
 def test_a_copied_cache_hits_after_relocation(tmp_path):
