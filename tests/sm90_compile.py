@@ -44,7 +44,7 @@ os.environ.pop("TRITON_INTERPRET", None)      # before triton is imported: compi
 import argparse     # noqa: E402
 import contextlib   # noqa: E402
 import functools    # noqa: E402
-import io          # noqa: E402
+import io           # noqa: E402
 import json         # noqa: E402
 import re           # noqa: E402
 import subprocess   # noqa: E402
