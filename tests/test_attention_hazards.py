@@ -218,7 +218,11 @@ def test_gpu_training_capture_and_bits():
     warm = (1, 4, 9)                      # compiles the kernels (L does not specialise: no compile for a new L)
     qkv = torch.randn(2, sum(warm), 3, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     sm = torch.full((1, H, 1, 1), 1.4, device="cuda", requires_grad=True)
-    run(*qkv.unbind(2), warm, 1.0, sm).sum().backward()
+    # dout contiguous as in the capture: Triton specialises on strides (a stride of 1 is a constant), so the
+    # expanded all-zero-stride gradient of ``.sum()`` would leave the backward kernels to be compiled and loaded
+    # inside the capture, where CUDA forbids loading a module
+    out = run(*qkv.unbind(2), warm, 1.0, sm)
+    out.backward(torch.randn_like(out))
     lens = (1, 4, 9, 16, 25, 36, 49)      # first seen inside the capture
     L = sum(lens)
     x = torch.randn(2, L, 3, H, D, device="cuda", dtype=torch.bfloat16)
