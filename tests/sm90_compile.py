@@ -21,7 +21,7 @@ attention forward and backward, the multi-scale encode and the teacher-forcing i
 Distinct launches (deduplicated by Triton's own cache key) are then compiled for sm_90 with Triton's
 bundled ptxas (``JITFunction.preload`` of the recorded specialization: the same compile, and the same cache
 entry, as the GPU's first launch), in parallel, and ptxas's registers, spills and shared memory reported, with
-the tensor-core instructions of the SASS (Hopper's wgmma, or the older warp-level mma) and ptxas's performance
+the tensor-core instructions of the PTX (Hopper's wgmma, or the older warp-level mma) and ptxas's performance
 advisories (serialized wgmma).
 
     python tests/sm90_compile.py                    # record every path, compile every distinct launch
@@ -449,27 +449,30 @@ def record(pattern: str = ".*", all_configs: bool = False) -> Recorder:
 
 
 # ------------------------------------------------------------------------------------------ compile
-def _cubin_facts(cubin: bytes) -> dict:
-    """Registers and spill bytes per thread (Triton's bundled cuobjdump) and the tensor-core instructions of the
-    SASS (its nvdisasm): ``HGMMA`` is Hopper's warpgroup MMA (wgmma), ``HMMA`` the older warp-level MMA, which
-    runs a Hopper's tensor cores at a fraction of their rate."""
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+def _resources(cubin: bytes) -> dict:
+    """Registers and spill bytes per thread from the cubin, via Triton's bundled cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
-        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), f.name], capture_output=True, text=True)
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     finally:
         os.unlink(f.name)
     regs, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
     if not (regs and stack):
         raise RuntimeError(f"cuobjdump printed no REG/STACK usage: {out[-400:]!r}")
-    if sass.returncode != 0 or "EXIT" not in sass.stdout:
-        raise RuntimeError(f"nvdisasm failed: {sass.stderr[-400:]!r}")
     # ptxas puts spilled registers on the stack frame (LOCAL stays 0): STACK is the spill size per thread
-    return {"registers": int(regs.group(1)), "spill_bytes": int(stack.group(1)),
-            "hgmma": len(re.findall(r"\bHGMMA\.", sass.stdout)), "hmma": len(re.findall(r"\bHMMA\.", sass.stdout))}
+    return {"registers": int(regs.group(1)), "spill_bytes": int(stack.group(1))}
+
+
+def _tensor_core_ops(ptx: Optional[str]) -> dict:
+    """The tensor-core instructions of the PTX: ``wgmma.mma_async``, Hopper's warpgroup MMA (HGMMA in the SASS), and
+    ``mma.sync``, the older warp-level MMA (HMMA), which runs a Hopper's tensor cores at a fraction of their rate.
+    None where the cache holds no PTX (a pruned cache: scripts/relocate_triton_cache.py). Read off the PTX, not
+    the SASS: nvdisasm takes up to a second per kernel, the PTX is at hand."""
+    if ptx is None:
+        return {"wgmma": None, "mma_sync": None}
+    return {"wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx))}
 
 
 def _ptxas_advisories(log: str) -> List[str]:
@@ -513,8 +516,8 @@ def _compile_one(i: int) -> dict:
             kernel = launch.fn.preload(launch.data)
         # ptxas ran only on a cache miss: then its -v log (never empty) holds the advisories
         advisories = _ptxas_advisories(log.getvalue()) if "ptxas" in log.getvalue() else None
-        out = dict(shared_bytes=kernel.metadata.shared, **_cubin_facts(kernel.asm["cubin"]),
-                   ptxas_advisories=advisories)
+        out = dict(shared_bytes=kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
+                   **_tensor_core_ops(kernel.asm.get("ptx")), ptxas_advisories=advisories)
         if _BUILD_LAUNCHERS[0]:
             _build_launcher(kernel)
     except Exception as e:      # reported per launch; the caller fails on it
@@ -538,10 +541,13 @@ def compile_launches(launches: List[Launch], jobs: int, launchers: bool = False)
 
 
 def _mma_label(r: dict) -> str:
-    """Which tensor-core instructions a compiled launch uses: ``wgmma``, ``mma`` (warp-level), both, or ``-``; then
-    ``!`` when ptxas gave a performance advisory (serialized wgmma, say), ``?`` when ptxas did not run (a cache
-    hit: no advisory seen)."""
-    kinds = "+".join(k for k, n in (("wgmma", r["hgmma"]), ("mma", r["hmma"])) if n) or "-"
+    """Which tensor-core instructions a compiled launch uses: ``wgmma``, ``mma`` (warp-level), both, ``-`` (none)
+    or ``?`` (no PTX in the cache); then ``!`` when ptxas gave a performance advisory (serialized wgmma, say), ``?``
+    when ptxas did not run (a cache hit: no advisory seen)."""
+    if r["wgmma"] is None:
+        kinds = "?"
+    else:
+        kinds = "+".join(k for k, n in (("wgmma", r["wgmma"]), ("mma", r["mma_sync"])) if n) or "-"
     advisories = r.get("ptxas_advisories")
     return kinds + ("?" if advisories is None else "!" if advisories else "")
 

@@ -38,8 +38,8 @@ DOCUMENTED_SPILLS = {
     },
 }
 
-# Launches on a slower tensor-core path than Hopper's wgmma, in the same form. The SASS of every other launch with
-# tensor-core products uses wgmma (HGMMA) alone, and ptxas gives it no performance advisory.
+# Launches on a slower tensor-core path than Hopper's wgmma, in the same form. Every other launch with tensor-core
+# products uses wgmma (HGMMA in the SASS) alone, and ptxas gives it no performance advisory.
 DOCUMENTED_SLOW_MMA = {
     "*": {
         ("_kv_cached_attn_fwd_kernel", r"BLOCK_M=(16|32) "):
@@ -156,14 +156,15 @@ def test_no_undocumented_register_spills(lane, records):
 
 
 def test_tensor_cores_on_the_hopper_path(lane, records):
-    """HOPPER.md: a matrix kernel whose SASS shows only HMMA is on a slower path. Every launch with tensor-core
-    products uses wgmma, without a ptxas advisory (serialized wgmma), except where documented; the compile ran
-    in a cache of its own, so ptxas ran for every launch and its advisories are known."""
+    """HOPPER.md: a matrix kernel whose SASS shows only HMMA (PTX ``mma.sync``) is on a slower path. Every launch
+    with tensor-core products uses wgmma, without a ptxas advisory (serialized wgmma), except where documented; the
+    compile ran in a cache of its own, so ptxas ran for every launch and its advisories are known."""
     version = lane[0]
-    unknown = [r["kernel"] for r in records["launches"] if r["ptxas_advisories"] is None]
+    unknown = [r["kernel"] for r in records["launches"] if r["ptxas_advisories"] is None or r["wgmma"] is None]
     assert not unknown, f"ptxas did not run (a cache hit?) for {unknown}"
-    slow = [r for r in records["launches"] if r["hmma"] or r["ptxas_advisories"]]
-    undocumented = [f"{r['kernel']} {r['constexprs']} {r['types'].get('Q', '')}: HGMMA {r['hgmma']}, HMMA {r['hmma']}"
+    slow = [r for r in records["launches"] if r["mma_sync"] or r["ptxas_advisories"]]
+    undocumented = [f"{r['kernel']} {r['constexprs']} {r['types'].get('Q', '')}: wgmma {r['wgmma']}, mma.sync "
+                    f"{r['mma_sync']}"
                     f"{', ' + '; '.join(r['ptxas_advisories']) if r['ptxas_advisories'] else ''} ({r['paths'][0]})"
                     for r in slow if not _documented(version, r, DOCUMENTED_SLOW_MMA)]
     assert not undocumented, f"slower tensor-core paths on sm_90 (Triton {version}):\n" + "\n".join(undocumented)
@@ -174,8 +175,8 @@ def test_tensor_cores_on_the_hopper_path(lane, records):
 
     big = [r for r in records["launches"] if "attn" in r["kernel"] and r["constexprs"].get("DOT_PREC") == "tf32"
            and rows(r) >= 64]
-    assert big and all(r["hgmma"] > 0 and r["hmma"] == 0 for r in big), \
-        [(r["kernel"], r["constexprs"]) for r in big if not r["hgmma"] or r["hmma"]]
+    assert big and all(r["wgmma"] > 0 and r["mma_sync"] == 0 for r in big), \
+        [(r["kernel"], r["constexprs"]) for r in big if not r["wgmma"] or r["mma_sync"]]
 
 
 def test_a_copied_cache_hits_after_relocation(tmp_path):
