@@ -75,6 +75,12 @@ def scale_mul_grad_scale(qkv, lens, softmax_scale, scale_mul, dout):
     return (dz * z.masked_fill(~visible, 0.0)).sum(-1).abs().sum(dim=(0, 2))
 
 
+def scale_mul_grad_error(dsm, dsm64, size):
+    """The largest per-head error of a ``scale_mul`` gradient against the float64 one, relative to the rows' shares
+    ``size`` (:func:`scale_mul_grad_scale`)."""
+    return ((dsm.double() - dsm64).abs().view(-1) / size.to(dsm64.device)).max().item()
+
+
 def assert_fp32_results(out, dqkv, dsm, qkv, scale_mul, lens, softmax_scale, dout):
     """``out`` and the gradients ``dqkv`` (B, L, 3, H, D), ``dsm`` (shaped as ``scale_mul``) that ``dout``
     gives within the fp32 tolerance of float64: every one of dq, dk, dv on its own (except one that is
@@ -89,8 +95,8 @@ def assert_fp32_results(out, dqkv, dsm, qkv, scale_mul, lens, softmax_scale, dou
             assert_rel(dqkv[:, :, i], dqkv64[:, :, i], tol, f"d{name}")
     if scale_mul is not None:
         assert dsm.shape == scale_mul.shape and torch.isfinite(dsm).all()
-        size = scale_mul_grad_scale(qkv, lens, softmax_scale, scale_mul, dout).to(dsm64.device)
-        err = ((dsm.double() - dsm64).abs().view(-1) / size).max().item()
+        size = scale_mul_grad_scale(qkv, lens, softmax_scale, scale_mul, dout)
+        err = scale_mul_grad_error(dsm, dsm64, size)
         assert err <= tol, f"dscale_mul: error {err:.3g} of the rows' shares > {tol:.3g}"
 
 
@@ -166,8 +172,7 @@ def test_scale_mul_clamp(cpu_backend):
     assert dsm.view(-1)[0].item() == 0.0, "scale_mul above ln 100 must get no gradient (clamp_max)"
     assert_like_eager(out, out_e, out64, "out")
     assert_like_eager(dqkv, dqkv_e, dqkv64, "dqkv")
-    size = scale_mul_grad_scale(qkv, lens, None, sm, dout)
-    err = ((dsm.double() - dsm64).abs().view(-1) / size).max().item()
+    err = scale_mul_grad_error(dsm, dsm64, scale_mul_grad_scale(qkv, lens, None, sm, dout))
     assert err <= REL[torch.float32], f"dscale_mul: error {err:.3g} of the rows' shares"
 
 
@@ -395,8 +400,7 @@ def _low_precision_check(lens, B, H, D, dtype, norm, what, device="cuda"):
         assert_like_eager(a, b, r, f"{what} {name}")
     if norm:
         size = scale_mul_grad_scale(qkv, lens, scale, sm, dout)
-        err, err_eager = (((d.double() - ref64[2]).abs().view(-1) / size).max().item()
-                          for d in (results["triton"][2], results["eager"][2]))
+        err, err_eager = (scale_mul_grad_error(d, ref64[2], size) for d in (results["triton"][2], results["eager"][2]))
         bound = max(EAGER_RATIO * err_eager, REL[dtype])
         assert err <= bound, (f"{what} dscale_mul: error {err:.3g} of the rows' shares > {bound:.3g} "
                               f"(eager: {err_eager:.3g})")
