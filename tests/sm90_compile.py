@@ -593,11 +593,11 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, torch=torch.__version__, paths=list(_paths()) if
                            args.paths == ".*" else paths, launches=rows), f, indent=1)
-    print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'mma':6s}  constexprs / "
-          f"==1 / first path")
+    print(f"{'kernel':40s} {'warps':>5s} {'stages':>6s} {'regs':>4s} {'spill':>5s} {'smem':>6s} {'mma':6s}  "
+          f"constexprs / ==1 / first path")
     for r in sorted(rows, key=lambda r: (r["kernel"], str(r["constexprs"]))):
-        res = (f"{r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} {_mma_label(r):6s}" if "registers" in r
-               else "   -     -      -" if "error" not in r else " ERROR")
+        res = (f"{r['registers']:4d} {r['spill_bytes']:5d} {r['shared_bytes']:6d} {_mma_label(r):6s}"
+               if "registers" in r else "   -     -      -" if "error" not in r else " ERROR")
         print(f"{r['kernel'][:40]:40s} {r['num_warps']:5d} {r['num_stages']:6d} {res}  {_fmt(r['constexprs'])}"
               f"{' ones=' + ','.join(r['ones']) if r['ones'] else ''} | {r['paths'][0]}"
               + (f" (+{len(r['paths']) - 1})" if len(r["paths"]) > 1 else ""))

@@ -102,8 +102,8 @@ def lane(request):
 def records(lane, tmp_path_factory):
     version, prefix = lane
     path = tmp_path_factory.mktemp("sm90") / f"launches-{version}.json"
-    # a cache of its own: every launch compiles, so ptxas's advisories are seen (a hit skips ptxas)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # a cache of its own: every launch compiles, so ptxas's advisories are seen (a hit skips ptxas)
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
     if prefix:
         env["PYTHONPATH"] = prefix + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
