@@ -14,25 +14,27 @@ Infinity (text-to-image): the prompts are precomputed text features (no text enc
 features of its tokens), or a dict with that list under ``"features"``; or a ``.safetensors`` file whose keys are
 the prompt indices ``"0"``, ``"1"``, ... (needs the ``safetensors`` package). Prompts play the part of classes:
 ``--classes`` picks prompt indices, ``--num-per-class`` images are made of each, ``labels`` holds prompt indices.
-An Infinity image has the same bits and latent at any batch size; its decoded pixels may move by one uint8 level
-(the BSQ VAE's CPU convolutions round by batch size: 5.5e-5 measured on a [0, 1] pixel).
 
 What it guarantees:
 
 - **The same images whatever the world size, the batch size or interruptions.** Image ``i`` of class ``c`` draws
   its random numbers from its own generator, seeded by :func:`image_seed` ``(seed, c, i)`` (``Sampler(...,
-  image_seeds=...)``), so it does not depend on the batch or the process that samples it: bit for bit on CPU in
-  float32 (a batch of one image is sampled as two copies of it, because PyTorch's CPU convolutions choose their
-  algorithm by memory layout, which differs at batch size 1); on GPUs as far as the kernels are deterministic
-  (cuBLAS and cuDNN may pick other algorithms for other batch sizes, which moves the last bits of the latent,
-  rarely a token). ``fastvar sample`` keeps the official batch-coupled random order.
+  image_seeds=...)``), so it does not depend on the batch or the process that samples it. On CPU in float32 its
+  tokens (Infinity: bits) and latent are the same bit for bit, also across CPU thread counts (torchrun gives
+  each process one thread; a batch of one image is sampled as two copies of it, because PyTorch's CPU
+  convolutions choose their algorithm by memory layout, which differs at batch size 1). Its decoded pixels may
+  move by one uint8 level: the VQVAE decoder's CPU convolutions round by batch size and thread count (measured
+  on a [0, 1] pixel: 6.5e-6 for a VAR VQVAE at 1 and 3 threads, 5.5e-5 for Infinity's BSQ VAE at two batch
+  sizes). On GPUs: as far as the kernels are deterministic (cuBLAS and cuDNN may pick other algorithms for other
+  batch sizes, which moves the last bits of the latent, rarely a token). ``fastvar sample`` keeps the official
+  batch-coupled random order.
 - **Output:** ``DIR/samples.npz`` with ``arr_0`` uint8 ``(N, H, W, 3)`` (the layout the reference FID / IS
   evaluator reads) in class-major order and ``labels`` int64 ``(N,)``; ``DIR/manifest.json`` with the model,
   settings, seed, versions and commit; ``DIR/grid.png`` with a few images of each class.
 - **Resumable:** every batch is written as its own shard (``DIR/shards/``, atomically: a file is whole or
   absent). A run killed at any moment, every rank at once included, continues where it stopped when started
   again with the same command (any world size or batch size), never losing or repeating an image, and ends with
-  the same ``samples.npz``. A restart with other settings stops with an error naming what differs.
+  the same images (as above). A restart with other settings stops with an error naming what differs.
 """
 from __future__ import annotations
 

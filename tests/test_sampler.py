@@ -59,6 +59,34 @@ def test_same_seed_same_images_other_seed_other_images(small):
     assert all(torch.equal(x, y) for x, y in zip(tokens, model_tokens))
 
 
+def test_image_seeds_give_the_same_tokens_and_latent_in_any_batch_and_thread_count():
+    """``image_seeds`` (``fastvar generate``): an image's tokens and latent are bit for bit the same whatever the
+    batch it is sampled in (of at least two images) and the number of CPU threads; its decoded pixels may move by
+    one uint8 level, because PyTorch's CPU convolutions pick their algorithm by batch size and thread count (a
+    64-px VQVAE with ch=64 is large enough for that: 5e-6 on a [0, 1] pixel measured)."""
+    from fastvar.utils.images import to_uint8
+    torch.manual_seed(0)
+    vae, var = fastvar.build_vae_var("cpu", depth=4, ch=64, V=512, Cvae=8, patch_nums=(1, 2, 3, (4, 5), 8),
+                                     num_classes=10, vae_kwargs=dict(ch_mult=(1, 1, 2, 2)), fast_init=True)
+    sampler = Sampler(var, vae, dtype=torch.float32)
+    labels, seeds = [1, 5, 9, 2, 7], [11, 12, 13, 14, 15]
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n_threads, (lo, hi) in [(1, (0, 5)), (1, (1, 3)), (3, (0, 5)), (3, (2, 5))]:
+            torch.set_num_threads(n_threads)
+            steps = list(sampler.stream(labels[lo:hi], image_seeds=seeds[lo:hi], cfg=1.5, top_k=100, top_p=0.9))
+            runs.append(((lo, hi), [s.tokens for s in steps], steps[-1].f_hat, to_uint8(steps[-1].preview())))
+    finally:
+        torch.set_num_threads(threads)
+    _, ref_tokens, ref_latent, ref_pixels = runs[0]
+    for (lo, hi), tokens, latent, pixels in runs[1:]:
+        assert all(torch.equal(a, b[lo:hi]) for a, b in zip(tokens, ref_tokens)), (lo, hi)
+        assert torch.equal(latent, ref_latent[lo:hi]), (lo, hi)
+        assert (pixels.int() - ref_pixels[lo:hi].int()).abs().max() <= 1, (lo, hi)
+    assert len({t.tobytes() for t in ref_pixels.numpy()}) == 5, "every image has its own random numbers"
+
+
 def test_bfloat16_sampler_logits_stay_close_to_float32(small):
     """bf16 compute (float32 residual stream): the first scale's logits within bf16 error of float32."""
     from tolerances import REL, assert_rel
