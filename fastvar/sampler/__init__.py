@@ -126,8 +126,10 @@ class Sampler:
         vae: the VQVAE that decodes ``f_hat`` (VAR: its quantizer must be fastvar's or patched; Infinity: the BSQ
             VAE, required).
         dtype: compute dtype of the transformer (float32 or bfloat16 on CPU; float32, float16 or
-            bfloat16 on CUDA). Where the weights already have it, the Sampler reads the model's own tensors;
-            otherwise it holds casts.
+            bfloat16 on CUDA). None (default): bfloat16 on CUDA; on CPU the weights' dtype (float32 for
+            released checkpoints; bfloat16 there has no fast products: the bundled model samples 3x slower in
+            it). Where the weights already have it, the Sampler reads the model's own tensors; otherwise it
+            holds casts.
         sync_weights: when a sample sees the model's current weights. ``"every_sample"`` (default): every
             edit, however made (``.data``, EMA ``lerp_``, inference tensors): each sample copies the weights
             into the held casts, in place (one read of every weight and one write of the casts, e.g. 8 GB +
@@ -146,13 +148,14 @@ class Sampler:
             first.
 
     ``sample`` returns images; ``stream`` yields every scale as it finishes. The random-number use is
-    the official one: the same ``seed`` gives the official model's tokens (bits). The conditioning and the
+    the official one: in float32 the same ``seed`` gives the official model's tokens (bits); in 16 bits the
+    logits round differently from float32's, which moves some tokens. The conditioning and the
     settings are the family's: VAR ``sample(labels, seed, cfg, top_k, top_p, more_smooth)``; Infinity
     ``sample(text, seed, scale_schedule=..., cfg=..., tau=..., top_k=..., top_p=..., cfg_insertion_layer=...,
     negative=...)`` (see :meth:`stream`).
     """
 
-    def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = torch.bfloat16, cuda_graphs: bool = True,
+    def __init__(self, var, vae=None, dtype: Optional[torch.dtype] = None, cuda_graphs: bool = True,
                  fused_step_conv: bool = False, max_batch_sizes: int = 2, sync_weights: str = "every_sample"):
         var = getattr(var, "fastvar_proxy", (var,))[0]      # an official Infinity patched by fastvar.patch: its view
         infinity = family_of(var) == "infinity"
@@ -163,7 +166,7 @@ class Sampler:
                             f"an Infinity (fastvar's, or an official one that fastvar.patch swapped entirely), got "
                             f"{type(var).__name__}{hint}")
         device = var.pos_start.device if infinity else var.lvl_1L.device
-        dtype = dtype or var.head.weight.dtype
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else var.head.weight.dtype)
         allowed = _CUDA_DTYPES if device.type == "cuda" else _CPU_DTYPES
         if dtype not in allowed:
             raise ValueError(f"dtype must be one of {[str(d) for d in allowed]} on {device.type}, got {dtype}")
@@ -302,8 +305,9 @@ class Sampler:
 
         ``seed`` seeds a fresh generator on the model's device (or pass ``generator``; None and None: the global
         RNG): the batch draws its random numbers together, in the official order, so the same seed gives the
-        official model's tokens / bits. ``image_seeds`` (instead): one seed per image (``B`` ints), each image drawing from its own generator, so that an image does not depend on the batch
-        it is sampled in (``fastvar generate``). Arguments are checked here, not at the first ``next()``.
+        official model's tokens / bits (in float32). ``image_seeds`` (instead): one seed per image (``B`` ints),
+        each image drawing from its own generator, so that an image does not depend on the batch it is sampled in
+        (``fastvar generate``). Arguments are checked here, not at the first ``next()``.
         """
         cond_kwargs = {k: kwargs.pop(k) for k in ("negative",) if k in kwargs}
         settings = self.model.settings(*args, **kwargs)
