@@ -149,11 +149,11 @@ def test_tie_rule_under_top_p(cpu_backend):
 
 
 # ------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("bad,cfg,match", [
-    ([(0, 3, 1, float("nan"))], None, r"logits hold NaN; cannot sample"),
-    ([(0, 0, 0, INF), (2, 0, 0, INF)], 2.0, r"logits hold NaN after the CFG mix"),     # 2 inf - inf
-    ([(1, 1, 0, INF)], None, r"logits hold \+inf"),
-    ([(0, 2, slice(None), -INF)], None, r"both logits of a bit are -inf"),
+@pytest.mark.parametrize("bad,cfg,match", [       # every backend names the first bad bit, as (b * n + i) of B * n
+    ([(0, 3, 1, float("nan"))], None, r"logits hold NaN; cannot sample \(bit 3 of 10; 1 bad bit\(s\)\)"),
+    ([(0, 0, 0, INF), (2, 0, 0, INF)], 2.0, r"logits hold NaN after the CFG mix; cannot sample \(bit 0 of 10;"),
+    ([(1, 1, 0, INF)], None, r"logits hold \+inf; cannot sample \(bit 6 of 10; 1 bad bit"),
+    ([(0, 2, slice(None), -INF)], None, r"both logits of a bit are -inf; cannot sample \(bit 2 of 10;"),
 ])
 def test_bad_values(cpu_backend, bad, cfg, match):
     B = 2

@@ -358,24 +358,25 @@ def test_top_p_never_removes_largest(cpu_backend):
 def test_bad_input_errors(cpu_backend):
     V = 20
     good = torch.randn(4, 3, V)
+    # every backend names the first bad row of the flattened (rows, V) logits (after the CFG mix: 2 x 3 rows)
     for bad_value, match in [(float("nan"), "logits hold NaN"), (INF, r"logits hold \+inf")]:
         x = good.clone()
         x[1, 2, 5] = bad_value
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match + r" after the CFG mix; cannot sample \(row 5 of 6 flattened"):
             S.sample_cfg_top_k_top_p(x, 1.0, 5, 0.9)
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match + r"; cannot sample \(row 5 of 12 flattened rows; 1 bad row"):
             S.sample_top_k_top_p(x, 5, 0.9)
     x = good.clone()
     x[0, 1] = -INF
-    with pytest.raises(ValueError, match="a row of logits is entirely -inf"):
+    with pytest.raises(ValueError, match=r"a row of logits is entirely -inf; cannot sample \(row 1 of 12 "):
         S.sample_top_k_top_p(x)
-    with pytest.raises(ValueError, match="a row of logits is entirely -inf"):
+    with pytest.raises(ValueError, match=r"a row of logits is entirely -inf after the CFG mix; cannot sample \(row 1 "):
         S.sample_cfg_top_k_top_p(x, 0.0)
     # -inf in both halves: -inf + inf = NaN after the mix with t > 0
     x = good.clone()
     x[0, 0, 3] = -INF
     x[2, 0, 3] = -INF
-    with pytest.raises(ValueError, match="logits hold NaN after the CFG mix"):
+    with pytest.raises(ValueError, match=r"logits hold NaN after the CFG mix; cannot sample \(row 0 of 6 "):
         S.sample_cfg_top_k_top_p(x, 1.0)
     for kwargs, match in [(dict(top_k=-1), "top_k"), (dict(top_k=V + 1), "top_k"), (dict(top_k=2.5), "top_k"),
                           (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),

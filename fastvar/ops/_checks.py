@@ -199,19 +199,29 @@ def check_phis(phis, S: int, C: int, like: torch.Tensor, like_name: str = "f") -
     return out
 
 
-# ------------------------------------------------------------------ the sampling kernels' per-row error codes
+# ------------------------------------------------------------------ the samplers' per-row error codes
+# The Triton and CUDA kernels write these codes per row; the eager paths compute them with sample_error_codes, so
+# that every backend raises the same message, naming the first bad row.
 SAMPLE_ERRORS = {1: "logits hold NaN", 2: "a row of logits is entirely -inf", 4: "logits hold +inf"}
+BIT_ERRORS = {1: "logits hold NaN", 2: "both logits of a bit are -inf", 4: "logits hold +inf"}
 
 
-def raise_for_sample_errors(err: torch.Tensor, after_cfg: bool) -> None:
-    """``err``: the kernel's per-row codes (0 = fine). One reduction and one read back when all is well.
-    The messages are those of ``fastvar.ops.sampling.check_logits`` (the eager path), plus where."""
+def sample_error_codes(x: torch.Tensor) -> torch.Tensor:
+    """The kernels' error code of every row of ``x`` (``(..., V)`` float -> ``(...)`` int32; 0 = fine)."""
+    return (torch.isnan(x).any(-1).int() | torch.isneginf(x).all(-1).int() << 1
+            | torch.isposinf(x).any(-1).int() << 2)
+
+
+def raise_for_sample_errors(err: torch.Tensor, after_cfg: bool, bits: bool = False) -> None:
+    """``err``: per-row codes (0 = fine) of the token sampler, or of the bit sampler (``bits``: one row per bit).
+    One reduction and one read back when all is well."""
     if not bool(err.any()):
         return
-    rows = torch.nonzero(err).flatten()
+    rows = torch.nonzero(err.flatten()).flatten()
     r = int(rows[0])
-    code = int(err[r])
-    problem = next(text for bit, text in SAMPLE_ERRORS.items() if code & bit)
+    code = int(err.flatten()[r])
+    problem = next(text for bit, text in (BIT_ERRORS if bits else SAMPLE_ERRORS).items() if code & bit)
     where = " after the CFG mix" if after_cfg else ""
-    raise ValueError(f"{problem}{where}; cannot sample (row {r} of {err.numel()} flattened rows; "
-                     f"{rows.numel()} bad row(s))")
+    unit = "bit" if bits else "row"
+    raise ValueError(f"{problem}{where}; cannot sample ({unit} {r} of {err.numel()}"
+                     f"{'' if bits else ' flattened rows'}; {rows.numel()} bad {unit}(s))")

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 
 from fastvar.ops._backend import select
-from fastvar.ops._checks import FLOAT_DTYPES, capturing as _capturing, check_finite_scalar, check_tensor
+from fastvar.ops._checks import (FLOAT_DTYPES, capturing as _capturing, check_finite_scalar, check_tensor,
+                                 raise_for_sample_errors, sample_error_codes)
 from fastvar.ops.sampling import check_top_k_top_p
 from fastvar.reference import infinity as ref
-
-_ERR_TEXT = {1: "logits hold NaN", 2: "both logits of a bit are -inf", 4: "logits hold +inf"}
 
 
 def _fp32(x: float) -> float:
@@ -49,11 +48,11 @@ def _mixed(logits, B, cfg, inv_tau):
 
 def _eager_impl(logits, B, cfg, inv_tau, top_k, top_p, noise, layout, validate):
     x = _mixed(logits, B, cfg, inv_tau)
+    err, bad = sample_error_codes(x), None
     if validate and not _capturing(x):
-        _check_values(x, cfg is not None)
-        bad = None
+        raise_for_sample_errors(err, cfg is not None, bits=True)
     else:
-        bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+        bad = err != 0
     bits = ref.sample_bits_with_noise(x.contiguous(), top_k, top_p, noise).to(torch.uint8)
     if bad is not None:
         bits = torch.where(bad, 255, bits)
@@ -62,27 +61,6 @@ def _eager_impl(logits, B, cfg, inv_tau, top_k, top_p, noise, layout, validate):
         (h, w), patchify = layout
         codes = ref.bits_to_codes(ref.tokens_to_vae_bits(bits.reshape(B, h, w, -1), patchify))
     return bits, codes
-
-
-def _check_values(x: torch.Tensor, after_cfg: bool) -> None:
-    where = " after the CFG mix" if after_cfg else ""
-    if bool(torch.isnan(x).any()):
-        raise ValueError(f"logits hold NaN{where}; cannot sample")
-    if bool(torch.isposinf(x).any()):
-        raise ValueError(f"logits hold +inf{where}; cannot sample")
-    if bool(torch.isneginf(x).all(-1).any()):
-        raise ValueError(f"both logits of a bit are -inf{where}; cannot sample")
-
-
-def _raise_for_errors(err: torch.Tensor, after_cfg: bool) -> None:
-    if not bool(err.any()):
-        return
-    rows = torch.nonzero(err).flatten()
-    r = int(rows[0])
-    code = int(err[r])
-    problem = next(text for bit, text in _ERR_TEXT.items() if code & bit)
-    where = " after the CFG mix" if after_cfg else ""
-    raise ValueError(f"{problem}{where}; cannot sample (bit {r} of {err.numel()}; {rows.numel()} bad bit(s))")
 
 
 @torch.library.custom_op("fastvar::sample_bits", mutates_args=())
@@ -102,7 +80,7 @@ def _sample_bits_op(logits: torch.Tensor, noise: torch.Tensor, B: int, has_cfg: 
         has_cfg=has_cfg, top_k1=top_k == 1, has_top_p=top_p > 0, codes=codes if write_codes else None,
         code=code_magnitude(d) if write_codes else 1.0, w=w, d_t=n // (h * w), d=d, patchify=patchify)
     if validate and not _capturing(logits):
-        _raise_for_errors(err, has_cfg)
+        raise_for_sample_errors(err, has_cfg, bits=True)
     return bits, codes
 
 

@@ -65,7 +65,7 @@ from fastvar.reference import sampling as ref
 from fastvar.ops import cuda_ext
 from fastvar.ops._backend import select, warn_once
 from fastvar.ops._checks import (FLOAT_DTYPES, capturing as _capturing, check_finite_scalar, check_tensor,
-                                 raise_for_sample_errors)
+                                 raise_for_sample_errors, sample_error_codes)
 
 MODES = ("exact", "fast")
 
@@ -85,13 +85,9 @@ def check_top_k_top_p(top_k, top_p, V: Optional[int] = None):
 
 
 def check_logits(logits: torch.Tensor) -> None:
-    """Raise ``ValueError`` if ``logits`` has NaN, ``+inf``, or a row that is entirely ``-inf``."""
-    if bool(torch.isnan(logits).any()):
-        raise ValueError("logits hold NaN; cannot sample")
-    if bool(torch.isposinf(logits).any()):
-        raise ValueError("logits hold +inf; cannot sample (softmax is undefined)")
-    if bool(torch.isneginf(logits).all(dim=-1).any()):
-        raise ValueError("a row of logits is entirely -inf; cannot sample")
+    """Raise ``ValueError`` naming the first bad row if ``logits`` ``(..., V)`` has NaN, ``+inf``, or a row that is
+    entirely ``-inf``."""
+    raise_for_sample_errors(sample_error_codes(logits), after_cfg=False)
 
 
 def _fp32(x: float) -> float:
@@ -117,17 +113,11 @@ def _eager_impl(logits, n_cond, cfg_t, top_k, top_p, noise, seed_offset, return_
     x = x.reshape(-1, V)
     if not x.is_contiguous():
         x = x.contiguous()
-    bad = None
+    err, bad = sample_error_codes(x), None
     if validate and not _capturing(x):
-        try:
-            check_logits(x)
-        except ValueError as e:
-            if cfg_t is None:
-                raise
-            msg = str(e).replace("; cannot sample", " after the CFG mix; cannot sample")
-            raise ValueError(msg) from None
+        raise_for_sample_errors(err, cfg_t is not None)
     else:   # no host sync (CUDA graphs): bad rows draw -1, as the Triton kernel marks them
-        bad = torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+        bad = err != 0
     ref.top_k_top_p_filter_(x, top_k, top_p, stable=True)
     probs = x.softmax(dim=-1)
     if noise is not None:
