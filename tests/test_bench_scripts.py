@@ -386,6 +386,20 @@ def test_bench_infinity_smoke(monkeypatch, tmp_path, capsys):
     assert script.main([str(path)]) == 0 and capsys.readouterr().out.splitlines() == table
 
 
+def test_results_table_renders_every_committed_csv():
+    """CONTRIBUTING's ``scripts/results_table.py CSV...`` on whatever bench/results/ holds, studies included
+    (their own columns, no ``bench``): a header line naming the device and commit, then every row."""
+    import glob
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(BENCH), "bench", "results", "**", "*.csv"), recursive=True))
+    assert paths, "bench/results/ holds no CSV"
+    for path in paths:
+        table = benchmarking.markdown_table(path).splitlines()
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if not r.get("scale")]
+        assert f"commit {rows[0]['commit']}" in table[0] and rows[0]["device"] in table[0], table[0]
+        assert len(table) == 4 + len(rows) and table[3].startswith("|---|")
+
+
 def test_bench_infinity_cross_attention_call_is_flash_attns(monkeypatch):
     """The official loop's flash-attn call in bench_infinity (one SDPA call for equal lengths) computes what the
     golden files' definition of it does, in the official dtype."""

@@ -312,15 +312,18 @@ TABLE_DEFAULT = ("case", "provider", "shape", "ms", "TFLOP/s", "pct_peak", "GB/s
 def markdown_table(path: str) -> str:
     """A benchmark CSV as a Markdown table for the README: the columns of :data:`TABLE_COLUMNS` (by the rows'
     ``bench``) that hold a value, whole-sample rows only, under a line naming the device, date, commit and
-    versions."""
+    versions. A CSV of another layout (a study's: no ``bench`` column) shows all its columns but those."""
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if not r.get("scale")]
     if not rows:
         raise ValueError(f"{path}: no rows")
-    first = rows[0]
-    cols = [c for c in TABLE_COLUMNS.get(first["bench"], TABLE_DEFAULT) if any(r.get(c) for r in rows)]
-    lines = [f"{first['bench']} on {first['device']}, {first['date']}, commit {first['commit']}, "
-             f"torch {first['torch']}, Triton {first['triton']} (`{os.path.basename(path)}`):", "",
+    first, about = rows[0], ("device", "date", "commit", "torch", "triton")
+    bench = first.get("bench")
+    cols = TABLE_COLUMNS.get(bench, TABLE_DEFAULT) if bench else [c for c in first if c not in about]
+    cols = [c for c in cols if any(r.get(c) for r in rows)]
+    where = ", ".join(f"{'' if k in ('device', 'date') else k.replace('triton', 'Triton') + ' '}{first[k]}"
+                      for k in about if first.get(k))
+    lines = [f"{bench or os.path.splitext(os.path.basename(path))[0]} on {where} (`{os.path.basename(path)}`):", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r.get(c, "") for c in cols) + " |" for r in rows]
     return "\n".join(lines)
