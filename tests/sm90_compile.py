@@ -7,8 +7,9 @@ A hand-picked list of variants misses most of them (recorded from a d16 sample a
 launches were not in the old list). So this script drives the real code paths (the Sampler, training
 attention forward and backward, the multi-scale encode and the teacher-forcing input) on **meta tensors**:
 
-* shapes, dtypes, strides and storage offsets are the real ones, but no value is computed: d30 and d36 run
-  in a second on a 2-core CPU (their matmuls are shape arithmetic);
+* shapes, dtypes, strides and storage offsets are the real ones, but no value is computed (the matmuls are
+  shape arithmetic); every model has its released width, heads and schedule and two blocks, since every block
+  launches the same kernels (so a launch's count is per two blocks);
 * every ``kernel[grid](...)`` goes through Triton's own ``JITFunction.run`` with a stand-in driver whose
   target is ``GPUTarget("cuda", 90, 32)``: Triton's binder computes the specialization key the GPU would
   (argument types, a 1 as a constant, multiples of 16 and 16-byte alignment, which a meta tensor reports
@@ -262,12 +263,15 @@ def _lens(patch_nums):
 
 @functools.lru_cache(maxsize=None)
 def meta_model(name: str):
-    """``(vae, var)`` of a released size on the meta device (``fastvar.benchmark.MODELS``)."""
+    """``(vae, var)`` of a released size (``fastvar.benchmark.MODELS``) on the meta device, with two of its blocks:
+    every block launches the same kernels, so the launches do not depend on the depth (and recording d36 whole
+    took 10x longer)."""
     from fastvar import build_vae_var
     from fastvar.benchmark import MODELS
     depth, shared, schedule = MODELS[name]
     with torch.device(META):
-        vae, var = build_vae_var(META, patch_nums=schedule, depth=depth, shared_aln=shared, fast_init=True)
+        vae, var = build_vae_var(META, patch_nums=schedule, depth=2, shared_aln=shared, fast_init=True,
+                                 var_kwargs=dict(embed_dim=64 * depth, num_heads=depth))
     _SCHEDULES_BY_L[var.L] = tuple(var.schedule.lens)
     return vae, var
 
