@@ -9,9 +9,12 @@ import torch
 import fastvar
 from builders import tiny_vae_var
 from fastvar.cli import main
+from fastvar.models import load_infinity
 from fastvar.pretrained import DIGITS_PATH, load_digits
 from fastvar.sampler import Sampler
 from fastvar.utils.images import save_png
+from test_infinity_checkpoints import write_sharded
+from test_infinity_models import tiny_pair
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,38 @@ def test_the_official_mask_may_hold_minus_inf(tmp_path, pair):
     torch.save(vae.state_dict(), tmp_path / "vae.pth")
     assert torch.isneginf(var.state_dict()["attn_bias_for_masking"]).any()
     fastvar.load_vae_var(tmp_path / "var.pth", tmp_path / "vae.pth")
+
+
+@pytest.fixture(scope="module")
+def infinity_pair():
+    return tiny_pair()
+
+
+@pytest.mark.parametrize("which,key,value,dtype,sharded", [
+    ("infinity", "text_proj_for_ca.2.weight", math.nan, None, False),
+    ("infinity", "head.bias", math.inf, torch.bfloat16, False),
+    ("infinity", "block_chunks.1.module.0.ffn.fc2.weight", -math.inf, None, True),
+    ("vae", "decoder.conv_in.conv.weight", math.inf, None, False),
+], ids=["nan", "inf-bf16", "-inf-sharded", "vae-inf"])
+def test_infinity_checkpoint_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path, infinity_pair, which, key,
+                                                                          value, dtype, sharded):
+    vae, model = infinity_pair
+    sds = {"infinity": dict(model.state_dict()), "vae": dict(vae.state_dict())}
+    sds[which][key] = sds[which][key].clone()
+    sds[which][key].view(-1)[3] = value
+    inf_path = tmp_path / "infinity.pth"
+    if sharded:
+        inf_path = tmp_path / "infinity"
+        write_sharded(inf_path, sds["infinity"])
+    else:
+        torch.save(sds["infinity"], inf_path)
+    torch.save({"vae": sds["vae"]}, tmp_path / "vae.pth")
+    what = "Infinity" if which == "infinity" else "BSQ VAE"
+    path = "infinity" if sharded else f"{which}.pth"
+    with pytest.raises(ValueError, match=rf"{what} checkpoint .*{path}: tensor '{key}' .* holds "
+                                         rf"{1 if math.isnan(value) else 0} NaN and {0 if math.isnan(value) else 1} "
+                                         rf"infinite values"):
+        load_infinity(inf_path, tmp_path / "vae.pth", dtype=dtype)
 
 
 def test_digits_file_with_nan_is_refused(tmp_path):

@@ -13,14 +13,19 @@ from fastvar.models.bsq_vae import BSQVAE
 from fastvar.models.build import _load_into_meta, check_state_dict, check_weights_dtype
 from fastvar.models.families import reject_other_family
 from fastvar.models.infinity import Infinity
-from fastvar.utils.files import load_sharded_tensors, load_tensors, shard_index
+from fastvar.utils.files import check_finite_tensors, load_sharded_tensors, load_tensors, shard_index
 
 # The official inference loader's constructor settings (tools/run_infinity.load_infinity)
 OFFICIAL_INFERENCE = dict(shared_aln=True, pad_to_multiplier=128, add_lvl_embeding_only_first_block=1,
                           text_maxlen=512, norm_eps=1e-6, drop_path_rate=0.1, cond_drop_rate=0.1)
-def _caster(dtype: torch.dtype):
-    """``(name, tensor) -> tensor``: floating tensors in ``dtype`` (the same tensor when it has it already)."""
-    return lambda name, t: t.to(dtype) if t.is_floating_point() else t
+def _caster(dtype: torch.dtype, what: str):
+    """``(name, tensor) -> tensor``: floating tensors in ``dtype`` (the same tensor when it has it already), each
+    first checked for NaN and inf as read (``ValueError`` naming ``what`` and the tensor): checked before its cast,
+    the message is about the file's value, and a sharded checkpoint is checked shard by shard as it is merged."""
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        check_finite_tensors({name: t}, what)
+        return t.to(dtype) if t.is_floating_point() else t
+    return cast
 
 
 def _indices(sd: Mapping[str, torch.Tensor], pattern: str) -> list:
@@ -174,11 +179,14 @@ def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, o
     copy). The BSQ VAE is always float32 (its decoder is small, and the golden parity is float32). Depth, width,
     heads, chunks, text width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
     arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` in eval mode. A state dict that does not
-    match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family; a missing file
+    match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family, a tensor that
+    holds NaN or inf one naming the tensor (as :func:`fastvar.load_vae_var` does); a missing file
     ``FileNotFoundError``; ``.safetensors`` shards without the safetensors package ``ImportError``."""
     dtype = check_weights_dtype(dtype)             # before reading gigabytes
-    inf_sd = _read_state_dict(infinity_ckpt, "Infinity", ("state_dict",), _caster(dtype))
-    vae_sd = _read_state_dict(vae_ckpt, "BSQ VAE", ("vae", "state_dict"), _caster(torch.float32))
+    inf_sd = _read_state_dict(infinity_ckpt, "Infinity", ("state_dict",),
+                              _caster(dtype, f"Infinity checkpoint {os.fspath(infinity_ckpt)}"))
+    vae_sd = _read_state_dict(vae_ckpt, "BSQ VAE", ("vae", "state_dict"),
+                              _caster(torch.float32, f"BSQ VAE checkpoint {os.fspath(vae_ckpt)}"))
     vae_cfg = bsq_vae_config_from_state_dict(vae_sd)
     inf_cfg = infinity_config_from_state_dict(inf_sd, vae_cfg["codebook_dim"])
     inf_cfg.update(infinity_overrides)
