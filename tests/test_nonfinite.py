@@ -1,5 +1,6 @@
 """NaN or inf never becomes a black picture: weights are checked at load (the tensor named), decoded images at
 sampling (an error, nothing written)."""
+import copy
 import math
 import os
 
@@ -14,7 +15,7 @@ from fastvar.pretrained import DIGITS_PATH, load_digits
 from fastvar.sampler import Sampler
 from fastvar.utils.images import save_png
 from test_infinity_checkpoints import write_sharded
-from test_infinity_models import tiny_pair
+from test_infinity_models import SCHED, _sample, text, tiny_pair
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,22 @@ def test_infinity_checkpoint_with_nan_or_inf_is_refused_naming_the_tensor(tmp_pa
                                          rf"{1 if math.isnan(value) else 0} NaN and {0 if math.isnan(value) else 1} "
                                          rf"infinite values"):
         load_infinity(inf_path, tmp_path / "vae.pth", dtype=dtype)
+
+
+def test_infinity_official_api_raises_on_non_finite_images(infinity_pair):
+    """An inf decoder weight: ``autoregressive_infer_cfg(ret_img=True)`` raises, as the Sampler does, where the
+    uint8 cast would give an all-black image."""
+    vae, model = infinity_pair
+    vae, model = copy.deepcopy(vae), copy.deepcopy(model)
+    with torch.no_grad():
+        vae.decoder.conv_in.conv.weight.view(-1)[0] = math.inf
+    t = text([3])
+    _, _, img = _sample(model, vae, t, B=1, ret_img=False)
+    assert img == [] and torch.isfinite(model.last_summed_codes).all()      # sampling alone is fine
+    with pytest.raises(ValueError, match="the decoded images hold NaN or inf .*from a finite latent"):
+        _sample(model, vae, t, B=1, ret_img=True)
+    with pytest.raises(ValueError, match="the decoded images hold NaN or inf"):
+        Sampler(model, vae, dtype=torch.float32).sample(t, 3, scale_schedule=SCHED)
 
 
 def test_digits_file_with_nan_is_refused(tmp_path):

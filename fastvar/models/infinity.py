@@ -23,6 +23,7 @@ from fastvar.nn.attention import AdaLNBeforeHead, SharedAdaLin
 from fastvar.nn.infinity import CrossAttnBlock, FastRMSNorm, MultipleLayers, TextAttentivePool
 from fastvar.reference import infinity as ref
 from fastvar.reference.attention import scale_index
+from fastvar.utils.images import check_decoded
 
 TextTuple = Tuple[torch.Tensor, Sequence[int], torch.Tensor, int]
 
@@ -298,7 +299,8 @@ class Infinity(nn.Module):
         The other official arguments are accepted and unused, as officially.
 
         Returns ``(ret, idx_Bl_list, img)`` as officially: two empty lists and, with ``ret_img``, the images
-        ``(B, H, W, 3)`` uint8 BGR (else ``[]``). ``self.last_summed_codes`` holds the final latent.
+        ``(B, H, W, 3)`` uint8 BGR (else ``[]``; ``ValueError`` if they decode to NaN or inf).
+        ``self.last_summed_codes`` holds the final latent.
         """
         record: Dict[str, Any] = {}
         img = self._infer(vae, scale_schedule, label_B_or_BLT, B, negative_label_B_or_BLT, g_seed, cfg_list, tau_list,
@@ -412,7 +414,8 @@ class Infinity(nn.Module):
             record["summed_codes"] = summed
         if not ret_img:
             return None
-        image = vae.decode(summed.squeeze(-3))
+        # checked before the uint8 cast, which would turn NaN or inf into a silent black picture
+        image = check_decoded(vae.decode(summed.squeeze(-3)), summed)
         if record is not None:
             record["image_float"] = image
         return ref.image_to_uint8_bgr(image)
