@@ -190,6 +190,50 @@ def test_bad_dtype(tmp_path, weights, dtype, error, match):
         infinity_from_state_dicts(*weights, dtype=dtype)
 
 
+def _file_mappings(path):
+    """``(start, end)`` of every mapping of ``path`` into this process (``/proc/self/maps``)."""
+    path = os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        rows = [line.split(maxsplit=5) for line in f]
+    return [tuple(int(x, 16) for x in r[0].split("-")) for r in rows if len(r) == 6 and r[5].strip() == path]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_single_file_is_mapped_and_cast_without_a_float32_copy(monkeypatch, weights, single, dtype):
+    """One checkpoint file is mapped (torch.load(mmap=True)), not read: the float32 tensors torch.load returns are
+    pages of the file, so casting them to bf16 one by one never holds an anonymous float32 copy (a float32 2B
+    file would otherwise be in memory whole besides its bf16 model). After the load the file is no longer mapped:
+    the model holds no page of it (a file rewritten in place under a mapping kills the process with SIGBUS)."""
+    d = single[0]
+    path = str(d / "infinity.pth")
+    real, seen = torch.load, []
+
+    def load(f, *a, **kw):
+        obj = real(f, *a, **kw)
+        if os.fspath(f) == path:        # where its tensors lie, as returned (no reference kept)
+            ranges = _file_mappings(path)
+            seen.append([any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in obj.values()
+                         if t.is_floating_point()])
+        return obj
+    monkeypatch.setattr(torch, "load", load)
+    _, m = load_infinity(path, d / "vae.pth", dtype=dtype)
+    assert len(seen) == 1 and seen[0] and all(seen[0]), "the checkpoint's tensors were read into memory, not mapped"
+    assert _file_mappings(path) == [], "the model still holds pages of the checkpoint file"
+    assert_same_state_dict(m.state_dict(), single[2].state_dict(), cast=dtype)
+
+
+def test_legacy_pickle_checkpoint_loads(tmp_path, weights, single):
+    """A file of torch.save's pre-1.6 format cannot be mapped: it is read, to the same model."""
+    torch.save(weights[0], tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    torch.save({"vae": weights[1]}, tmp_path / "legacy_vae.pth", _use_new_zipfile_serialization=False)
+    with open(tmp_path / "legacy.pth", "rb") as f:
+        assert not f.read(4).startswith(b"PK")
+    v, m = load_infinity(tmp_path / "legacy.pth", tmp_path / "legacy_vae.pth", dtype=torch.bfloat16)
+    assert_same_state_dict(m.state_dict(), single[2].state_dict(), cast=torch.bfloat16)
+    assert_same_state_dict(v.state_dict(), single[1].state_dict())
+
+
 # ------------------------------------------------------------------------------------------ index and shards disagree
 def _small():
     g = torch.Generator().manual_seed(0)

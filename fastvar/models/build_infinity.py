@@ -154,9 +154,12 @@ def _read_state_dict(path, what: str, keys, convert) -> Dict[str, torch.Tensor]:
     index = shard_index(path, f"{what} checkpoint")
     if index is not None:
         return load_sharded_tensors(index, f"{what} checkpoint", convert)
-    sd = _unwrap(load_tensors(path, f"{what} checkpoint"), what, keys)
-    for k in sd:                         # replaced one at a time: the file's tensor goes as its cast comes
-        sd[k] = convert(k, sd[k])
+    sd = _unwrap(load_tensors(path, f"{what} checkpoint", mmap=True), what, keys)
+    for k in sd:
+        # replaced one at a time, the mapped file's tensor by its cast: a float32 file loaded in bf16 is never in
+        # memory as float32. A tensor the cast keeps is copied, so that the model never holds pages of the file
+        t = convert(k, sd[k])
+        sd[k] = t.clone() if t is sd[k] else t
     return sd
 
 
@@ -166,18 +169,21 @@ def load_infinity(infinity_ckpt: Union[str, os.PathLike], vae_ckpt: Union[str, o
     """Load official checkpoints (``infinity_2b_reg.pth`` + ``infinity_vae_d32_reg.pth``; the 8B's sharded
     ``infinity_8b_weights/`` + ``infinity_vae_d56_f8_14_patchify.pth``).
 
-    A checkpoint is one file read with ``torch.load(weights_only=True)`` (a transformer file holds the state dict,
-    or one under ``"state_dict"``; a VAE file holds it under ``"vae"``, the official layout, or plainly), or a
-    Hugging Face sharded checkpoint: a folder holding one ``*.index.json`` (``pytorch_model.bin.index.json``,
+    A checkpoint is one file read with ``torch.load(weights_only=True, mmap=True)`` (a transformer file holds the
+    state dict, or one under ``"state_dict"``; a VAE file holds it under ``"vae"``, the official layout, or plainly),
+    or a Hugging Face sharded checkpoint: a folder holding one ``*.index.json`` (``pytorch_model.bin.index.json``,
     ``model.safetensors.index.json``) and its shards, or that index file; ``.safetensors`` shards need the
     ``safetensors`` package. Shards are merged one at a time without copies (see
     :func:`fastvar.utils.files.load_sharded_tensors` for what must agree between index and shards).
 
     ``dtype`` (float32, bfloat16, float16 or float64; ``None``: float32) is the transformer's weights dtype: each
-    floating tensor is cast once as it is read, and one that has the dtype already is used as read (a bf16
-    checkpoint with ``dtype=torch.bfloat16`` costs its own size in memory, 16.7 GB for the 8B, never a float32
-    copy). The BSQ VAE is always float32 (its decoder is small, and the golden parity is float32). Depth, width,
-    heads, chunks, text width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
+    floating tensor is cast once as it is read. One file is mapped, not read (an older, pre-zip ``torch.save`` file
+    is read), so a float32 file loaded in bf16 costs the bf16 model in memory, never a float32 copy; a tensor that
+    has the dtype already is copied out of the mapping (the model holds no page of the file). Shards are read one at
+    a time, a tensor that has the dtype already used as read (a bf16 checkpoint with ``dtype=torch.bfloat16`` costs
+    its own size in memory, 16.7 GB for the 8B), so a cast holds at most one shard in the file's dtype. The BSQ VAE
+    is always float32 (its decoder is small, and the golden parity is float32). Depth, width, heads, chunks, text
+    width, d and spatial patchify are inferred; ``infinity_overrides`` change constructor
     arguments (e.g. ``pad_to_multiplier``). Returns ``(vae, infinity)`` in eval mode. A state dict that does not
     match raises ``ValueError`` listing the keys, a checkpoint of VAR raises one naming the family, a tensor that
     holds NaN or inf one naming the tensor (as :func:`fastvar.load_vae_var` does); a missing file

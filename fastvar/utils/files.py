@@ -53,9 +53,15 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> str:
     return path
 
 
-def load_tensors(path, what: str):
+def load_tensors(path, what: str, mmap: bool = False):
     """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain values only, never
-    arbitrary pickled code. ``FileNotFoundError`` / ``ValueError`` naming ``what`` and the path."""
+    arbitrary pickled code. ``FileNotFoundError`` / ``ValueError`` naming ``what`` and the path.
+
+    ``mmap``: a zip file (what ``torch.save`` writes since torch 1.6) is mapped (``torch.load(mmap=True)``), not
+    read: its tensors stay pages of the file until the caller casts or copies them, so a cast never holds the
+    file's dtype in memory. The caller must not keep them: the file rewritten in place under the mapping (as
+    ``torch.save`` to that path does) kills the process with SIGBUS. An older pickle file cannot be mapped and is
+    read."""
     import torch
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -70,11 +76,12 @@ def load_tensors(path, what: str):
         kind = "it is empty" if not head else f"it starts with {head!r}"
         raise ValueError(f"{what} {path} is not a checkpoint written by torch.save ({kind}; torch.save writes a zip "
                          f"archive)")
+    mmap = mmap and head.startswith(b"PK\x03\x04")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f"{what} {path} could not be read with torch.load(weights_only=True): "
-                         f"{type(e).__name__}: {e}") from e
+        raise ValueError(f"{what} {path} could not be read with torch.load(weights_only=True"
+                         f"{', mmap=True' if mmap else ''}): {type(e).__name__}: {e}") from e
 
 
 SHARD_INDEX_SUFFIX = ".index.json"      # pytorch_model.bin.index.json, model.safetensors.index.json
