@@ -13,6 +13,7 @@ from fastvar.cli import main
 from fastvar.models import load_infinity
 from fastvar.pretrained import DIGITS_PATH, load_digits
 from fastvar.sampler import Sampler
+from fastvar.utils.files import check_finite_tensors
 from fastvar.utils.images import save_png
 from test_infinity_checkpoints import write_sharded
 from test_infinity_models import SCHED, _sample, text, tiny_pair
@@ -97,6 +98,20 @@ def test_infinity_official_api_raises_on_non_finite_images(infinity_pair):
         _sample(model, vae, t, B=1, ret_img=True)
     with pytest.raises(ValueError, match="the decoded images hold NaN or inf"):
         Sampler(model, vae, dtype=torch.float32).sample(t, 3, scale_schedule=SCHED)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_check_finite_tensors_finds_one_bad_value_in_any_dtype(dtype, value):
+    t = torch.randn(7, 5).to(dtype)
+    check_finite_tensors({"w": t, "empty": torch.empty(0, 3, dtype=dtype), "scalar": torch.tensor(2.0).to(dtype),
+                          "ids": torch.arange(4)}, "x")
+    t.view(-1)[17] = value
+    with pytest.raises(ValueError, match=rf"x: tensor 'w' \(7, 5\) holds {int(math.isnan(value))} NaN and "
+                                         rf"{int(not math.isnan(value))} infinite values \(of 35\)"):
+        check_finite_tensors({"ok": torch.ones(3), "w": t}, "x")
+    if value == -math.inf and not dtype.is_complex:     # the official mask's -inf is allowed
+        check_finite_tensors({"attn_bias_for_masking": t}, "x")
 
 
 def test_digits_file_with_nan_is_refused(tmp_path):
