@@ -35,6 +35,14 @@ What it guarantees:
   absent). A run killed at any moment, every rank at once included, continues where it stopped when started
   again with the same command (any world size or batch size), never losing or repeating an image, and ends with
   the same images (as above). A restart with other settings stops with an error naming what differs.
+- **A failed rank stops the others.** A rank whose work raises an error (Ctrl-C included) records it in the run's
+  ``torch.distributed`` store; every rank looks there before each batch (one store request) and stops, after the
+  batch it is sampling, with one line naming the failed rank and its error. A rank killed outright (``kill -9``,
+  the kernel's out-of-memory killer, a machine lost) records nothing: torchrun stops the other ranks on its
+  machine; if it was rank 0, the store goes with its torchrun agent and the ranks elsewhere stop before their next
+  batch; otherwise they stop at the end of their share, at the "all shards written" barrier, at once when the
+  connection to the dead rank is seen closed (gloo) and after ``--timeout`` seconds at the latest (a rank that
+  hangs too).
 """
 from __future__ import annotations
 
@@ -120,6 +128,20 @@ def todo_batches(n: int, done: Sequence[Tuple[int, int]], batch_size: int) -> Li
 
 
 # ------------------------------------------------------------------------------------ distributed
+# the key of the run's first failure in the ranks' torch.distributed store: "<rank>\n<its error, one line>"
+FAILED_KEY = "fastvar.generate/failed"
+FAILURES_KEY = "fastvar.generate/failures"      # a counter: the first rank to fail writes FAILED_KEY
+
+
+class OtherRankFailed(UserError):
+    """This rank stopped because another one failed (not recorded as a failure of its own)."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class Group:
     """This process's place among the ranks torchrun started (a single process without torchrun)."""
 
@@ -131,14 +153,53 @@ class Group:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.active = self.world > 1
+        self.store = None
         self.device = torch.device("cpu")
         if torch.cuda.is_available():
             self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         if self.active:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=self.timeout,
-                                    **({"device_id": self.device} if backend == "nccl" else {}))
+            # the env:// rendezvous init_process_group would make, kept: the ranks tell each other of a failure
+            # through its store (under torchrun it is the run's, scoped to this restart of the workers)
+            self.store, self.rank, self.world = next(dist.rendezvous("env://", timeout=self.timeout))
+            self.store.set_timeout(self.timeout)
+            dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world,
+                                    timeout=self.timeout, **({"device_id": self.device} if backend == "nccl" else {}))
+
+    def _failure(self):
+        """``(rank, error)`` of the run's first failed rank, or None; raises if the store cannot be reached. One
+        store request while no rank has failed."""
+        if self.store is None or not self.store.check([FAILED_KEY]):
+            return None
+        rank, _, what = self.store.get(FAILED_KEY).decode(errors="replace").partition("\n")
+        return rank, what
+
+    def record_failure(self, error: BaseException) -> None:
+        """Tell the other ranks that this one failed, with the first line of its error; only the run's first
+        failure is kept, so the message names the rank that started it."""
+        if self.store is None or isinstance(error, OtherRankFailed):
+            return
+        what = _first_line(error)
+        if not isinstance(error, UserError) and what != type(error).__name__:
+            what = f"{type(error).__name__}: {what}"
+        try:
+            if self.store.add(FAILURES_KEY, 1) == 1:
+                self.store.set(FAILED_KEY, f"{self.rank}\n{what[:500]}")
+        except Exception:       # the store is gone with the rank that hosted it: the others find that out too
+            pass
+
+    def stop_if_another_failed(self) -> None:
+        """Between batches: stop with :class:`OtherRankFailed` if another rank recorded a failure, or if the
+        run's store is gone (the rank or torchrun agent that hosted it died)."""
+        try:
+            failed = self._failure()
+        except Exception as e:
+            raise OtherRankFailed(f"rank {self.rank}: stopped: the run's torch.distributed store cannot be reached "
+                                  f"(the process that hosted it, rank 0 or its torchrun agent, died?): "
+                                  f"{_first_line(e)}") from None
+        if failed is not None:
+            raise OtherRankFailed(f"rank {self.rank}: stopped because rank {failed[0]} failed ({failed[1]})")
 
     def barrier(self, what: str) -> None:
         """Wait for every rank; a rank that died or hangs ends the wait after the timeout with an error."""
@@ -150,6 +211,13 @@ class Group:
             else:
                 self.dist.barrier()
         except Exception as e:
+            try:
+                failed = self._failure()
+            except Exception:
+                failed = None
+            if failed is not None:
+                raise OtherRankFailed(f"rank {self.rank}: stopped at '{what}' because rank {failed[0]} failed "
+                                      f"({failed[1]})") from None
             raise UserError(f"rank {self.rank}: the other ranks did not reach '{what}' within "
                                 f"{self.timeout.total_seconds():.0f} s (a rank failed?): {e}") from None
 
@@ -459,6 +527,7 @@ def cmd_generate(args) -> str:
         prog = Progress(n, "[generate]", enabled=group.rank == 0 and not args.quiet)
         start, made = time.perf_counter(), 0
         for b, e in mine:
+            group.stop_if_another_failed()
             ids = list(range(b, e))
             labels = [classes[i // K] for i in ids]
             seeds = [image_seed(args.seed, classes[i // K], i % K) for i in ids]
@@ -487,5 +556,8 @@ def cmd_generate(args) -> str:
         return (f"wrote {n} images ({len(classes)} {noun} x {K}, {image_hw[0]}x{image_hw[1]} px) to {path} "
                 f"(grid: {grid}); this run sampled {sum(e - b for b, e in batches)} of them in {elapsed:.1f} s on "
                 f"{group.world} device(s): {per_device:.2f} images/s on rank 0")
+    except BaseException as e:
+        group.record_failure(e)
+        raise
     finally:
         group.close()

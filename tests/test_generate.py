@@ -4,6 +4,7 @@ one may move a pixel by one uint8 level: test_sampler's image_seeds test); resta
 arguments get one-line errors."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,6 +96,46 @@ def test_same_images_on_two_machines(reference, tmp_path):
     assert np.array_equal(images, reference[0]) and np.array_equal(labels, reference[1])
 
 
+# run by torchrun in place of ``-m fastvar``: global rank 1 raises at its first batch
+FAIL_RANK_1 = """import os, sys
+from fastvar.cli import main
+from fastvar.sampler import Sampler
+
+
+def fail(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+if os.environ["RANK"] == "1":
+    Sampler.sample = fail
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_rank_stops_the_others_before_their_next_batch(tmp_path):
+    """Two torchrun agents, as on two machines: torchrun does not stop rank 0 when rank 1, on the other agent,
+    fails (it would on one agent); rank 0 must stop before its next batch with one line naming rank 1, not sample
+    its 50 batches first."""
+    script = tmp_path / "fail_rank1.py"
+    script.write_text(FAIL_RANK_1)
+    out = tmp_path / "out"
+    port = _free_port()
+    common = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"fastvar-test-{port}"]
+    cmd = [str(script), "generate", "--out-dir", str(out), "--num-per-class", "20", "--classes", "all",
+           "--batch-size", "2", "--quiet", "--timeout", "60"]                     # 100 batches, 50 per rank
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, *cmd], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in (0, 1)]
+    errs = "\n".join(p.communicate(timeout=300)[1] for p in nodes)
+    assert all(p.returncode != 0 for p in nodes)
+    assert "RuntimeError: injected failure" in errs, errs[-3000:]
+    stop = re.findall(r"^fastvar generate: error: rank 0: .*$", errs, re.M)
+    assert len(stop) == 1 and "rank 1 failed (RuntimeError: injected failure)" in stop[0], errs[-3000:]
+    written = len(done_ranges(str(out / "shards")))
+    assert written <= 10, f"rank 0 wrote {written} of its 50 shards after rank 1 failed"
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_samples(tmp_path):
     """``kill -9`` in the middle, then the same command (here with another batch size and two processes):
@@ -143,7 +184,6 @@ def test_restart_with_other_settings_names_what_differs(tmp_path, capsys):
     (["--top-k", "-1"], r"top_k must be >= 0"),
 ])
 def test_bad_arguments(tmp_path, capsys, extra, match):
-    import re
     assert main(["generate", "--out-dir", str(tmp_path / "o"), "--num-per-class", "2", "--quiet", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.search(match, err[0]), err
