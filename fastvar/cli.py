@@ -1,8 +1,10 @@
-"""The ``fastvar`` command (also ``python -m fastvar``): ``fastvar info``, ``fastvar sample``, ``fastvar bench``.
+"""The ``fastvar`` command (also ``python -m fastvar``): ``fastvar info``, ``fastvar sample``, ``fastvar bench``,
+``fastvar generate`` (in :mod:`fastvar.generate`).
 
 Every user error ends the command with one line naming the argument (``fastvar sample: error: --seed ...``) and
 exit status 2. The checks that a command needs before its work starts (seed, output path and format, backend,
-memory) are functions of their own below, for every command that samples.
+memory) are functions of their own below, for every command that samples (``sample`` and ``generate``; the memory
+estimate, :func:`sample_memory`, is VAR's: ``generate`` with an Infinity checkpoint has none).
 """
 from __future__ import annotations
 
@@ -206,13 +208,13 @@ OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype":
                 "device": "--device"}
 
 
-def as_option_error(e: Exception) -> "UserError":
+def as_option_error(e: Exception, names: Dict[str, str] = OPTION_NAMES) -> "UserError":
     """A library error (``top_k must be <= ...``) as the command's, led by the option it is about
-    (``--top-k: top_k must be <= ...``)."""
+    (``--top-k: top_k must be <= ...``); ``names``: the command's options by the library's names."""
     msg = str(e)
     word = re.match(r"\w+", msg)
-    if word and word.group(0) in OPTION_NAMES:
-        msg = f"{OPTION_NAMES[word.group(0)]}: {msg}"
+    if word and word.group(0) in names:
+        msg = f"{names[word.group(0)]}: {msg}"
     return UserError(msg)
 
 

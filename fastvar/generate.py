@@ -66,6 +66,9 @@ SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
 # what makes the images: a restart must match these (world size, batch size and timeout may change)
 IMAGE_KEYS = ("model", "classes", "num_per_class", "seed", "cfg", "top_k", "top_p", "more_smooth", "dtype")
 INFINITY_IMAGE_KEYS = IMAGE_KEYS + ("tau", "cfg_insertion_layer", "scale_schedule", "prompts")
+# the options of the library's names that start its errors (fastvar.cli.as_option_error)
+OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype": "--dtype", "tau": "--tau",
+                "cfg_insertion_layer": "--cfg-insertion-layer"}
 
 
 def image_seed(seed: int, cls: int, index: int) -> int:
@@ -377,6 +380,7 @@ def load_prompt_features(path: str, text_channels: int) -> Tuple[List[torch.Tens
 def _infinity_setup(args, group, dtype):
     """Infinity's model, prompts, settings and sampling function for :func:`cmd_generate`."""
     from fastvar import dynamic_resolution
+    from fastvar.cli import as_option_error
     from fastvar.models import load_infinity
     from fastvar.sampler import Sampler
     from fastvar.utils.files import checkpoint_bytes
@@ -399,14 +403,14 @@ def _infinity_setup(args, group, dtype):
         raise UserError(str(e)) from None
     feats, digest = load_prompt_features(args.prompts, model.Ct5)
     prompts = parse_classes(args.classes, len(feats), noun="prompt", holder="prompt file")
-    sampler = Sampler(model, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
     kwargs = dict(scale_schedule=sched, cfg=3.0 if args.cfg is None else args.cfg,
                   tau=0.5 if args.tau is None else args.tau, top_k=900 if args.top_k is None else args.top_k,
                   top_p=0.97 if args.top_p is None else args.top_p, cfg_insertion_layer=cil)
     try:
+        sampler = Sampler(model, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
         settings = sampler.settings(**kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(str(e)) from None
+        raise as_option_error(e, OPTION_NAMES) from None
     if settings.guided:
         long = [p for p in prompts if feats[p].shape[0] > model.cfg_uncond.shape[0]]
         if long:
@@ -482,6 +486,7 @@ def _check_args(args) -> str:
 
 def cmd_generate(args) -> str:
     """Run (or resume) the generation; returns the final line. Errors: :class:`UserError`."""
+    from fastvar import cli     # its checks, shared by the commands that sample (cli.sample_memory looked up late)
     from fastvar.pretrained import load_models
     from fastvar.sampler import Sampler
     from fastvar.utils.images import to_uint8
@@ -490,6 +495,7 @@ def cmd_generate(args) -> str:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     group = Group(args.timeout)
     try:
+        cli.check_backend(group.device)
         if getattr(args, "infinity_ckpt", None):
             classes, sample, image_hw, extra = _infinity_setup(args, group, dtype)
             manifest = dict(_manifest(args, classes, None, image_hw), **extra)
@@ -501,13 +507,18 @@ def cmd_generate(args) -> str:
             except (FileNotFoundError, ValueError) as e:
                 raise UserError(str(e)) from None
             classes = parse_classes(args.classes, var.num_classes)
-            sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
             try:
+                sampler = Sampler(var, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
                 settings = sampler.settings(info["cfg"] if args.cfg is None else args.cfg,
                                             info["top_k"] if args.top_k is None else args.top_k,
                                             info["top_p"] if args.top_p is None else args.top_p, args.more_smooth)
             except (TypeError, ValueError) as e:
-                raise UserError(str(e)) from None
+                raise cli.as_option_error(e, OPTION_NAMES) from None
+            # one batch at a time: a batch of one image is sampled as two (see the loop), and the images go to
+            # the shards, not into memory
+            most = max(min(args.batch_size, len(classes) * args.num_per_class), 2)
+            cli.check_memory(cli.sample_memory(var, vae, most, most, 1, 1), group.device,
+                             f"--batch-size {args.batch_size} images at a time", f"--batch-size {args.batch_size}")
             image_hw = tuple(sampler.decode(torch.zeros(1, var.Cvae, *var.schedule.hws[-1],
                                                         device=group.device)).shape[-2:])
             manifest, keys = _manifest(args, classes, settings, image_hw), IMAGE_KEYS
@@ -532,7 +543,13 @@ def cmd_generate(args) -> str:
             labels = [classes[i // K] for i in ids]
             seeds = [image_seed(args.seed, classes[i // K], i % K) for i in ids]
             pad = len(ids) == 1         # batch size 1 runs other CPU convolution algorithms: sample two copies
-            imgs = sample(labels * (2 if pad else 1), seeds * (2 if pad else 1))[:len(ids)]
+            try:
+                imgs = sample(labels * (2 if pad else 1), seeds * (2 if pad else 1))[:len(ids)]
+            except (TypeError, ValueError) as err:
+                raise cli.as_option_error(err, OPTION_NAMES) from None
+            except torch.OutOfMemoryError:
+                raise UserError(f"--batch-size {args.batch_size}: out of memory while sampling; lower "
+                                "--batch-size") from None
             if not bool(torch.isfinite(imgs).all()):
                 raise UserError(f"the images of ids {b}..{e - 1} hold NaN or inf (a diverged model?); "
                                     "nothing was written for them")

@@ -1,5 +1,6 @@
 """Every user error of the ``fastvar`` command ends with one line naming the argument and exit status 2, and
-writes nothing; ``fastvar info`` never crashes."""
+writes nothing; ``fastvar info`` never crashes. The checks of the commands that sample run for ``sample`` and
+``generate`` alike (``sampling_args``)."""
 import errno
 import os
 import sys
@@ -37,6 +38,26 @@ def fails(capsys, argv, *needles):
 def sample_args(checkpoints, out, *more):
     return ["sample", "--var-ckpt", checkpoints[0], "--vae-ckpt", checkpoints[1], "--labels", "1", "--top-k", "5",
             "--out", str(out), *more]
+
+
+def generate_args(checkpoints, out, *more):
+    return ["generate", "--var-ckpt", checkpoints[0], "--vae-ckpt", checkpoints[1], "--classes", "1",
+            "--num-per-class", "1", "--top-k", "5", "--quiet", "--out-dir", str(out), *more]
+
+
+@pytest.fixture(params=["sample", "generate"])
+def sampling_args(request, checkpoints, tmp_path):
+    """``sampling_args(*more)``: the argv of each command that samples, on the checkpoints, writing in tmp_path."""
+    if request.param == "sample":
+        return lambda *more: sample_args(checkpoints, tmp_path / "x.png", *more)
+    return lambda *more: generate_args(checkpoints, tmp_path / "gen", *more)
+
+
+def cpu_args(args):
+    """``args`` run on CPU: sample's ``--device cpu``; generate takes the GPU where there is one, so skip there."""
+    if args[0] == "generate" and torch.cuda.is_available():
+        pytest.skip("generate samples on the GPU of this machine")
+    return args + ["--device", "cpu"] if args[0] == "sample" else args
 
 
 @pytest.fixture
@@ -129,39 +150,42 @@ def test_info_never_crashes_whatever_the_backend_variable(capsys, monkeypatch, v
     assert "rq_lookup" in out and "backends:" in out
 
 
-def test_a_wrong_backend_variable_is_one_line(tmp_path, capsys, checkpoints, monkeypatch, no_sampling):
+def test_a_wrong_backend_variable_is_one_line(capsys, monkeypatch, no_sampling, sampling_args):
     monkeypatch.setenv("FASTVAR_BACKEND", "foo")
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png"), "environment variable FASTVAR_BACKEND must be one "
-                                                                "of cuda, triton, eager")
+    fails(capsys, sampling_args(), "environment variable FASTVAR_BACKEND must be one of cuda, triton, eager")
     fails(capsys, ["bench", "--smoke"], "FASTVAR_BACKEND must be one of")
 
 
-def test_triton_forced_without_a_gpu_or_the_interpreter(tmp_path, capsys, checkpoints, monkeypatch, no_sampling):
+def test_triton_forced_without_a_gpu_or_the_interpreter(capsys, monkeypatch, no_sampling, sampling_args):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: Triton can run")
     monkeypatch.setenv("FASTVAR_BACKEND", "triton")
     monkeypatch.setattr("fastvar.ops._backend.triton_interpret", lambda: False)
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png"), "FASTVAR_BACKEND=triton cannot run on cpu here",
-          "TRITON_INTERPRET=1")
+    fails(capsys, sampling_args(), "FASTVAR_BACKEND=triton cannot run on cpu here", "TRITON_INTERPRET=1")
 
 
-def test_the_cuda_extension_forced_on_cpu(tmp_path, capsys, checkpoints, monkeypatch, no_sampling):
+def test_the_cuda_extension_forced_on_cpu(capsys, monkeypatch, no_sampling, sampling_args):
     monkeypatch.setenv("FASTVAR_BACKEND", "cuda")
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png", "--device", "cpu"),
-          "FASTVAR_BACKEND=cuda cannot run on cpu here")
+    fails(capsys, cpu_args(sampling_args()), "FASTVAR_BACKEND=cuda cannot run on cpu here")
 
 
 # ---------------------------------------------------------------------------------------------- memory
-@pytest.mark.parametrize("more,option", [(["--num-per-class", str(10 ** 9)], "--num-per-class 1000000000"),
-                                         (["--display-scale", str(10 ** 6)], "--display-scale 1000000")])
+@pytest.mark.parametrize("more,option", [
+    (["--num-per-class", str(10 ** 9)], "--num-per-class 1000000000"),
+    (["--display-scale", str(10 ** 6)], "--display-scale 1000000"),
+    (["generate", "--num-per-class", str(10 ** 9), "--batch-size", str(10 ** 9)], "--batch-size 1000000000"),
+])
 def test_too_large_for_memory_is_refused_before_allocating(tmp_path, capsys, checkpoints, no_sampling, more, option):
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png", *more), option, "GiB is available")
+    if more[0] == "generate":
+        fails(capsys, generate_args(checkpoints, tmp_path / "gen", *more[1:]), option, "GiB is available")
+        assert not (tmp_path / "gen" / "shards").exists()
+    else:
+        fails(capsys, sample_args(checkpoints, tmp_path / "x.png", *more), option, "GiB is available")
 
 
-def test_a_batch_too_large_for_memory_names_batch_size(tmp_path, capsys, checkpoints, monkeypatch, no_sampling):
+def test_a_batch_too_large_for_memory_names_batch_size(capsys, monkeypatch, no_sampling, sampling_args):
     monkeypatch.setattr(cli, "sample_memory", lambda *a, **k: {"pictures": 1, "batch": 2 ** 60})
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png", "--batch-size", "9"), "--batch-size 9: sampling one "
-                                                                                     "batch needs about")
+    fails(capsys, sampling_args("--batch-size", "9"), "--batch-size 9: sampling one batch needs about")
 
 
 def test_the_estimate_grows_with_what_is_kept():
@@ -259,18 +283,19 @@ def test_a_training_checkpoint_of_another_layout_says_where_the_weights_are(tmp_
 
 @pytest.mark.parametrize("more,message", [
     (["--top-k", "65"], "--top-k: top_k must be <= the vocabulary size V=64, got 65"),
+    (["--top-k", "-1"], "--top-k: top_k must be >= 0"),
     (["--cfg", "inf"], "--cfg: cfg must be finite"),
+    (["--cfg", "nan"], "--cfg: cfg must be finite"),
     (["--top-p", "-0.5"], "--top-p: top_p must be in [0.0, 1.0]"),
 ])
-def test_settings_errors_name_the_option(tmp_path, capsys, checkpoints, no_sampling, more, message):
-    argv = sample_args(checkpoints, tmp_path / "x.png")
+def test_settings_errors_name_the_option(capsys, no_sampling, sampling_args, more, message):
+    argv = sampling_args()
     argv.remove("--top-k"), argv.remove("5")
     fails(capsys, argv + more, message)
 
 
-def test_float16_on_cpu_names_dtype(tmp_path, capsys, checkpoints):
-    fails(capsys, sample_args(checkpoints, tmp_path / "x.png", "--dtype", "float16", "--device", "cpu"),
-          "--dtype: dtype must be one of")
+def test_float16_on_cpu_names_dtype(capsys, no_sampling, sampling_args):
+    fails(capsys, cpu_args(sampling_args("--dtype", "float16")), "--dtype: dtype must be one of")
 
 
 def test_loader_device_and_dtype(checkpoints):

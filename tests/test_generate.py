@@ -181,7 +181,8 @@ def test_restart_with_other_settings_names_what_differs(tmp_path, capsys):
     (["--seed", str(2 ** 63)], r"--seed must be an int in \[0, 2\*\*63\), got 9223372036854775808: image i of "
                                r"class c uses the seed SHA-256\(seed, c, i\)"),
     (["--seed", "-1"], r"--seed must be an int in \[0, 2\*\*63\), got -1: "),
-    (["--top-k", "-1"], r"top_k must be >= 0"),
+    (["--top-k", "-1"], r"^fastvar generate: error: --top-k: top_k must be >= 0"),
+    (["--cfg", "nan"], r"^fastvar generate: error: --cfg: cfg must be finite"),
 ])
 def test_bad_arguments(tmp_path, capsys, extra, match):
     assert main(["generate", "--out-dir", str(tmp_path / "o"), "--num-per-class", "2", "--quiet", *extra]) == 2

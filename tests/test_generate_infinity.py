@@ -95,8 +95,14 @@ def test_restart_with_other_settings_names_what_differs(files, reference, capsys
                              r"\(3, 64\)"),
     (["--prompts", "MISSING"], r"--prompts: .*missing.pt not found"),
     (["--pn", "2M"], r"pn must be one of"),
-    (["--cfg-insertion-layer", "-9"], r"cfg_insertion_layer items must be 0, 1 or a negative block offset"),
+    (["--cfg-insertion-layer", "-9"], r"--cfg-insertion-layer: cfg_insertion_layer items must be 0, 1 or a negative "
+                                      r"block offset"),
     (["--more-smooth"], r"--more-smooth is VAR's option"),
+    (["--tau", "0"], r"^fastvar generate: error: --tau: tau must not hold 0"),
+    (["--cfg", "nan"], r"^fastvar generate: error: --cfg: cfg\[0\] must be finite"),
+    (["--top-p", "2"], r"^fastvar generate: error: --top-p: top_p must be in"),
+    pytest.param(["--dtype", "float16"], r"^fastvar generate: error: --dtype: dtype must be one of",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="float16 runs on this machine's GPU")),
 ])
 def test_bad_arguments(files, tmp_path, capsys, extra, match):
     d, _ = files
