@@ -383,6 +383,7 @@ def _infinity_setup(args, group, dtype):
     from fastvar.cli import as_option_error
     from fastvar.models import load_infinity
     from fastvar.sampler import Sampler
+    from fastvar.sampler.infinity import DEFAULTS as INFINITY_DEFAULTS
     from fastvar.utils.files import checkpoint_bytes
     if args.var_ckpt:
         raise UserError("pass --var-ckpt or --infinity-ckpt, not both")
@@ -403,9 +404,9 @@ def _infinity_setup(args, group, dtype):
         raise UserError(str(e)) from None
     feats, digest = load_prompt_features(args.prompts, model.Ct5)
     prompts = parse_classes(args.classes, len(feats), noun="prompt", holder="prompt file")
-    kwargs = dict(scale_schedule=sched, cfg=3.0 if args.cfg is None else args.cfg,
-                  tau=0.5 if args.tau is None else args.tau, top_k=900 if args.top_k is None else args.top_k,
-                  top_p=0.97 if args.top_p is None else args.top_p, cfg_insertion_layer=cil)
+    given = {"cfg": args.cfg, "tau": args.tau, "top_k": args.top_k, "top_p": args.top_p}
+    kwargs = dict(scale_schedule=sched, cfg_insertion_layer=cil,
+                  **{k: INFINITY_DEFAULTS[k] if v is None else v for k, v in given.items()})
     try:
         sampler = Sampler(model, vae, dtype=dtype, cuda_graphs=group.device.type == "cuda")
         settings = sampler.settings(**kwargs)
@@ -435,6 +436,8 @@ def _infinity_setup(args, group, dtype):
 
 # ------------------------------------------------------------------------------------------- run
 def add_parser(sub) -> argparse.ArgumentParser:
+    from fastvar.sampler.infinity import DEFAULTS as INFINITY_DEFAULTS
+    from fastvar.settings import RELEASED_SETTINGS
     g = sub.add_parser("generate", help="many images for FID / IS into one samples.npz (resumable, any number of "
                                         "processes under torchrun)",
                        description=__doc__.split("\n\n")[0])
@@ -445,18 +448,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="comma-separated class ids (Infinity: prompt indices), or 'all' (default: all)")
     g.add_argument("--seed", type=int, default=0, help="image i of class c uses image_seed(seed, c, i) (default: 0)")
     g.add_argument("--batch-size", type=int, default=32, help="images sampled at once per process (default: 32)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance (default: the model's; 1.5 for checkpoints)")
-    g.add_argument("--top-k", type=int, default=None, help="top-k, 0 = off (default: the model's; 900)")
-    g.add_argument("--top-p", type=float, default=None, help="top-p, 0 = off (default: the model's; 0.96)")
+    def default(name):
+        return (f"default: the model's: the bundled model's own; {RELEASED_SETTINGS[name]} for VAR checkpoints"
+                + (" (at most the vocabulary)" if name == "top_k" else "")
+                + f"; {INFINITY_DEFAULTS[name]} with --infinity-ckpt")
+    g.add_argument("--cfg", type=float, default=None, help=f"guidance ({default('cfg')})")
+    g.add_argument("--top-k", type=int, default=None, help=f"top-k, 0 = off ({default('top_k')})")
+    g.add_argument("--top-p", type=float, default=None, help=f"top-p, 0 = off ({default('top_p')})")
     g.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax-weighted codes, the official visualisation option (default: off)")
     g.add_argument("--var-ckpt", help="VAR checkpoint (default: the bundled digits model)")
     g.add_argument("--vae-ckpt", help="VQVAE checkpoint (Infinity: the BSQ VAE checkpoint; default: the bundled digits model)")
     g.add_argument("--infinity-ckpt", help="Infinity checkpoint, a file or a sharded folder (infinity_8b_weights/) (text-to-image; needs --vae-ckpt and --prompts; default: none, a VAR)")
     g.add_argument("--prompts", help="Infinity: per-prompt text features, a .pt list of (len, C_t5) tensors (default: none)")
-    g.add_argument("--tau", type=float, default=None, help="Infinity: temperature (default: 0.5)")
-    g.add_argument("--cfg-insertion-layer", default="0",
+    g.add_argument("--tau", type=float, default=None,
+                   help=f"Infinity: temperature (default: {INFINITY_DEFAULTS['tau']})")
+    layers = ",".join(map(str, INFINITY_DEFAULTS["cfg_insertion_layer"]))
+    g.add_argument("--cfg-insertion-layer", default=layers,
                    help="Infinity: 0 = guidance on the logits, k < 0 = on the hidden state after block depth + k "
-                        "(comma-separated; default: 0)")
+                        f"(comma-separated; default: {layers})")
     g.add_argument("--h-div-w", type=float, default=1.0, help="Infinity: aspect ratio h/w (nearest template; default 1)")
     g.add_argument("--pn", default="1M", help="Infinity: size, 0.06M / 0.25M / 0.60M / 1M (default: 1M, 1024 px)")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),

@@ -202,6 +202,20 @@ def test_out_dir_not_writable(tmp_path, capsys):
         assert _generate(ro / "o") == 2
 
 
+def test_help_gives_the_defaults_of_both_families():
+    """VAR checkpoints and Infinity have other defaults: the help gives both, as the code defines them."""
+    from fastvar.cli import build_parser
+    from fastvar.sampler.infinity import DEFAULTS
+    from fastvar.settings import RELEASED_SETTINGS
+    subparsers = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    helps = {a.option_strings[0]: a.help for a in subparsers.choices["generate"]._actions if a.option_strings}
+    for name in ("cfg", "top_k", "top_p"):
+        text = helps["--" + name.replace("_", "-")]
+        assert f"{RELEASED_SETTINGS[name]} for VAR checkpoints" in text, text
+        assert f"{DEFAULTS[name]} with --infinity-ckpt" in text, text
+    assert f"default: {DEFAULTS['tau']}" in helps["--tau"]
+
+
 def test_image_seed_is_stable_and_spread():
     assert image_seed(0, 3, 1) == image_seed(0, 3, 1) and 0 <= image_seed(0, 3, 1) < 2 ** 63
     seeds = {image_seed(s, c, i) for s in range(3) for c in range(10) for i in range(10)}
