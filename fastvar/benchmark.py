@@ -28,6 +28,7 @@ loop's. Results: ``<out_dir>/e2e_<gpu>_<date>.csv``.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -148,9 +149,14 @@ def transformer_flops(var, B: int) -> float:
 def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), batches: Sequence[int] = (1, 8, 64),
                   providers: Sequence[str] = ("eager", "compile", "fastvar"), dtype: torch.dtype = torch.bfloat16,
                   cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, reps: int = 5,
-                  out_dir: Optional[str] = None, smoke: bool = False, log=print) -> List[Dict]:
+                  out_dir: Optional[str] = None, smoke: bool = False, profile: bool = False,
+                  log=print) -> List[Dict]:
     """Run the benchmark; returns the rows written to the CSV. ``smoke``: a tiny model on CPU (checks the
-    code path; its timings mean nothing)."""
+    code path; its timings mean nothing). ``profile``: also one more call of every provider under
+    ``torch.profiler``, its ops and kernels by device time in ``out_dir/profile_<model>_B<B>_<provider>.txt``
+    (what limits a run that misses its target)."""
+    if profile and not out_dir:
+        raise ValueError("profile needs out_dir, the folder its tables are written to")
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     if device.type != "cuda" and not smoke:
         raise RuntimeError("the sampling benchmark needs a CUDA GPU (use --smoke to check the code path on CPU)")
@@ -237,6 +243,10 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
                         rows.append(result_row(meta, "e2e", name, p, shape, (t, None, None), check=checks[p], **keys,
                                                scale=si))
                     log(f"  per scale ({p}, ms): {' '.join(f'{t:.3f}' for t in per_scale)}")
+            if profile:   # after the timings, which the profiler's overhead would skew
+                for p in providers:
+                    write_profile(runs[p], device, os.path.join(out_dir, f"profile_{name}_B{B}_{p}.txt"),
+                                  f"{name} B={B} {p}, {shape}, {meta['device']}, commit {meta['commit']}", log)
         vae = var = fast = fused = compiled = None   # free this model before building the next
         if out_dir:   # after every model, so a run cut off by a time limit keeps what it measured
             write_csv(rows, results_path(out_dir, "e2e", meta), log)
@@ -244,6 +254,22 @@ def run_benchmark(models: Sequence[str] = ("d16", "d20", "d24", "d30", "d36"), b
         plot(results_path(out_dir, "e2e", meta), x="batch", panels=("case",), y="ms_per_image",
              where=lambda r: not r["scale"])
     return rows
+
+
+def write_profile(fn, device: torch.device, path: str, title: str, log=print, rows: int = 40) -> None:
+    """One call of ``fn`` under ``torch.profiler``: its ops and kernels, by self device time (CPU time on a CPU),
+    as torch's table under ``title``, written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows)
+    with open(path, "w") as f:
+        f.write(f"{title}\n{table}\n")
+    log(f"  profile: {path}")
 
 
 class Marks:

@@ -379,6 +379,8 @@ def cmd_bench(args) -> str:
         raise UserError(f"--batches must be positive, got {args.batches}")
     if args.reps < 1:
         raise UserError(f"--reps must be >= 1 (timed repetitions; the median is reported), got {args.reps}")
+    if args.profile and not args.out_dir:
+        raise UserError("--profile: the tables go to --out-dir; name one")
     check_backend(torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda"))
     if args.out_dir:
         from fastvar.utils.files import check_writable
@@ -392,7 +394,8 @@ def cmd_bench(args) -> str:
     print(BENCH_COLUMNS)
     try:
         rows = run_benchmark(models=args.models, batches=args.batches, providers=args.providers,
-                             dtype=DTYPES[args.dtype], reps=args.reps, out_dir=args.out_dir, smoke=args.smoke)
+                             dtype=DTYPES[args.dtype], reps=args.reps, out_dir=args.out_dir, smoke=args.smoke,
+                             profile=args.profile)
     except RuntimeError as e:
         raise UserError(str(e)) from None
     return f"{len(rows)} measurements"
@@ -459,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out-dir", default=None, help="folder for the CSV (default: none, print only)")
     b.add_argument("--smoke", action="store_true",
                    help="tiny model on CPU: checks the code path, timings mean nothing (default: off)")
+    b.add_argument("--profile", action="store_true",
+                   help="also one call of each provider under torch.profiler: its ops and kernels by device time, "
+                        "in --out-dir/profile_<model>_B<batch>_<provider>.txt (default: off)")
     return p
 
 

@@ -24,10 +24,10 @@ cd "$(dirname "$0")/.."
 # precompile (all cores) before the tests, which would compile one kernel at a time; coldstart uses caches of its own
 # issue 16's measurements first (tests, end to end, attention, sampling, the quantizer step), then Infinity (issue 15)
 STAGES_ALL=(install ceilings cuda precompile tests e2e attention sampling upsample rq_lookup infinity coldstart adaln
-            e2e_compile tiles bit_sampling cross_attention)
+            profile e2e_compile tiles bit_sampling cross_attention)
 declare -A BUDGET=([install]=60 [ceilings]=40 [cuda]=120 [precompile]=90 [tests]=240 [e2e]=110 [coldstart]=75
                    [attention]=60 [sampling]=40 [rq_lookup]=30 [upsample]=30 [adaln]=25 [infinity]=90
-                   [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=150)
+                   [profile]=75 [e2e_compile]=150 [bit_sampling]=25 [cross_attention]=25 [tiles]=150)
 declare -A SCRIPT=(
   [ceilings]=scripts/gpu_ceilings.py          # device-to-device copy GB/s, dense bf16 GEMM TFLOP/s
   [cuda]=scripts/build_cuda.sh                # the CUDA extension's build: run only if it exists
@@ -40,6 +40,8 @@ declare -A SCRIPT=(
   [upsample]=bench/bench_upsample.py
   [adaln]=bench/bench_adaln.py
   [infinity]=bench/bench_infinity.py          # Infinity-2B at 1024 px, the official loop vs the Sampler (--out-dir)
+  [profile]=bench/bench_e2e.py                # one sample per provider under torch.profiler (--profile): the
+                                              # per-kernel table behind a missed end-to-end target
   [e2e_compile]=bench/bench_e2e.py            # the official loop under torch.compile, beside eager (--out-dir)
   [bit_sampling]=bench/bench_bit_sampling.py
   [cross_attention]=bench/bench_cross_attention.py
@@ -48,6 +50,7 @@ declare -A SCRIPT=(
 declare -A CAMPAIGN_ARGS=(                    # sizes under `all` (a stage run alone takes only your args)
   [cuda]="90a"                                # the lent H100 / H200 are sm_90: not the default sm_80 too
   [e2e]="--models d16 d30 --batches 1 64 --providers eager fastvar --reps 3"
+  [profile]="--models d30 --batches 1 64 --providers eager fastvar --reps 1"
   [e2e_compile]="--models d16 d30 --batches 1 64 --providers eager compile --reps 3"   # Inductor's compile: minutes
   [sampling]="--batches 1 64 --no-compile"
   [rq_lookup]="--batches 1 64"
@@ -188,11 +191,12 @@ if rows:
         writer.writerows(rows)
 EOF
 }
-st_e2e() {      # st_e2e e2e|e2e_compile [args]: the script names its CSVs by device and date, in --out-dir
+st_e2e() {      # st_e2e e2e|e2e_compile|profile [args]: the script names its CSVs by device and date, in --out-dir
   local name=$1; shift
   mkdir -p "$W/$name"
   local args=()
   if [ "$DRY" = 1 ]; then args=(--smoke --batches 2 --providers eager fastvar --reps 1 --dtype float32); elif [ "${ALL:-0}" = 1 ]; then read -r -a args <<<"${CAMPAIGN_ARGS[$name]}"; fi
+  [ "$name" = profile ] && args+=(--profile)     # its tables: $W/profile/profile_<model>_B<batch>_<provider>.txt
   "$PY" "${SCRIPT[$name]}" "${args[@]}" --out-dir "$W/$name" "$@"
   local rc=$?
   merge_csvs "$name"
@@ -232,7 +236,7 @@ if [ "$stage" = __stage ]; then          # internal: one stage, run by run_stage
   name=${EXTRA[0]}
   case "$name" in
     attention|sampling|rq_lookup|upsample|adaln|bit_sampling|cross_attention) st_bench "$name" "${EXTRA[@]:1}" ;;
-    e2e|e2e_compile) st_e2e "$name" "${EXTRA[@]:1}" ;;
+    e2e|e2e_compile|profile) st_e2e "$name" "${EXTRA[@]:1}" ;;
     *) "st_$name" "${EXTRA[@]:1}" ;;
   esac
   exit $?

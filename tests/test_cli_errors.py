@@ -135,6 +135,10 @@ def test_bench_reps_must_be_positive(capsys, reps):
     fails(capsys, ["bench", "--smoke", "--reps", reps], "--reps must be >= 1", f"got {reps}")
 
 
+def test_bench_profile_needs_an_out_dir(capsys):
+    fails(capsys, ["bench", "--smoke", "--profile"], "--profile: the tables go to --out-dir")
+
+
 def test_bench_out_dir_is_checked_first(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     fails(capsys, ["bench", "--smoke", "--out-dir", str(tmp_path / "file" / "results")], "--out-dir")

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 STAGES = ["install", "ceilings", "cuda", "precompile", "tests", "e2e", "attention", "sampling", "upsample", "rq_lookup",
-          "infinity", "coldstart", "adaln", "e2e_compile", "tiles", "bit_sampling", "cross_attention"]
+          "infinity", "coldstart", "adaln", "profile", "e2e_compile", "tiles", "bit_sampling", "cross_attention"]
 KERNEL_BENCHES = ["attention", "sampling", "rq_lookup", "upsample", "adaln", "bit_sampling", "cross_attention",
                   "tiles"]
 
@@ -126,6 +126,12 @@ def test_dry_run_passes_every_stage(dry_run):
     # pip would build fastvar._C itself where nvcc and a GPU are found (setup.py), past the install's budget
     assert "env FASTVAR_BUILD_CUDA=0 " in (work / "install.log").read_text()
     assert "build_cuda.sh 90a" in (work / "cuda.log").read_text()
+    # the profile stage's per-kernel tables, one per provider, each under a line naming the case and the commit
+    tables = sorted((work / "profile").glob("profile_*.txt"))
+    assert [t.name for t in tables] == ["profile_d2-smoke_B2_eager.txt", "profile_d2-smoke_B2_fastvar.txt"], tables
+    for t in tables:
+        title, *table = t.read_text().splitlines()
+        assert "B=2" in title and "commit" in title and any("aten::" in line for line in table), t.read_text()[:800]
 
 
 @pytest.mark.slow
