@@ -13,7 +13,7 @@ import os
 import platform
 import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Collection, Dict, List, Optional, Sequence
 
 import torch
 
@@ -203,18 +203,17 @@ def check_memory(need: Dict[str, int], device: torch.device, pictures_what: str,
                        f"{_gib(free)} is available; lower it")
 
 
-# the Python names that errors from the library start with -> the command's options
-OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype": "--dtype", "labels": "--labels",
-                "device": "--device"}
+# the Python names that errors from the library start with, each the command's option --name (_ written -)
+OPTION_NAMES = ("cfg", "top_k", "top_p", "dtype", "labels", "device")
 
 
-def as_option_error(e: Exception, names: Dict[str, str] = OPTION_NAMES) -> "UserError":
+def as_option_error(e: Exception, names: Collection[str] = OPTION_NAMES) -> "UserError":
     """A library error (``top_k must be <= ...``) as the command's, led by the option it is about
-    (``--top-k: top_k must be <= ...``); ``names``: the command's options by the library's names."""
+    (``--top-k: top_k must be <= ...``); ``names``: the library's names that are the command's options."""
     msg = str(e)
     word = re.match(r"\w+", msg)
     if word and word.group(0) in names:
-        msg = f"{names[word.group(0)]}: {msg}"
+        msg = f"--{word.group(0).replace('_', '-')}: {msg}"
     return UserError(msg)
 
 

@@ -66,9 +66,8 @@ SHARD = re.compile(r"^ids_(\d{9})_(\d{9})\.npz$")
 # what makes the images: a restart must match these (world size, batch size and timeout may change)
 IMAGE_KEYS = ("model", "classes", "num_per_class", "seed", "cfg", "top_k", "top_p", "more_smooth", "dtype")
 INFINITY_IMAGE_KEYS = IMAGE_KEYS + ("tau", "cfg_insertion_layer", "scale_schedule", "prompts")
-# the options of the library's names that start its errors (fastvar.cli.as_option_error)
-OPTION_NAMES = {"cfg": "--cfg", "top_k": "--top-k", "top_p": "--top-p", "dtype": "--dtype", "tau": "--tau",
-                "cfg_insertion_layer": "--cfg-insertion-layer"}
+# the library's names that errors start with and that are this command's options (fastvar.cli.as_option_error)
+OPTION_NAMES = ("cfg", "top_k", "top_p", "dtype", "tau", "cfg_insertion_layer")
 
 
 def image_seed(seed: int, cls: int, index: int) -> int:
