@@ -215,11 +215,12 @@ def sample_error_codes(x: torch.Tensor) -> torch.Tensor:
 def raise_for_sample_errors(err: torch.Tensor, after_cfg: bool, bits: bool = False) -> None:
     """``err``: per-row codes (0 = fine) of the token sampler, or of the bit sampler (``bits``: one row per bit).
     One reduction and one read back when all is well."""
+    err = err.flatten()
     if not bool(err.any()):
         return
-    rows = torch.nonzero(err.flatten()).flatten()
+    rows = torch.nonzero(err).flatten()
     r = int(rows[0])
-    code = int(err.flatten()[r])
+    code = int(err[r])
     problem = next(text for bit, text in (BIT_ERRORS if bits else SAMPLE_ERRORS).items() if code & bit)
     where = " after the CFG mix" if after_cfg else ""
     unit = "bit" if bits else "row"
